@@ -1,0 +1,1 @@
+"""qvl_train: a slim LoRA trainer streaming qvl shards."""
