@@ -1,0 +1,167 @@
+"""``qvl-data``: thin click commands over the pipeline; no logic lives here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from qvl_data.config import BuildConfig, load_config
+from qvl_data.errors import QvlError
+
+
+def _fail_cleanly(fn):
+    """Whole-run problems print one line and exit 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except QvlError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _dataset_options(fn):
+    options = [
+        click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of build options."),
+        click.option(
+            "--dataset-dir",
+            help="Folder with dataset_info.json and the data files. Default: the LLaMA-Factory demo data.",
+        ),
+        click.option("--dataset", help="Comma-separated dataset names. Default: mllm_demo,identity,alpaca_en_demo."),
+        click.option("--media-dir", help="Folder image paths are relative to. Default: the dataset dir."),
+        click.option("--allow-outside-images", is_flag=True, default=None, help="Accept images outside the dataset dir."),
+        click.option(
+            "--set-var",
+            "set_vars",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Substitute {{KEY}} in the text (e.g. --set-var name=Qwen). Off by default, like LLaMA-Factory.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _encode_options(fn):
+    options = [
+        click.option("--model", help="Checkpoint dir or hub id for tokenizer + image processor. Default: embedded."),
+        click.option("--num-proc", type=int, help="Worker processes (default: one per CPU)."),
+        click.option("--cutoff-len", type=int, help="Max tokens per row (default 2048)."),
+        click.option("--image-max-pixels", type=int, help="Pre-resize images above this many pixels (262144)."),
+        click.option("--image-min-pixels", type=int, help="Pre-resize images below this many pixels (1024)."),
+        click.option("--mask-history", is_flag=True, default=None, help="Train only on the last answer."),
+        click.option("--quiet", is_flag=True, default=None, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _config(config_path: str | None, **overrides) -> BuildConfig:
+    if overrides.get("set_vars") == ():
+        overrides["set_vars"] = None
+    elif overrides.get("set_vars"):
+        overrides["set_vars"] = list(overrides["set_vars"])
+    return load_config(BuildConfig, config_path, overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qvl")
+def main() -> None:
+    """qvl-data: validate, convert and encode Qwen2.5-VL SFT datasets into Arrow shards, offline.
+
+    \b
+    qvl-data build                      the three demo datasets -> ./data/qvl-demo
+    qvl-data build --dataset-dir my_data --dataset mine --out shards/ --num-proc 16
+    qvl-data validate --dataset-dir my_data --dataset mine
+    qvl-data convert --dataset-dir my_data --dataset mine --out unified.parquet
+    qvl-data inspect --sample 3         look at what will be trained on
+    """
+
+
+@main.command("demo-data")
+@_fail_cleanly
+def demo_data() -> None:
+    """Fetch (once, through pip) and verify LLaMA-Factory 0.9.5's demo datasets; print their folder."""
+    from qvl_data.demo import fetch_demo_data
+
+    click.echo(fetch_demo_data())
+
+
+@main.command()
+@_dataset_options
+@_encode_options
+@click.option("--out", help="Output directory (default data/qvl-demo).")
+@click.option("--pixel-format", type=click.Choice(["uint8", "float32"]), help="Stored pixels (default uint8).")
+@click.option("--shard-size-mb", type=int, help="Shard size bound in MiB (default 256).")
+@click.option("--force", is_flag=True, default=None, help="Rebuild even if the output is up to date.")
+@_fail_cleanly
+def build(config_path: str | None, **overrides) -> None:
+    """Validate, encode and shard datasets. Bad rows go to rejected.jsonl, never silently dropped.
+
+    Re-running with unchanged inputs, processor and options does nothing (the manifest's fingerprint
+    matches); --force rebuilds.
+    """
+    from qvl_data.build import build as run_build
+    from qvl_data.report import print_build_summary
+
+    config = _config(config_path, **overrides)
+    result = run_build(config)
+    if result.skipped:
+        click.echo(f"{config.out} is up to date (fingerprint {result.manifest['fingerprint'][:12]}); nothing to do.")
+        return
+    if not config.quiet:
+        print_build_summary(result)
+
+
+@main.command()
+@_dataset_options
+@_encode_options
+@click.option("--report", type=click.Path(dir_okay=False), help="Also write every rejected row as JSON lines here.")
+@_fail_cleanly
+def validate(config_path: str | None, report: str | None, **overrides) -> None:
+    """Run every check the build runs (images decoded, rows encoded) and report each bad row.
+
+    Nothing is written except --report. Exit code 0 when every row is valid, 1 when some are rejected.
+    """
+    from qvl_data.build import run_pipeline
+    from qvl_data.report import print_build_summary, print_rejections
+
+    config = _config(config_path, **overrides)
+    rejections = []
+    result = run_pipeline(config, write=False, on_rejection=rejections.append, label="validating")
+    if report:
+        with open(report, "w", encoding="utf-8") as f:
+            for r in rejections:
+                f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    print_build_summary(result, title="validation")
+    print_rejections(rejections)
+    sys.exit(1 if rejections else 0)
+
+
+@main.command()
+@_dataset_options
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Parquet file to write.")
+@_fail_cleanly
+def convert(config_path: str | None, out: str, **overrides) -> None:
+    """Convert rows to the unified schema (schemas/unified_record.schema.json) as Parquet; no tokenization.
+
+    Rows failing the structural checks go to OUT's sibling `<name>.rejected.jsonl`.
+    """
+    from qvl_data.convert import convert_to_parquet
+
+    config = _config(config_path, **overrides)
+    written, rejected = convert_to_parquet(config, Path(out))
+    click.echo(f"wrote {written} rows to {out}; {rejected} rejected")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""One unified record -> the tensors a training step needs (or the reason it cannot be trained on)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qvl_data import vision
+from qvl_data.processor import IMAGE_PAD_ID, VISION_END_ID, VISION_START_ID
+from qvl_data.schema import IMAGE_PLACEHOLDER, Record, Rejection
+from qvl_data.template import IGNORE_INDEX, encode_conversation
+
+VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
+PIXEL_FORMATS = ("uint8", "float32")
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """Everything that changes the encoded output besides the record and the processor."""
+
+    cutoff_len: int = 2048
+    image_max_pixels: int = 262144  # pre-resize bound (the reference yaml's image_max_pixels)
+    image_min_pixels: int = 1024
+    mask_history: bool = False
+    pixel_format: str = "uint8"  # "uint8": patches before rescale/normalize; "float32": pixel_values as is
+    max_decode_pixels: int = vision.MAX_IMAGE_PIXELS  # decompression-bomb guard, checked before decoding
+
+    def __post_init__(self) -> None:
+        if self.pixel_format not in PIXEL_FORMATS:
+            raise ValueError(f"pixel_format must be one of {PIXEL_FORMATS}, got {self.pixel_format!r}")
+        if self.cutoff_len < 1:
+            raise ValueError("cutoff_len must be positive")
+
+
+@dataclass
+class EncodedRow:
+    id: str
+    source: str
+    index: int
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+    image_paths: list[str] = field(default_factory=list)
+    image_grid_thw: list[tuple[int, int, int]] = field(default_factory=list)
+    # per image: original (w, h) and (w, h) after the pre-resize, before the processor's smart_resize
+    image_sizes: list[tuple[int, int, int, int]] = field(default_factory=list)
+    pixels: np.ndarray | None = None  # all images' patches stacked: (n_patches, 588) uint8 or (n, 1176) f32
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+def expand_image_placeholders(messages: list[dict], token_counts: list[int]) -> list[dict]:
+    """Replace the k-th ``<image>`` of the conversation by its vision span of ``token_counts[k]`` pads."""
+    counts = iter(token_counts)
+    expanded = []
+    for message in messages:
+        pieces = message["content"].split(IMAGE_PLACEHOLDER)
+        content = pieces[0]
+        for piece in pieces[1:]:
+            content += VISION_START + IMAGE_PAD * next(counts) + VISION_END + piece
+        expanded.append({"role": message["role"], "content": content})
+    return expanded
+
+
+def _image_spans_intact(input_ids: list[int], n_images: int, n_image_tokens: int) -> bool:
+    ids = np.asarray(input_ids)
+    return (
+        int((ids == IMAGE_PAD_ID).sum()) == n_image_tokens
+        and int((ids == VISION_START_ID).sum()) == n_images
+        and int((ids == VISION_END_ID).sum()) == n_images
+    )
+
+
+def encode_record(record: Record, tokenizer, image_processor, options: EncodeOptions) -> EncodedRow | Rejection:
+    """Load and process the images, expand placeholders, template, mask and truncate."""
+
+    def reject(reason: str, message: str, file: str = "") -> Rejection:
+        where = f"{record['source']} row {record['index']}"
+        return Rejection(record["source"], record["index"], reason, f"{where}: {message}", file)
+
+    grids, sizes, pixels, token_counts = [], [], [], []
+    for k, path in enumerate(record["images"]):
+        try:
+            image = vision.open_image(path, max_pixels=options.max_decode_pixels)
+            processed = vision.process_image(
+                image, image_processor, options.pixel_format, options.image_max_pixels, options.image_min_pixels
+            )
+        except vision.ImageError as e:
+            return reject(e.code, f"images[{k}] {path}: {e.message}", path)
+        grids.append(tuple(int(x) for x in processed.grid_thw))
+        sizes.append((*processed.original_size, *processed.resized_size))
+        pixels.append(processed.pixels)
+        token_counts.append(vision.image_token_count(processed.grid_thw, image_processor.merge_size))
+
+    messages = expand_image_placeholders(record["messages"], token_counts)
+    input_ids, labels, truncated = encode_conversation(
+        tokenizer, messages, record["system"], options.cutoff_len, options.mask_history
+    )
+    if grids and not _image_spans_intact(input_ids, len(grids), sum(token_counts)):
+        return reject(
+            "image_truncated",
+            f"cutoff_len {options.cutoff_len} would cut an image span ({sum(token_counts)} image tokens, "
+            f"{len(input_ids)} tokens kept); raise --cutoff-len or lower --image-max-pixels",
+        )
+    return EncodedRow(
+        id=record["id"],
+        source=record["source"],
+        index=record["index"],
+        input_ids=input_ids,
+        labels=labels,
+        truncated=truncated,
+        image_paths=list(record["images"]),
+        image_grid_thw=grids,
+        image_sizes=sizes,
+        pixels=np.concatenate(pixels) if pixels else None,
+    )

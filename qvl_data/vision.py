@@ -1,0 +1,452 @@
+"""Image loading, LLaMA-Factory-compatible pre-resizing and Qwen2-VL pixel packing.
+
+This module is purely about pixels: it opens an image file, applies the same pre-resize that
+LLaMA-Factory 0.9.5 applies before the Hugging Face processor (``BasePlugin._preprocess_image`` followed by
+``Qwen2VLPlugin._preprocess_image``), runs the Qwen2-VL image processor, and converts between the two
+storage formats we support:
+
+* ``"float32"``: the processor's ``pixel_values`` verbatim, shape ``(n_patches, 1176)``.
+* ``"uint8"``: the patch values *before* rescale/normalize, one temporal copy only, shape
+  ``(n_patches, 588)``. For a still image both temporal copies are identical and the values are exact
+  integers, so these 588 bytes per patch carry everything; :func:`pixel_values_from_uint8` (numpy) and
+  :func:`pixel_values_from_uint8_torch` (any device) rebuild the float32 tensor bit-for-bit.
+
+Placeholder/token expansion deliberately lives elsewhere; the only token arithmetic here is
+:func:`image_token_count`, the single source of truth for "how many ``<|image_pad|>`` per image".
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DEFAULT_IMAGE_MAX_PIXELS",
+    "DEFAULT_IMAGE_MIN_PIXELS",
+    "MAX_IMAGE_PIXELS",
+    "ImageError",
+    "ImageErrorCode",
+    "PixelFormat",
+    "ProcessedImage",
+    "image_token_count",
+    "open_image",
+    "patches_to_image",
+    "pixel_values_from_uint8",
+    "pixel_values_from_uint8_torch",
+    "preresize_image",
+    "process_image",
+]
+
+#: Decompression-bomb limit (width * height) checked from the header before decoding. Same value as
+#: PIL's default ``Image.MAX_IMAGE_PIXELS``, but enforced by us so the rejection is a clean row-level error.
+MAX_IMAGE_PIXELS = 89_478_485
+
+#: LLaMA-Factory's ``image_max_pixels`` / ``image_min_pixels`` defaults (as in the example yaml).
+DEFAULT_IMAGE_MAX_PIXELS = 262_144
+DEFAULT_IMAGE_MIN_PIXELS = 1_024
+
+# Qwen2-VL-specific floor and aspect-ratio clamp applied by Qwen2VLPlugin._preprocess_image. The HF
+# smart_resize raises on aspect ratios > 200, which is why the reference clamps to 180:1 first.
+_QWEN_MIN_SIDE = 28
+_MAX_ASPECT = 200
+_CLAMPED_ASPECT = 180
+
+# Number of colour channels after the RGB conversion; the patch layout depends on it.
+_CHANNELS = 3
+
+ImageErrorCode = Literal["image_missing", "image_unreadable", "image_too_large"]
+PixelFormat = Literal["uint8", "float32"]
+
+
+class ImageError(Exception):
+    """An image could not be used; ``code`` is machine-readable, ``message`` is for humans.
+
+    Other modules turn these into rejected rows, so the codes are part of the data contract:
+    ``image_missing``, ``image_unreadable``, ``image_too_large``.
+    """
+
+    def __init__(self, code: ImageErrorCode, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code: ImageErrorCode = code
+        self.message = message
+
+
+# --------------------------------------------------------------------------------------------------------
+# Opening
+# --------------------------------------------------------------------------------------------------------
+
+
+def open_image(path: str | os.PathLike[str], max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image file and fully decode it, rejecting missing, corrupt and oversized files.
+
+    ``PIL.Image.open`` is lazy: it only parses the header, so the size check against ``max_pixels`` happens
+    before any pixel data is decoded (a decompression bomb never gets allocated). The image is then loaded
+    eagerly with ``img.load()`` so decoding errors surface here rather than later inside the processor.
+
+    No EXIF transpose is applied, because the reference (LLaMA-Factory) does not apply one either and the
+    pixels must match it.
+
+    Note that PIL's own hard limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``) still applies on top of ours; it
+    is reported as ``image_too_large`` as well. Raising ``max_pixels`` above that therefore also requires
+    raising PIL's global.
+
+    Args:
+        path: The image file.
+        max_pixels: Maximum width * height accepted; ``None`` disables our check.
+
+    Returns:
+        A fully loaded ``PIL.Image.Image`` (mode as stored in the file; first frame for animations).
+
+    Raises:
+        ImageError: ``image_missing``, ``image_unreadable`` or ``image_too_large``.
+    """
+    path_str = os.fspath(path)
+    try:
+        # We own the file handle so it is closed deterministically, even for multi-frame formats where
+        # PIL would otherwise keep the file open for later seeks (which we never do).
+        fh = open(path_str, "rb")  # closed in the finally below
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        raise ImageError("image_missing", f"image file not found: {path_str!r}") from e
+    except OSError as e:
+        raise ImageError("image_unreadable", f"cannot open {path_str!r}: {e}") from e
+
+    try:
+        try:
+            with warnings.catch_warnings():
+                # PIL warns between 1x and 2x its limit; we enforce our own limit right below instead.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(fh)
+        except Image.DecompressionBombError as e:
+            raise ImageError("image_too_large", f"{path_str!r}: {e}") from e
+        except Exception as e:  # PIL raises many exception types for corrupt headers
+            raise ImageError("image_unreadable", f"cannot identify image {path_str!r}: {e}") from e
+
+        width, height = img.size
+        if width <= 0 or height <= 0:
+            raise ImageError("image_unreadable", f"{path_str!r} has an empty size {width}x{height}")
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageError(
+                "image_too_large",
+                f"{path_str!r} is {width}x{height} = {width * height} pixels, limit is {max_pixels}",
+            )
+
+        try:
+            img.load()
+        except Image.DecompressionBombError as e:  # e.g. a later frame/tile larger than the header said
+            raise ImageError("image_too_large", f"{path_str!r}: {e}") from e
+        except Exception as e:  # truncated/corrupt data raises OSError, ValueError, ...
+            raise ImageError("image_unreadable", f"cannot decode image {path_str!r}: {e}") from e
+        return img
+    finally:
+        fh.close()
+
+
+# --------------------------------------------------------------------------------------------------------
+# LLaMA-Factory pre-resize
+# --------------------------------------------------------------------------------------------------------
+
+
+def preresize_image(
+    image: Image.Image,
+    image_max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS,
+    image_min_pixels: int = DEFAULT_IMAGE_MIN_PIXELS,
+) -> Image.Image:
+    """Apply LLaMA-Factory 0.9.5's Qwen2-VL pre-resize, step for step.
+
+    1. If ``w*h > image_max_pixels``: scale both sides by ``f = sqrt(max / (w*h))``, truncating with
+       ``int()``. 2. If (then) ``w*h < image_min_pixels``: scale up the same way. 3. Convert to RGB with a
+       plain ``convert("RGB")`` (alpha is dropped, not composited - as the reference does). 4. If the short
+       side is below 28, raise it to 28 (the other side is kept). 5. If the aspect ratio exceeds 200, clamp
+       it to 180:1 keeping the short side.
+
+    Every resize is ``image.resize((w, h))`` with PIL's default filter (bicubic for most modes, nearest for
+    ``P``/``1``), exactly like the reference, so the result is pixel-identical to it.
+
+    Raises:
+        ImageError: ``image_unreadable`` for a degenerate image (a zero side before or after the
+            down-scale, e.g. 1_000_000x1), where the reference would crash with ``ZeroDivisionError``.
+    """
+    if image.width * image.height > image_max_pixels:
+        factor = math.sqrt(image_max_pixels / (image.width * image.height))
+        new_size = (int(image.width * factor), int(image.height * factor))
+        if min(new_size) == 0:
+            # Extreme aspect ratio: PIL refuses a zero side (the reference crashes here too).
+            raise ImageError(
+                "image_unreadable",
+                f"degenerate image {image.width}x{image.height}: pre-resize would give {new_size}",
+            )
+        image = image.resize(new_size)
+
+    if image.width * image.height == 0:
+        raise ImageError("image_unreadable", f"degenerate image size {image.width}x{image.height}")
+
+    if image.width * image.height < image_min_pixels:
+        factor = math.sqrt(image_min_pixels / (image.width * image.height))
+        image = image.resize((int(image.width * factor), int(image.height * factor)))
+
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+
+    # Qwen2VLPlugin: the vision tower needs at least one 28x28 merged patch per side.
+    if min(image.width, image.height) < _QWEN_MIN_SIDE:
+        image = image.resize((max(image.width, _QWEN_MIN_SIDE), max(image.height, _QWEN_MIN_SIDE)))
+
+    if image.width / image.height > _MAX_ASPECT:
+        image = image.resize((image.height * _CLAMPED_ASPECT, image.height))
+
+    if image.height / image.width > _MAX_ASPECT:
+        image = image.resize((image.width, image.width * _CLAMPED_ASPECT))
+
+    return image
+
+
+# --------------------------------------------------------------------------------------------------------
+# Processor
+# --------------------------------------------------------------------------------------------------------
+
+
+def image_token_count(grid_thw: tuple[int, int, int] | list[int] | np.ndarray, merge_size: int = 2) -> int:
+    """Number of ``<|image_pad|>`` tokens for one image: ``t*h*w // merge_size**2``.
+
+    This is the single place that arithmetic lives; token expansion elsewhere must call it.
+    """
+    t, h, w = (int(x) for x in grid_thw)
+    return t * h * w // (merge_size * merge_size)
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    """One image after pre-resize and the Qwen2-VL processor.
+
+    Attributes:
+        grid_thw: ``(t, h, w)`` in 14-px patches, as the processor's ``image_grid_thw``.
+        pixels: ``(n_patches, 1176)`` float32 for ``"float32"``; ``(n_patches, 588)`` uint8 for ``"uint8"``.
+        pixel_format: Which of the two ``pixels`` holds.
+        original_size: ``(w, h)`` of the input image.
+        resized_size: ``(w, h)`` after :func:`preresize_image` (what the processor received).
+        processed_size: ``(w, h)`` after the processor's own smart_resize: ``(grid_w*14, grid_h*14)``.
+    """
+
+    grid_thw: tuple[int, int, int]
+    pixels: np.ndarray
+    pixel_format: PixelFormat
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    processed_size: tuple[int, int]
+
+
+def _patch_geometry(image_processor: Any) -> tuple[int, int, int]:
+    """``(patch_size, temporal_patch_size, merge_size)`` of a Qwen2-VL image processor."""
+    return (
+        int(image_processor.patch_size),
+        int(image_processor.temporal_patch_size),
+        int(image_processor.merge_size),
+    )
+
+
+def process_image(
+    image: Image.Image,
+    image_processor: Any,
+    pixel_format: PixelFormat,
+    image_max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS,
+    image_min_pixels: int = DEFAULT_IMAGE_MIN_PIXELS,
+) -> ProcessedImage:
+    """Pre-resize ``image`` like the reference, run the Qwen2-VL processor and pack the pixels.
+
+    For ``"uint8"`` the *same* processor is called with ``do_rescale=False, do_normalize=False``: its resize
+    runs on the uint8 image either way (rescale happens after resize), so the values are bit-identical to
+    what the float path would have normalized. Per patch the processor's layout is ``(C=3, T=2, 14, 14)``
+    (see ``Qwen2VLImageProcessorPil.patchify``); we keep ``T=0`` and check the copies agree and are exact
+    integers in 0..255.
+
+    Passing an image that was already pre-resized is harmless (the pre-resize is idempotent, pixels
+    included); ``original_size`` is then simply that image's size.
+
+    Args:
+        image: A decoded PIL image (any mode).
+        image_processor: A ``Qwen2VLImageProcessorPil`` (or compatible) instance.
+        pixel_format: ``"uint8"`` (588 bytes/patch) or ``"float32"`` (4704 bytes/patch).
+        image_max_pixels: LLaMA-Factory ``image_max_pixels``.
+        image_min_pixels: LLaMA-Factory ``image_min_pixels``.
+    """
+    if pixel_format not in ("uint8", "float32"):
+        raise ValueError(f"pixel_format must be 'uint8' or 'float32', got {pixel_format!r}")
+
+    original_size = (image.width, image.height)
+    resized = preresize_image(image, image_max_pixels=image_max_pixels, image_min_pixels=image_min_pixels)
+    patch_size, temporal, _ = _patch_geometry(image_processor)
+
+    if pixel_format == "float32":
+        out = image_processor(images=[resized], return_tensors="np")
+    else:
+        out = image_processor(images=[resized], do_rescale=False, do_normalize=False, return_tensors="np")
+
+    pixel_values = np.asarray(out["pixel_values"])
+    grid = np.asarray(out["image_grid_thw"])
+    if grid.shape != (1, 3):
+        raise ValueError(f"expected one image grid, got image_grid_thw of shape {grid.shape}")
+    grid_thw = (int(grid[0, 0]), int(grid[0, 1]), int(grid[0, 2]))
+    processed_size = (grid_thw[2] * patch_size, grid_thw[1] * patch_size)
+
+    if pixel_format == "float32":
+        pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
+    else:
+        n = pixel_values.shape[0]
+        per_t = pixel_values.reshape(n, _CHANNELS, temporal, patch_size * patch_size)
+        first = per_t[:, :, 0, :]
+        # Guard the storage invariant: a still image repeats in time, and un-normalized values are integers.
+        if not all(np.array_equal(first, per_t[:, :, k, :]) for k in range(1, temporal)):
+            raise ValueError("temporal copies differ; uint8 storage only supports still images")
+        if first.size and (first.min() < 0 or first.max() > 255 or not np.array_equal(first, np.rint(first))):
+            raise ValueError("un-normalized pixel values are not exact integers in 0..255")
+        pixels = np.ascontiguousarray(first.reshape(n, _CHANNELS * patch_size * patch_size).astype(np.uint8))
+
+    return ProcessedImage(
+        grid_thw=grid_thw,
+        pixels=pixels,
+        pixel_format=pixel_format,
+        original_size=original_size,
+        resized_size=(resized.width, resized.height),
+        processed_size=processed_size,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# uint8 -> float32 reconstruction
+# --------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _normalize_lut(mean: tuple[float, ...], std: tuple[float, ...], rescale_factor: float) -> np.ndarray:
+    """``(3, 256)`` float32 table: the processor's rescale+normalize of every possible uint8 value.
+
+    Mirrors the HF numpy ops exactly (``image_transforms.rescale`` then ``normalize``): upcast to float64,
+    multiply by the Python-float factor, downcast to float32; then ``(x - mean) / std`` in float32 with mean
+    and std cast to float32. Since each output value depends only on (channel, uint8 value), a lookup
+    table reproduces the processor bit-for-bit, on any device, without re-deriving the float rounding.
+    """
+    if len(mean) != _CHANNELS or len(std) != _CHANNELS:
+        raise ValueError(f"image_mean/image_std must have {_CHANNELS} entries, got {len(mean)}/{len(std)}")
+    values = np.arange(256, dtype=np.uint8)
+    rescaled = (values.astype(np.float64) * rescale_factor).astype(np.float32)
+    mean32 = np.asarray(mean, dtype=np.float32)[:, None]
+    std32 = np.asarray(std, dtype=np.float32)[:, None]
+    lut = (rescaled[None, :] - mean32) / std32
+    lut.setflags(write=False)  # shared through the cache
+    return lut
+
+
+def _lut_for(image_mean: Any, image_std: Any, rescale_factor: float) -> np.ndarray:
+    """Hashable-key wrapper around :func:`_normalize_lut` (accepts lists, tuples or arrays)."""
+    mean = tuple(float(m) for m in np.broadcast_to(np.asarray(image_mean, dtype=np.float64), (_CHANNELS,)))
+    std = tuple(float(s) for s in np.broadcast_to(np.asarray(image_std, dtype=np.float64), (_CHANNELS,)))
+    return _normalize_lut(mean, std, float(rescale_factor))
+
+
+def pixel_values_from_uint8(
+    patches_u8: np.ndarray,
+    image_mean: Any,
+    image_std: Any,
+    rescale_factor: float = 1 / 255,
+    temporal_patch_size: int = 2,
+) -> np.ndarray:
+    """Rebuild the processor's float32 ``pixel_values`` ``(n, 1176)`` from uint8 patches ``(n, 588)``.
+
+    Bit-identical to ``Qwen2VLImageProcessorPil`` (same float ops, via a per-channel lookup table) when
+    given the processor's ``image_mean``, ``image_std`` and ``rescale_factor``.
+    """
+    patches_u8 = np.asarray(patches_u8)
+    if patches_u8.dtype != np.uint8 or patches_u8.ndim != 2 or patches_u8.shape[1] % _CHANNELS:
+        raise ValueError(f"expected uint8 patches (n, 3*p*p), got {patches_u8.dtype} {patches_u8.shape}")
+    n, per_patch = patches_u8.shape
+    lut = _lut_for(image_mean, image_std, rescale_factor)
+    per_channel = patches_u8.reshape(n, _CHANNELS, 1, per_patch // _CHANNELS)
+    values = lut[np.arange(_CHANNELS)[None, :, None, None], per_channel]  # (n, 3, 1, p*p) float32
+    # Layout per patch is (C, T, p, p): repeat the still frame along T right after the channel axis.
+    values = np.broadcast_to(values, (n, _CHANNELS, temporal_patch_size, per_patch // _CHANNELS))
+    return np.ascontiguousarray(values.reshape(n, per_patch * temporal_patch_size), dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def _torch_lut(
+    mean: tuple[float, ...], std: tuple[float, ...], rescale_factor: float, device: str
+) -> torch.Tensor:
+    """The numpy LUT flattened to ``(3*256,)`` and copied once per device (avoids a copy per batch)."""
+    import torch
+
+    return torch.from_numpy(_normalize_lut(mean, std, rescale_factor).copy().reshape(-1)).to(device)
+
+
+def pixel_values_from_uint8_torch(
+    patches: torch.Tensor,
+    image_mean: Any,
+    image_std: Any,
+    rescale_factor: float = 1 / 255,
+    temporal_patch_size: int = 2,
+) -> torch.Tensor:
+    """Torch twin of :func:`pixel_values_from_uint8`, computed on ``patches.device`` (e.g. the GPU).
+
+    The table is built with numpy on the host (so the float rounding is exactly the processor's, whatever
+    the device's arithmetic) and the per-element work on the device is a pure gather: no float ops there,
+    so the result is bit-identical to the numpy path and to the HF processor.
+    """
+    import torch
+
+    if patches.dtype != torch.uint8 or patches.dim() != 2 or patches.shape[1] % _CHANNELS:
+        raise ValueError(f"expected uint8 patches (n, 3*p*p), got {patches.dtype} {tuple(patches.shape)}")
+    n, per_patch = patches.shape
+    mean = tuple(float(m) for m in np.broadcast_to(np.asarray(image_mean, dtype=np.float64), (_CHANNELS,)))
+    std = tuple(float(s) for s in np.broadcast_to(np.asarray(image_std, dtype=np.float64), (_CHANNELS,)))
+    lut = _torch_lut(mean, std, float(rescale_factor), str(patches.device))
+
+    # Index into the flattened (3, 256) table: channel c, value v -> c*256 + v.
+    offsets = torch.arange(_CHANNELS, device=patches.device, dtype=torch.long).view(1, _CHANNELS, 1) * 256
+    index = patches.reshape(n, _CHANNELS, per_patch // _CHANNELS).long() + offsets
+    values = lut[index].unsqueeze(2)  # (n, 3, 1, p*p)
+    values = values.expand(n, _CHANNELS, temporal_patch_size, per_patch // _CHANNELS)
+    return values.reshape(n, per_patch * temporal_patch_size).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Inverse patchify (for QA display)
+# --------------------------------------------------------------------------------------------------------
+
+
+def patches_to_image(
+    patches_u8: np.ndarray,
+    grid_thw: tuple[int, int, int] | list[int] | np.ndarray,
+    merge_size: int = 2,
+    patch_size: int = 14,
+) -> np.ndarray:
+    """Undo the processor's patchify: uint8 ``(n, 3*p*p)`` patches -> ``(H, W, 3)`` uint8 RGB image.
+
+    The processor orders patches as ``(gh/m, gw/m, m, m)`` (merge windows first, so the 2x2 patches that the
+    vision merger fuses are adjacent) with ``(C, p, p)`` inside each patch; this inverts that exactly, giving
+    the image the processor saw after its own resize (``H = grid_h*14``, ``W = grid_w*14``).
+    """
+    t, gh, gw = (int(x) for x in grid_thw)
+    if t != 1:
+        raise ValueError(f"only still images (t == 1) can be un-patchified, got grid {grid_thw}")
+    if gh % merge_size or gw % merge_size:
+        raise ValueError(f"grid {grid_thw} is not a multiple of merge_size {merge_size}")
+    patches_u8 = np.asarray(patches_u8)
+    expected = (gh * gw, _CHANNELS * patch_size * patch_size)
+    if patches_u8.shape != expected:
+        raise ValueError(f"patches shape {patches_u8.shape} does not match grid {grid_thw}: {expected}")
+
+    m, p = merge_size, patch_size
+    # Axes as produced by patchify: (gh/m, gw/m, mh, mw, C, ph, pw).
+    x = patches_u8.reshape(gh // m, gw // m, m, m, _CHANNELS, p, p)
+    # -> (gh/m, mh, ph, gw/m, mw, pw, C) = (H, W, C) once flattened.
+    x = x.transpose(0, 2, 5, 1, 3, 6, 4)
+    return np.ascontiguousarray(x.reshape(gh * p, gw * p, _CHANNELS))

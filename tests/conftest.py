@@ -1,0 +1,25 @@
+"""Shared fixtures: the demo data (fetched once through pip, cached) and one demo build per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qvl_data.build import build
+from qvl_data.config import BuildConfig
+
+
+@pytest.fixture(scope="session")
+def demo_dir() -> Path:
+    from qvl_data.demo import fetch_demo_data
+
+    return fetch_demo_data()
+
+
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Path:
+    """The three demo datasets built with default options (uint8 pixels, 2 workers). Treat as read-only."""
+    out = tmp_path_factory.mktemp("qvl-demo")
+    build(BuildConfig(dataset_dir=str(demo_dir), out=str(out), num_proc=2, quiet=True))
+    return out
