@@ -156,7 +156,9 @@ def resolve_dataset_dir(config: BuildConfig) -> Path:
     return fetch_demo_data()
 
 
-def fingerprint(specs: list[DatasetSpec], dataset_dir: Path, image_paths: set[str], config: BuildConfig) -> str:
+def fingerprint(
+    specs: list[DatasetSpec], dataset_dir: Path, image_paths: set[str], config: BuildConfig
+) -> str:
     """Hash of everything the output depends on: inputs, processor, template, options, qvl version.
 
     Dataset files are hashed by content; images by (path, size, mtime) so that deciding "nothing to do"
@@ -169,14 +171,22 @@ def fingerprint(specs: list[DatasetSpec], dataset_dir: Path, image_paths: set[st
     h.update(f"qvl {__version__} format {shards.FORMAT_VERSION}\n".encode())
     h.update(sha256_file(dataset_dir / "dataset_info.json").encode())
     for spec in specs:
-        h.update(f"{spec.name} {spec.formatting} {sorted(spec.columns.items(), key=str)} {sorted(spec.tags.items())}".encode())
+        h.update(
+            f"{spec.name} {spec.formatting} {sorted(spec.columns.items(), key=str)} {sorted(spec.tags.items())}".encode()
+        )
         h.update(sha256_file(spec.path).encode())
     for path in sorted(image_paths):
         st = os.stat(path)
         h.update(f"{path} {st.st_size} {st.st_mtime_ns}\n".encode())
     h.update(processor_files_digest(config.model).encode())
-    h.update(f"{template.SYSTEM_FORMAT}{template.USER_FORMAT}{template.ASSISTANT_FORMAT}{template.DEFAULT_SYSTEM}".encode())
-    opts = {k: v for k, v in asdict(config).items() if k not in ("out", "num_proc", "force", "quiet", "dataset_dir")}
+    h.update(
+        f"{template.SYSTEM_FORMAT}{template.USER_FORMAT}{template.ASSISTANT_FORMAT}{template.DEFAULT_SYSTEM}".encode()
+    )
+    opts = {
+        k: v
+        for k, v in asdict(config).items()
+        if k not in ("out", "num_proc", "force", "quiet", "dataset_dir")
+    }
     h.update(json.dumps(opts, sort_keys=True).encode())
     return h.hexdigest()
 

@@ -29,14 +29,23 @@ def _fail_cleanly(fn):
 
 def _dataset_options(fn):
     options = [
-        click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of build options."),
+        click.option(
+            "--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of build options."
+        ),
         click.option(
             "--dataset-dir",
             help="Folder with dataset_info.json and the data files. Default: the LLaMA-Factory demo data.",
         ),
-        click.option("--dataset", help="Comma-separated dataset names. Default: mllm_demo,identity,alpaca_en_demo."),
+        click.option(
+            "--dataset", help="Comma-separated dataset names. Default: mllm_demo,identity,alpaca_en_demo."
+        ),
         click.option("--media-dir", help="Folder image paths are relative to. Default: the dataset dir."),
-        click.option("--allow-outside-images", is_flag=True, default=None, help="Accept images outside the dataset dir."),
+        click.option(
+            "--allow-outside-images",
+            is_flag=True,
+            default=None,
+            help="Accept images outside the dataset dir.",
+        ),
         click.option(
             "--set-var",
             "set_vars",
@@ -52,10 +61,14 @@ def _dataset_options(fn):
 
 def _encode_options(fn):
     options = [
-        click.option("--model", help="Checkpoint dir or hub id for tokenizer + image processor. Default: embedded."),
+        click.option(
+            "--model", help="Checkpoint dir or hub id for tokenizer + image processor. Default: embedded."
+        ),
         click.option("--num-proc", type=int, help="Worker processes (default: one per CPU)."),
         click.option("--cutoff-len", type=int, help="Max tokens per row (default 2048)."),
-        click.option("--image-max-pixels", type=int, help="Pre-resize images above this many pixels (262144)."),
+        click.option(
+            "--image-max-pixels", type=int, help="Pre-resize images above this many pixels (262144)."
+        ),
         click.option("--image-min-pixels", type=int, help="Pre-resize images below this many pixels (1024)."),
         click.option("--mask-history", is_flag=True, default=None, help="Train only on the last answer."),
         click.option("--quiet", is_flag=True, default=None, help="No progress bar."),
@@ -100,7 +113,9 @@ def demo_data() -> None:
 @_dataset_options
 @_encode_options
 @click.option("--out", help="Output directory (default data/qvl-demo).")
-@click.option("--pixel-format", type=click.Choice(["uint8", "float32"]), help="Stored pixels (default uint8).")
+@click.option(
+    "--pixel-format", type=click.Choice(["uint8", "float32"]), help="Stored pixels (default uint8)."
+)
 @click.option("--shard-size-mb", type=int, help="Shard size bound in MiB (default 256).")
 @click.option("--force", is_flag=True, default=None, help="Rebuild even if the output is up to date.")
 @_fail_cleanly
@@ -116,7 +131,9 @@ def build(config_path: str | None, **overrides) -> None:
     config = _config(config_path, **overrides)
     result = run_build(config)
     if result.skipped:
-        click.echo(f"{config.out} is up to date (fingerprint {result.manifest['fingerprint'][:12]}); nothing to do.")
+        click.echo(
+            f"{config.out} is up to date (fingerprint {result.manifest['fingerprint'][:12]}); nothing to do."
+        )
         return
     if not config.quiet:
         print_build_summary(result)
@@ -125,7 +142,9 @@ def build(config_path: str | None, **overrides) -> None:
 @main.command()
 @_dataset_options
 @_encode_options
-@click.option("--report", type=click.Path(dir_okay=False), help="Also write every rejected row as JSON lines here.")
+@click.option(
+    "--report", type=click.Path(dir_okay=False), help="Also write every rejected row as JSON lines here."
+)
 @_fail_cleanly
 def validate(config_path: str | None, report: str | None, **overrides) -> None:
     """Run every check the build runs (images decoded, rows encoded) and report each bad row.

@@ -24,7 +24,10 @@ def convert_to_parquet(config: BuildConfig, out: Path, batch_rows: int = 1024) -
     rejected_path = out.with_name(out.stem + ".rejected.jsonl")
     written = rejected = 0
     batch: list = []
-    with pq.ParquetWriter(tmp, UNIFIED_ARROW_SCHEMA) as writer, open(rejected_path, "w", encoding="utf-8") as rej:
+    with (
+        pq.ParquetWriter(tmp, UNIFIED_ARROW_SCHEMA) as writer,
+        open(rejected_path, "w", encoding="utf-8") as rej,
+    ):
         for item in iter_records(specs, options):
             if isinstance(item, Rejection):
                 rej.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")

@@ -74,7 +74,9 @@ def _image_spans_intact(input_ids: list[int], n_images: int, n_image_tokens: int
     )
 
 
-def encode_record(record: Record, tokenizer, image_processor, options: EncodeOptions) -> EncodedRow | Rejection:
+def encode_record(
+    record: Record, tokenizer, image_processor, options: EncodeOptions
+) -> EncodedRow | Rejection:
     """Load and process the images, expand placeholders, template, mask and truncate."""
 
     def reject(reason: str, message: str, file: str = "") -> Rejection:
@@ -86,10 +88,14 @@ def encode_record(record: Record, tokenizer, image_processor, options: EncodeOpt
         try:
             image = vision.open_image(path, max_pixels=options.max_decode_pixels)
             processed = vision.process_image(
-                image, image_processor, options.pixel_format, options.image_max_pixels, options.image_min_pixels
+                image,
+                image_processor,
+                options.pixel_format,
+                options.image_max_pixels,
+                options.image_min_pixels,
             )
         except vision.ImageError as e:
-            return reject(e.code, f"images[{k}] {path}: {e.message}", path)
+            return reject(e.code, f"images[{k}]: {e.message}", path)
         grids.append(tuple(int(x) for x in processed.grid_thw))
         sizes.append((*processed.original_size, *processed.resized_size))
         pixels.append(processed.pixels)

@@ -178,7 +178,7 @@ _STALE_TMP_SECONDS = 3600.0
 def cache_dir() -> Path:
     """Return qvl's cache directory: ``$QVL_CACHE`` if set, else ``~/.cache/qvl`` (created on demand)."""
     env = os.environ.get("QVL_CACHE")
-    path = Path(env).expanduser() if env else Path.home() / ".cache" / "qvl"
+    path = Path(env).expanduser().absolute() if env else Path.home() / ".cache" / "qvl"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -444,6 +444,7 @@ def build_embedded_processor(out_dir: Path) -> Path:
         raise ValueError(f"unexpected sizes: {len(vocab)} tokens, {len(merges)} merges")
 
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; the finished directory is a shared cache
     try:
         # Compact separators, no final newline: the released Qwen2 vocab.json byte for byte.
         _write_text(tmp_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False, separators=(",", ":")))
@@ -468,19 +469,31 @@ def build_embedded_processor(out_dir: Path) -> Path:
 
 
 def _move_into_place(tmp_dir: Path, out_dir: Path, source_hash: str) -> None:
-    """Rename a finished build onto ``out_dir`` (a directory rename is atomic on one filesystem)."""
-    try:
-        os.rename(tmp_dir, out_dir)
-        return
-    except OSError:
-        if not out_dir.exists():
-            raise
-    if _is_complete_build(out_dir, source_hash):
-        return  # a concurrent build of the same source won the race: its files equal ours
-    old_dir = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(out_dir, old_dir)
-    os.rename(tmp_dir, out_dir)
-    shutil.rmtree(old_dir, ignore_errors=True)
+    """Rename a finished build onto ``out_dir`` (a directory rename is atomic on one filesystem).
+
+    If ``out_dir`` already holds a complete build of the same source (a concurrent build won the race),
+    it is kept and ``tmp_dir`` is left for the caller to delete; anything else there is moved aside and
+    replaced.
+    """
+    for _ in range(5):
+        try:
+            os.rename(tmp_dir, out_dir)
+            return
+        except OSError:
+            if not os.path.lexists(out_dir):
+                raise
+        if _is_complete_build(out_dir, source_hash):
+            return  # its files equal ours: the build is deterministic
+        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(out_dir, old)
+        except FileNotFoundError:
+            continue  # another process moved it first
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    raise OSError(f"could not move the processor build into place at {out_dir}")
 
 
 def _remove_stale_tmp_dirs(out_dir: Path) -> None:

@@ -16,12 +16,35 @@ def print_build_summary(result, title: str = "build", console: Console | None = 
         table.add_column(col, justify="left" if col == "source" else "right")
     for name, s in manifest["sources"].items():
         table.add_row(
-            name, *(f"{s[k]:,}" for k in ("rows", "tokens", "trained_tokens", "image_tokens", "max_length", "truncated", "rejected"))
+            name,
+            *(
+                f"{s[k]:,}"
+                for k in (
+                    "rows",
+                    "tokens",
+                    "trained_tokens",
+                    "image_tokens",
+                    "max_length",
+                    "truncated",
+                    "rejected",
+                )
+            ),
         )
     t = manifest["totals"]
     table.add_row(
         "[bold]total",
-        *(f"[bold]{t[k]:,}" for k in ("rows", "tokens", "trained_tokens", "image_tokens", "max_length", "truncated", "rejected")),
+        *(
+            f"[bold]{t[k]:,}"
+            for k in (
+                "rows",
+                "tokens",
+                "trained_tokens",
+                "image_tokens",
+                "max_length",
+                "truncated",
+                "rejected",
+            )
+        ),
     )
     console.print(table)
     by_reason = manifest["rejected"]["by_reason"]

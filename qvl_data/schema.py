@@ -41,7 +41,10 @@ UNIFIED_ARROW_SCHEMA = pa.schema(
             "messages",
             pa.list_(
                 pa.struct(
-                    [pa.field("role", pa.string(), nullable=False), pa.field("content", pa.string(), nullable=False)]
+                    [
+                        pa.field("role", pa.string(), nullable=False),
+                        pa.field("content", pa.string(), nullable=False),
+                    ]
                 )
             ),
             nullable=False,

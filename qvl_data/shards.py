@@ -52,7 +52,11 @@ def shard_schema(pixel_format: str) -> pa.Schema:
             pa.field("image_sizes", pa.list_(pa.list_(pa.int32(), 4))),
             pa.field("pixels", pa.list_(pixel_patch)),  # all images' patches in order; see reader below
         ],
-        metadata={"qvl_format": FORMAT_NAME, "qvl_format_version": str(FORMAT_VERSION), "pixel_format": pixel_format},
+        metadata={
+            "qvl_format": FORMAT_NAME,
+            "qvl_format_version": str(FORMAT_VERSION),
+            "pixel_format": pixel_format,
+        },
     )
 
 
@@ -84,7 +88,9 @@ def rows_to_batch(rows: list, pixel_format: str) -> pa.RecordBatch:
         pa.array([r.image_paths for r in rows], pa.list_(pa.string())),
         _list_array([np.asarray(r.image_grid_thw, dtype=np.int32).reshape(-1) for r in rows], pa.int32(), 3),
         _list_array([np.asarray(r.image_sizes, dtype=np.int32).reshape(-1) for r in rows], pa.int32(), 4),
-        _list_array([r.pixels if r.pixels is not None else empty_pixels for r in rows], PIXEL_TYPE[pixel_format], dim),
+        _list_array(
+            [r.pixels if r.pixels is not None else empty_pixels for r in rows], PIXEL_TYPE[pixel_format], dim
+        ),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=shard_schema(pixel_format))
 
@@ -113,7 +119,9 @@ class ShardWriter:
     byte-identical shards whatever ``--num-proc`` was.
     """
 
-    def __init__(self, out_dir: Path, pixel_format: str, max_shard_bytes: int = 256 << 20, batch_rows: int = 64):
+    def __init__(
+        self, out_dir: Path, pixel_format: str, max_shard_bytes: int = 256 << 20, batch_rows: int = 64
+    ):
         self.out_dir = Path(out_dir)
         self.pixel_format = pixel_format
         self.max_shard_bytes = max_shard_bytes
@@ -138,7 +146,9 @@ class ShardWriter:
         name = f"{SHARD_DIR}/part-{len(self.shards):05d}.arrow"
         self._sink = pa.OSFile(str(self.out_dir / (name + ".tmp")), "wb")
         self._writer = pa.ipc.new_stream(self._sink, self.schema)
-        self._info = ShardInfo(file=name, rows=0, tokens=0, trained_tokens=0, image_tokens=0, images=0, bytes=0)
+        self._info = ShardInfo(
+            file=name, rows=0, tokens=0, trained_tokens=0, image_tokens=0, images=0, bytes=0
+        )
 
     def _flush(self) -> None:
         if not self._pending:

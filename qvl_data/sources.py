@@ -82,12 +82,16 @@ def resolve_datasets(dataset_dir: Path, names: list[str]) -> list[DatasetSpec]:
             raise QvlError(f"{info_path}: unknown dataset {name!r} (known: {known})")
         entry = info[name]
         if not isinstance(entry, dict) or "file_name" not in entry:
-            raise QvlError(f"{info_path}: dataset {name!r} has no local file_name (hub datasets are not supported)")
+            raise QvlError(
+                f"{info_path}: dataset {name!r} has no local file_name (hub datasets are not supported)"
+            )
         if entry.get("ranking"):
             raise QvlError(f"{info_path}: dataset {name!r} is a preference (ranking) dataset, not SFT")
         formatting = entry.get("formatting", "alpaca")
         if formatting not in ("alpaca", "sharegpt"):
-            raise QvlError(f"{info_path}: dataset {name!r} has formatting {formatting!r} (alpaca or sharegpt)")
+            raise QvlError(
+                f"{info_path}: dataset {name!r} has formatting {formatting!r} (alpaca or sharegpt)"
+            )
         columns: dict[str, str | None] = {**COMMON_COLUMNS}
         columns.update(ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS)
         columns.update(entry.get("columns") or {})
@@ -138,7 +142,9 @@ def _string_or_none(row: dict, column: str | None, what: str) -> str | None:
         return None
     value = row[column]
     if not isinstance(value, str):
-        raise _Reject("invalid_type", f"field {column!r} ({what}) must be a string, got {type(value).__name__}")
+        raise _Reject(
+            "invalid_type", f"field {column!r} ({what}) must be a string, got {type(value).__name__}"
+        )
     return value
 
 
@@ -151,9 +157,14 @@ def _alpaca_messages(row: dict, cols: dict[str, str | None]) -> list[Message]:
             raise _Reject("invalid_type", f"field {history_col!r} must be a list of [user, assistant] pairs")
         for i, pair in enumerate(history):
             if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-                raise _Reject("invalid_type", f"field {history_col!r}[{i}] must be a [user, assistant] string pair")
+                raise _Reject(
+                    "invalid_type", f"field {history_col!r}[{i}] must be a [user, assistant] string pair"
+                )
             messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    parts = [_string_or_none(row, cols.get("prompt"), "instruction"), _string_or_none(row, cols.get("query"), "input")]
+    parts = [
+        _string_or_none(row, cols.get("prompt"), "instruction"),
+        _string_or_none(row, cols.get("query"), "input"),
+    ]
     # LLaMA-Factory joins the non-empty values of instruction and input with a newline.
     user = "\n".join(p for p in parts if p)
     response_col = cols.get("response")
@@ -175,7 +186,9 @@ def _sharegpt_messages(row: dict, cols: dict[str, str | None], tags: dict[str, s
     system = None
     for i, m in enumerate(raw):
         if not isinstance(m, dict) or role_tag not in m or content_tag not in m:
-            raise _Reject("invalid_type", f"{col}[{i}] must be an object with {role_tag!r} and {content_tag!r}")
+            raise _Reject(
+                "invalid_type", f"{col}[{i}] must be an object with {role_tag!r} and {content_tag!r}"
+            )
         if not isinstance(m[content_tag], str):
             got = type(m[content_tag]).__name__
             raise _Reject("invalid_type", f"{col}[{i}].{content_tag} must be a string, got {got}")
@@ -192,13 +205,18 @@ def _sharegpt_messages(row: dict, cols: dict[str, str | None], tags: dict[str, s
         if tag in unsupported:
             raise _Reject("unsupported_role", f"{where} is {tag!r}: tool-use turns are not supported yet")
         if tag not in roles:
-            raise _Reject("invalid_role", f"{where} is {tag!r}, expected {tags['user_tag']!r} or {tags['assistant_tag']!r}")
+            raise _Reject(
+                "invalid_role",
+                f"{where} is {tag!r}, expected {tags['user_tag']!r} or {tags['assistant_tag']!r}",
+            )
         expected = "user" if i % 2 == 0 else "assistant"
         if roles[tag] != expected:
             raise _Reject("role_order", f"{where} is {tag!r} but turn {i} must be the {expected}")
         messages.append({"role": roles[tag], "content": m[content_tag]})
     if len(messages) < 2 or len(messages) % 2:
-        raise _Reject("role_order", f"field {col!r} must end with an assistant answer ({len(messages)} turns)")
+        raise _Reject(
+            "role_order", f"field {col!r} must end with an assistant answer ({len(messages)} turns)"
+        )
     return system, messages
 
 
@@ -266,20 +284,25 @@ def convert_row(spec: DatasetSpec, index: int, row: Any, options: ReadOptions) -
         _check_contents(messages)
         if options.set_vars:
             system = _substitute(system, options.set_vars)
-            messages = [{"role": m["role"], "content": _substitute(m["content"], options.set_vars)} for m in messages]
+            messages = [
+                {"role": m["role"], "content": _substitute(m["content"], options.set_vars)} for m in messages
+            ]
         image_col = cols.get("images") or "images"
         paths = _image_list(row, cols.get("images"))
         placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
         if placeholders != len(paths):
             raise _Reject(
-                "image_count_mismatch", f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(paths)} image(s)"
+                "image_count_mismatch",
+                f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(paths)} image(s)",
             )
         images = [_resolve_image(p, image_col, i, options) for i, p in enumerate(paths)]
     except _Reject as r:
         return Rejection(source=spec.name, index=index, reason=r.reason, message=f"{where}: {r}", file=file)
     row_id = row.get("id")
     record_id = f"{spec.name}:{row_id}" if isinstance(row_id, (str, int)) else f"{spec.name}:{index}"
-    return Record(id=record_id, source=spec.name, index=index, system=system, messages=messages, images=images)
+    return Record(
+        id=record_id, source=spec.name, index=index, system=system, messages=messages, images=images
+    )
 
 
 def iter_records(specs: list[DatasetSpec], options: ReadOptions) -> Iterator[Record | Rejection]:

@@ -39,7 +39,9 @@ def format_segments(messages: Sequence[dict], system: str | None) -> list[tuple[
     return pairs
 
 
-def encode_pairs(tokenizer: Tokenizer, messages: Sequence[dict], system: str | None) -> list[tuple[list[int], list[int]]]:
+def encode_pairs(
+    tokenizer: Tokenizer, messages: Sequence[dict], system: str | None
+) -> list[tuple[list[int], list[int]]]:
     """Token ids of each (source, target) pair, every segment encoded separately."""
     encoded = []
     for sources, target in format_segments(messages, system):

@@ -23,3 +23,17 @@ def demo_build(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Path
     out = tmp_path_factory.mktemp("qvl-demo")
     build(BuildConfig(dataset_dir=str(demo_dir), out=str(out), num_proc=2, quiet=True))
     return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from qvl_data.processor import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+@pytest.fixture(scope="session")
+def image_processor():
+    from qvl_data.processor import load_image_processor
+
+    return load_image_processor(None)

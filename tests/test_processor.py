@@ -155,14 +155,14 @@ def test_derive_merges_toy_ranks() -> None:
 
 def test_build_is_atomic_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out_dir = tmp_path / "proc"
-    real_write_json = proc._write_json
+    # Skip the (correct but slow) merge derivation, then die after vocab.json and merges.txt are written.
+    monkeypatch.setattr(proc, "_derive_merges", lambda tokens: [(b"a", b"b")] * proc.NUM_MERGES)
 
-    def failing_write_json(path: Path, data: object) -> None:
-        if path.name == "preprocessor_config.json":
-            raise KeyboardInterrupt("simulated kill")
-        real_write_json(path, data)
+    def killed(*args: object) -> str:
+        assert len(list(tmp_path.glob(".proc.tmp-*/merges.txt"))) == 1
+        raise KeyboardInterrupt("simulated kill")
 
-    monkeypatch.setattr(proc, "_write_json", failing_write_json)
+    monkeypatch.setattr(proc, "_tokenizer_json", killed)
     with pytest.raises(KeyboardInterrupt):
         proc.build_embedded_processor(out_dir)
     assert list(tmp_path.iterdir()) == []  # neither out_dir nor a temporary directory is left
@@ -184,7 +184,11 @@ def test_existing_dirs(built, tmp_path: Path) -> None:
     (stale / "junk.txt").write_text("x")
     proc._move_into_place(_fake_tmp(tmp_path), stale, "some-other-hash")
     assert sorted(p.name for p in stale.iterdir()) == ["new.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["proc", "stale"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    proc._move_into_place(_fake_tmp(tmp_path), a_file, "some-other-hash")
+    assert (a_file / "new.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "proc", "stale"]
 
 
 def _fake_tmp(root: Path) -> Path:

@@ -1,0 +1,45 @@
+"""Small generated datasets for tests: a dataset_info.json, a data file and images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_dataset(dataset_dir: Path, name: str, rows: list, formatting: str = "sharegpt", **entry) -> Path:
+    """Write ``rows`` as ``<name>.json`` and register it in ``dataset_info.json`` (merged with existing)."""
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    info_path = dataset_dir / "dataset_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    if formatting == "sharegpt":
+        entry.setdefault("columns", {"messages": "messages", "images": "images"})
+        entry.setdefault(
+            "tags",
+            {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
+        )
+    info[name] = {"file_name": f"{name}.json", "formatting": formatting, **entry}
+    info_path.write_text(json.dumps(info, indent=1))
+    (dataset_dir / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    return dataset_dir
+
+
+def write_image(path: Path, size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> str:
+    """A random image of ``size`` (w, h) in ``mode``; the format follows the suffix."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+    if mode == "P":
+        image = rgb.convert("P", palette=Image.Palette.ADAPTIVE)
+    else:
+        image = rgb.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path.name
+
+
+def chat(user: str, answer: str, *more: str) -> list[dict]:
+    turns = [user, answer, *more]
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]

@@ -1,0 +1,180 @@
+"""The demo build end to end: spec §5 figures, determinism across workers, no-op rebuilds, kill safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from qvl_data import shards
+from qvl_data.build import build
+from qvl_data.config import BuildConfig
+from qvl_data.errors import QvlError
+from qvl_data.shards import ShardSet
+
+SPEC_TOTALS = {  # reference-semantics §5
+    "mllm_demo": {"rows": 6, "tokens": 1025, "trained_tokens": 245, "max_length": 195, "image_tokens": 550},
+    "identity": {"rows": 91, "tokens": 4895, "trained_tokens": 2684, "max_length": 96, "image_tokens": 0},
+    "alpaca_en_demo": {
+        "rows": 999,
+        "tokens": 184208,
+        "trained_tokens": 146830,
+        "max_length": 672,
+        "image_tokens": 0,
+    },
+}
+
+
+def test_demo_build_matches_reference_figures(demo_build: Path):
+    manifest = shards.load_manifest(demo_build)
+    for source, expected in SPEC_TOTALS.items():
+        got = manifest["sources"][source]
+        assert {k: got[k] for k in expected} == expected, source
+        assert got["rejected"] == 0 and got["truncated"] == 0
+    totals = manifest["totals"]
+    assert (totals["rows"], totals["tokens"], totals["trained_tokens"], totals["image_tokens"]) == (
+        1096,
+        190128,
+        149759,
+        550,
+    )
+    assert manifest["input_rows"] == 1096 and manifest["rejected"] == {"total": 0, "by_reason": {}}
+    assert (demo_build / "rejected.jsonl").read_text() == ""
+    assert sum(s["rows"] for s in manifest["shards"]) == 1096
+    assert sum(s["tokens"] for s in manifest["shards"]) == 190128
+
+
+def test_demo_row0_matches_reference(demo_build: Path):
+    rows = ShardSet(demo_build)
+    row = rows.row(0)
+    assert (row["source"], row["index"]) == ("mllm_demo", 0)
+    assert row["input_ids"][:16] == [
+        151644,
+        8948,
+        198,
+        2610,
+        525,
+        264,
+        10950,
+        17847,
+        13,
+        151645,
+        198,
+        151644,
+    ] + [
+        872,
+        198,
+        151652,
+        151655,
+    ]
+    assert row["length"] == len(row["input_ids"]) == 195
+    assert row["trained_tokens"] == sum(label != -100 for label in row["labels"]) == 23
+    assert row["image_grid_thw"] == [[1, 12, 22], [1, 12, 22]]
+    assert row["input_ids"].count(151655) == 2 * 66
+    assert rows.pixel_patches(0).shape == (2 * 264, 588)
+    # 2.jpg (300x199) -> grid [1,14,22] -> 77 tokens
+    row1 = rows.row(1)
+    assert row1["image_grid_thw"] == [[1, 14, 22]] and row1["input_ids"].count(151655) == 77
+    # rows are in input order: sources in the order given, rows in file order
+    order = [(rows.row(i)["source"], rows.row(i)["index"]) for i in (0, 5, 6, 96, 97, 1095)]
+    assert order == [
+        ("mllm_demo", 0),
+        ("mllm_demo", 5),
+        ("identity", 0),
+        ("identity", 90),
+        ("alpaca_en_demo", 0),
+        ("alpaca_en_demo", 998),
+    ]
+
+
+def _shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "shards").glob("*.arrow"))}
+
+
+def test_num_proc_1_and_2_are_byte_identical(tmp_path: Path, demo_dir: Path):
+    outs = []
+    for n in (1, 2):
+        out = tmp_path / f"np{n}"
+        build(
+            BuildConfig(
+                dataset_dir=str(demo_dir), dataset="mllm_demo,identity", out=str(out), num_proc=n, quiet=True
+            )
+        )
+        outs.append(out)
+    assert _shard_bytes(outs[0]) == _shard_bytes(outs[1])
+    assert (outs[0] / "manifest.json").read_bytes() == (outs[1] / "manifest.json").read_bytes()
+
+
+def test_second_build_is_a_noop_and_force_rebuilds(tmp_path: Path, demo_dir: Path):
+    config = BuildConfig(
+        dataset_dir=str(demo_dir), dataset="mllm_demo", out=str(tmp_path / "o"), num_proc=1, quiet=True
+    )
+    first = build(config)
+    assert not first.skipped
+    shard = tmp_path / "o" / first.manifest["shards"][0]["file"]
+    mtime = shard.stat().st_mtime_ns
+    second = build(config)
+    assert second.skipped and shard.stat().st_mtime_ns == mtime
+    # a changed option changes the fingerprint
+    third = build(BuildConfig(**{**config.__dict__, "cutoff_len": 100}))
+    assert not third.skipped and third.manifest["fingerprint"] != first.manifest["fingerprint"]
+    config.force = True
+    assert not build(config).skipped
+
+
+def test_second_build_via_cli_says_so(tmp_path: Path, demo_dir: Path):
+    from click.testing import CliRunner
+
+    from qvl_data.cli import main
+
+    args = [
+        "build",
+        "--dataset-dir",
+        str(demo_dir),
+        "--dataset",
+        "mllm_demo",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    ]
+    assert CliRunner().invoke(main, args + ["--num-proc", "1"]).exit_code == 0
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0 and "up to date" in result.output and "nothing to do" in result.output
+
+
+def test_killed_build_leaves_nothing_readable_and_rerun_completes(
+    tmp_path: Path, demo_dir: Path, demo_build: Path
+):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "qvl_data.cli", "build", "--dataset-dir", str(demo_dir), "--out", str(out)]
+    cmd += ["--num-proc", "1", "--shard-size-mb", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first_shard = out / "shards" / "part-00000.arrow"
+    deadline = time.time() + 60
+    while not first_shard.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"build ended before it could be killed: {proc.stderr.read().decode()}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first_shard.exists() and not (out / "manifest.json").exists()
+    with pytest.raises(QvlError, match="not a complete qvl build"):
+        ShardSet(out)
+
+    result = build(
+        BuildConfig(dataset_dir=str(demo_dir), out=str(out), num_proc=2, shard_size_mb=1, quiet=True)
+    )
+    assert not result.skipped and len(result.manifest["shards"]) > 1
+    assert not list(out.rglob("*.tmp"))
+    # same rows as the reference demo build, whatever the shard split
+    columns = ["source", "index", "input_ids", "labels", "image_grid_thw", "pixels"]
+    rebuilt = pa.concat_tables(t.select(columns) for t in ShardSet(out).tables).combine_chunks()
+    reference = pa.concat_tables(t.select(columns) for t in ShardSet(demo_build).tables).combine_chunks()
+    assert rebuilt.equals(reference)
+    assert json.loads((out / "manifest.json").read_text())["totals"]["tokens"] == 190128
