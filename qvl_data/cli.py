@@ -182,5 +182,51 @@ def convert(config_path: str | None, out: str, **overrides) -> None:
     click.echo(f"wrote {written} rows to {out}; {rejected} rejected")
 
 
+@main.command("inspect")
+@click.argument("shards_dir", required=False, default=BuildConfig.out)
+@click.option("--sample", type=click.IntRange(min=0), help="Show N random rows (default 3 when no --index).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample (reproducible).")
+@click.option("--index", "indices", multiple=True, metavar="SOURCE:INDEX", help="Show this row (repeatable).")
+@click.option("--source", help="Sample only rows of this source (with --rejected: list only its rejections).")
+@click.option("--tokens", is_flag=True, help="Add a per-token table: position, id, token text, label.")
+@click.option("--rejected", is_flag=True, help="List the rejected rows with their reasons.")
+@click.option("--color/--no-color", default=None, help="Colour on or off (default: only on a terminal).")
+@_fail_cleanly
+def inspect_command(shards_dir: str, color: bool | None, **options) -> None:
+    """Show rows of SHARDS_DIR (default data/qvl-demo) exactly as they will be trained on.
+
+    \b
+    ⟦...⟧   trained text (labels = ids); everything outside is masked (-100)
+    ↵       a trained line break (the newline after <|im_end|>)
+    [image 1 · 12×22 patches · 66 tokens]
+            one image span: <|vision_start|> + 66 × <|image_pad|> + <|vision_end|>
+    With colour, trained text is also green and masked text dim; the markers stay, so piped
+    output (no colour) shows the same distinction.
+    """
+    from qvl_data.inspect import inspect_rows, make_console
+
+    inspect_rows(shards_dir, console=make_console(color), **options)
+
+
+@main.command("stats")
+@click.argument("shards_dir", required=False, default=BuildConfig.out)
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON, for scripts.")
+@click.option("--color/--no-color", default=None, help="Colour on or off (default: only on a terminal).")
+@_fail_cleanly
+def stats_command(shards_dir: str, as_json: bool, color: bool | None) -> None:
+    """Rows, tokens, trained ratio, lengths, images, rejections and storage of SHARDS_DIR.
+
+    Reads the manifest and the small columns of the memory-mapped shards only (never the pixels).
+    """
+    from qvl_data.inspect import make_console
+    from qvl_data.stats import compute_stats, render_stats
+
+    stats = compute_stats(shards_dir)
+    if as_json:
+        click.echo(json.dumps(stats, indent=2, ensure_ascii=False))
+    else:
+        render_stats(stats, make_console(color))
+
+
 if __name__ == "__main__":
     main()
