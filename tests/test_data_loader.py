@@ -1,0 +1,158 @@
+"""qvl_train.data: the step plan, the rank/epoch split, the shard dataset and the collate."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from qvl_data.errors import QvlError
+from qvl_data.shards import ShardSet
+from qvl_train.data import (
+    RankBatchSampler,
+    ShardDataset,
+    collate,
+    epoch_order,
+    make_plan,
+    rank_rows,
+    to_device,
+)
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+def test_plan_of_the_seed_recipe_on_the_demo_set():
+    plan = make_plan(1096, world_size=2, batch_size=1, grad_accum=8, num_train_epochs=3.0, warmup_ratio=0.1)
+    assert (plan.per_rank_rows, plan.per_rank_batches, plan.steps_per_epoch) == (548, 548, 69)
+    assert (plan.total_steps, plan.warmup_steps, plan.effective_batch) == (207, 21, 16)
+    # 548 = 68 * 8 + 4: the last step of each epoch has 4 micro-batches
+    assert plan.micro_batches(0) == (0, 0, 8)
+    assert plan.micro_batches(68) == (0, 544, 4)
+    assert plan.micro_batches(69) == (1, 0, 8)
+    assert plan.micro_batches(206) == (2, 544, 4)
+
+
+def test_plan_edge_cases():
+    one = make_plan(1096, 1, 1, 8, 3.0, warmup_ratio=0.1)
+    assert (one.steps_per_epoch, one.total_steps, one.warmup_steps) == (137, 411, 42)
+    odd = make_plan(9, world_size=2, batch_size=2, grad_accum=2, num_train_epochs=1.0)
+    assert (odd.per_rank_rows, odd.per_rank_batches, odd.steps_per_epoch, odd.total_steps) == (5, 3, 2, 2)
+    assert make_plan(1096, 2, 1, 8, 0.5).total_steps == 35  # ceil(0.5 * 69)
+    capped = make_plan(1096, 2, 1, 8, 3.0, max_steps=500, warmup_ratio=0.1, warmup_steps=7)
+    assert (capped.total_steps, capped.warmup_steps) == (500, 7)
+    assert capped.micro_batches(499)[0] == 7  # max_steps cycles through further epochs
+    with pytest.raises(QvlError):
+        make_plan(0, 1, 1, 1, 1.0)
+
+
+# --------------------------------------------------------------------------------------------- sampler
+
+
+@pytest.mark.parametrize("rows,world", [(10, 2), (9, 2), (7, 3), (3, 4)])
+def test_rank_split_is_distributed_sampler(rows, world):
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(world):
+            ours = rank_rows(rows, epoch, seed=42, rank=rank, world_size=world)
+            reference = DistributedSampler(range(rows), num_replicas=world, rank=rank, shuffle=True, seed=42)
+            reference.set_epoch(epoch)
+            assert ours == list(reference)
+            seen += ours
+        assert set(seen) == set(range(rows))  # every row, each rank the same count (wrap-around padding)
+        assert len(seen) == -(-rows // world) * world
+    if rows % world == 0:
+        ranks = [set(rank_rows(rows, 0, 42, r, world)) for r in range(world)]
+        assert all(not (a & b) for i, a in enumerate(ranks) for b in ranks[i + 1 :])
+
+
+def test_epochs_are_different_seeded_permutations():
+    assert epoch_order(100, 0, 42) == epoch_order(100, 0, 42)
+    assert epoch_order(100, 0, 42) != epoch_order(100, 1, 42)
+    assert epoch_order(100, 1, 42) == epoch_order(100, 0, 43)  # seed + epoch
+    assert sorted(epoch_order(100, 3, 7)) == list(range(100))
+
+
+def test_sampler_resumes_at_the_next_batch():
+    sampler = RankBatchSampler(rows=21, batch_size=2, rank=1, world_size=2, seed=5)
+    sampler.set_epoch(3)
+    full = list(sampler)
+    assert len(full) == len(sampler) == 6 and sum(len(b) for b in full) == 11
+    sampler.set_epoch(3, start_batch=4)
+    assert list(sampler) == full[4:] and len(sampler) == 2
+
+
+# --------------------------------------------------------------------------------------------- dataset
+
+
+def test_dataset_rows_pixels_and_collate(demo_build):
+    ds = ShardDataset(demo_build)
+    shards = ShardSet(demo_build)
+    assert len(ds) == 1096 and ds.pixel_format == "uint8"
+    assert len(ShardDataset(demo_build, max_rows=8)) == 8
+
+    image_row, text_row = ds[0], ds[10]
+    assert image_row["source"] == "mllm_demo" and image_row["index"] == 0
+    assert image_row["input_ids"].tolist() == shards.row(0)["input_ids"]
+    assert image_row["pixels"].dtype == torch.uint8 and image_row["pixels"].shape == (528, 588)
+    assert image_row["image_grid_thw"].tolist() == [[1, 12, 22], [1, 12, 22]]
+    assert text_row["pixels"] is None and text_row["image_grid_thw"].shape == (0, 3)
+
+    batch = collate([text_row, image_row, ds[1]])
+    n = max(len(r["input_ids"]) for r in (text_row, image_row, ds[1]))
+    assert batch["input_ids"].shape == (3, -(-n // 8) * 8) and batch["input_ids"].shape[1] % 8 == 0
+    length = len(text_row["input_ids"])
+    assert batch["input_ids"][0, length:].eq(151643).all() and batch["labels"][0, length:].eq(-100).all()
+    assert batch["attention_mask"][0].sum() == length and batch["attention_mask"][1].sum() == len(
+        image_row["input_ids"]
+    )
+    assert batch["pixels"].shape[0] == 528 + ds[1]["pixels"].shape[0]
+    assert (
+        batch["image_grid_thw"].tolist()
+        == image_row["image_grid_thw"].tolist() + ds[1]["image_grid_thw"].tolist()
+    )
+    expected_tokens = sum(int((r["labels"][1:] != -100).sum()) for r in (text_row, image_row, ds[1]))
+    assert batch["trained_tokens"] == expected_tokens
+    assert [r[1:] for r in batch["rows"]] == [("identity", 4), ("mllm_demo", 0), ("mllm_demo", 1)]
+
+    # uint8 patches become the processor's float32 pixel_values on the device, bit for bit
+    inputs = to_device(
+        collate([image_row]), torch.device("cpu"), torch.float32, ds.processor, ds.pixel_format
+    )
+    assert np.array_equal(inputs["pixel_values"].numpy(), shards.pixel_values(0))
+    assert inputs["mm_token_type_ids"].sum() == int((image_row["input_ids"] == 151655).sum()) == 132
+    assert "pixel_values" not in to_device(
+        collate([text_row]), torch.device("cpu"), torch.float32, ds.processor, "uint8"
+    )
+
+
+def test_dataset_is_opened_lazily_and_pickles_without_the_mapping(demo_build):
+    ds = ShardDataset(demo_build)
+    assert ds._shards is None
+    ds[3]
+    assert ds._shards is not None
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._shards is None and clone[3]["input_ids"].tolist() == ds[3]["input_ids"].tolist()
+
+
+def test_workers_deliver_the_sampler_order(demo_build):
+    ds = ShardDataset(demo_build, max_rows=40)
+    batches = []
+    for workers in (0, 2):
+        sampler = RankBatchSampler(len(ds), batch_size=3, rank=0, world_size=2, seed=1)
+        sampler.set_epoch(1, start_batch=2)
+        loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
+        batches.append([[r[0] for r in b["rows"]] for b in loader])
+    assert batches[0] == batches[1] == sampler.batches()[2:]
+
+
+def test_missing_and_foreign_shards_are_one_line_errors(tmp_path):
+    with pytest.raises(QvlError, match="no such shard directory"):
+        ShardDataset(tmp_path / "nope")
+    with pytest.raises(QvlError, match="missing"):
+        ShardDataset(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format": "qvl-shards", "format_version": 99}')
+    with pytest.raises(QvlError, match="version 99"):
+        ShardDataset(tmp_path)

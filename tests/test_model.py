@@ -1,0 +1,145 @@
+"""qvl_train.model: LoRA only on the language model, fp32 trainable weights, the 7B meta-device count."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from qvl_data.errors import QvlError
+from qvl_train.config import TrainConfig
+from qvl_train.data import collate
+from qvl_train.loop import token_loss_sum
+from qvl_train.model import (
+    check_compatible,
+    load_model,
+    lora_target_regex,
+    meta_model,
+    model_config,
+    param_report,
+    tiny_config,
+)
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SEVEN_B = EXAMPLES / "configs" / "qwen2_5_vl_7b.json"
+MANIFEST = {
+    "processor": {"vocab_size": 151665, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny model's matmuls are too small to share, and on a busy 2-core machine
+    OpenMP's spinning threads make each step 10-50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_target_regex_matches_language_model_linears_only():
+    regex = lora_target_regex(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    for name in (
+        "model.language_model.layers.0.self_attn.q_proj",
+        "model.language_model.layers.27.mlp.down_proj",
+    ):
+        assert re.fullmatch(regex, name)
+    for name in (
+        "model.visual.blocks.0.mlp.gate_proj",
+        "model.visual.blocks.3.mlp.up_proj",
+        "model.visual.blocks.0.attn.qkv",
+        "model.visual.merger.mlp.0",
+        "lm_head",
+        "model.language_model.embed_tokens",
+        "model.language_model.layers.0.self_attn",
+    ):
+        assert not re.fullmatch(regex, name)
+    assert not re.fullmatch(
+        lora_target_regex(["q_proj", "v_proj"]), "model.language_model.layers.0.self_attn.k_proj"
+    )
+
+
+def test_seven_b_meta_dry_run_counts():
+    config = model_config(str(SEVEN_B))
+    assert config.text_config.hidden_size == 3584 and config.vision_config.hidden_size == 1280
+    check_compatible(config, MANIFEST)
+    model = meta_model(TrainConfig(), config)
+    report = param_report(model)
+    assert (
+        report["trainable"]
+        == 20_185_088
+        == 28 * 8 * (2 * (3584 + 3584) + 2 * (3584 + 512) + 3 * (3584 + 18944))
+    )
+    assert report["total"] == 8_312_351_744 and report["base"] == 8_292_166_656
+    assert f"{report['percent']:.4f}" == "0.2428"
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 196 and not any("visual" in n for n in trainable)
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_tiny_model_trainable_parameters_and_gradients():
+    model = load_model(TrainConfig(model="tiny"), torch.device("cpu"), torch.float32)
+    report = param_report(model)
+    assert 39_000_000 < report["total"] < 40_000_000
+    assert report["trainable"] == 2 * 8 * (2 * (128 + 128) + 2 * (128 + 64) + 3 * (128 + 256)) == 32_768
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trainable) == 2 * 2 * 7
+    assert all(re.search(r"language_model\.layers\.\d+\..*\.lora_[AB]\.", n) for n in trainable)
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    wrapped = [n for n, m in model.named_modules() if hasattr(m, "lora_A")]
+    assert len(wrapped) == 14 and not any("visual" in n for n in wrapped)
+    assert model.base_model.model.model.language_model.gradient_checkpointing
+
+    # one image + text batch: every LoRA weight receives a gradient (B starts at zero: perturb it first)
+    for name, param in trainable.items():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (16, 588), dtype=torch.uint8, generator=g)
+    ids = [151644, 872, 198, 151652, *[151655] * 4, 151653, 151645, 198, 151644, 77091, 198, 9707, 13, 151645]
+    row = {
+        "row": 0,
+        "source": "t",
+        "index": 0,
+        "input_ids": torch.tensor(ids),
+        "labels": torch.tensor([-100] * 13 + ids[13:]),
+        "image_grid_thw": torch.tensor([[1, 4, 4]]),
+        "pixels": pixels,
+    }
+    from qvl_train.data import to_device
+
+    processor = {
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+        "rescale_factor": 1 / 255,
+        "temporal_patch_size": 2,
+    }
+    inputs = to_device(collate([row]), torch.device("cpu"), torch.float32, processor, "uint8")
+    model.train()
+    loss = token_loss_sum(model, inputs, collate([row])["labels"])
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert all(p.grad is None for p in frozen)
+
+
+def test_incompatible_models_are_refused(tmp_path):
+    check_compatible(tiny_config(), MANIFEST, "tiny")
+    with pytest.raises(QvlError, match="160000-token"):
+        check_compatible(tiny_config(), {"processor": {**MANIFEST["processor"], "vocab_size": 160000}})
+    with pytest.raises(QvlError, match="patch"):
+        check_compatible(tiny_config(), {"processor": {**MANIFEST["processor"], "patch_size": 16}})
+    config = tiny_config()
+    config.image_token_id = 5
+    with pytest.raises(QvlError, match="image_token_id"):
+        check_compatible(config, MANIFEST)
+    llama = tmp_path / "config.json"
+    llama.write_text(json.dumps({"model_type": "llama", "vocab_size": 32000}))
+    with pytest.raises(QvlError, match="model_type 'llama'"):
+        model_config(str(llama))
+    with pytest.raises(QvlError, match="no such model directory"):
+        model_config(str(tmp_path / "missing"))

@@ -1,0 +1,81 @@
+"""qvl_train.config: one dataclass, YAML + command-line overrides, one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from qvl_data.errors import QvlError
+from qvl_train.config import TrainConfig, build_parser, field_docs, parse_config
+
+RECIPE = Path(__file__).resolve().parent.parent / "examples" / "qwen2_5vl_lora_sft.yaml"
+
+
+def test_recipe_is_the_seed_recipe():
+    cfg = parse_config(["--config", str(RECIPE)])
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) == (8, 16, 0.1)
+    assert cfg.lora_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (1, 8)
+    assert cfg.learning_rate == 1e-4 and isinstance(cfg.learning_rate, float)
+    assert (cfg.lr_scheduler_type, cfg.warmup_ratio, cfg.num_train_epochs) == ("cosine", 0.1, 3.0)
+    assert cfg.bf16 and cfg.gradient_checkpointing and cfg.attn_implementation == "sdpa"
+    assert (cfg.logging_steps, cfg.save_steps, cfg.plot_loss) == (10, 500, True)
+    assert cfg.output_dir == "saves/qwen2_5vl-7b/lora/sft" and cfg.overwrite_output_dir
+    assert cfg.model == "Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+def test_command_line_overrides_yaml():
+    cfg = parse_config(
+        [
+            "--config",
+            str(RECIPE),
+            "--model",
+            "tiny",
+            "--max-steps",
+            "20",
+            "--learning_rate",
+            "3e-4",
+            "--dry-run",
+        ]
+    )
+    assert (cfg.model, cfg.max_steps, cfg.learning_rate, cfg.dry_run) == ("tiny", 20, 3e-4, True)
+    cfg = parse_config(["--config", str(RECIPE), "--bf16", "false", "--overwrite-output-dir", "no"])
+    assert cfg.bf16 is False and cfg.overwrite_output_dir is False
+    assert parse_config([]) == TrainConfig()
+
+
+def test_every_field_has_a_flag_and_a_docstring():
+    docs = field_docs()
+    help_text = build_parser().format_help()
+    for f in dataclasses.fields(TrainConfig):
+        assert docs.get(f.name), f"{f.name} is undocumented"
+        assert f"--{f.name.replace('_', '-')}" in help_text
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--lora-rank", "0"], "lora_rank must be >= 1"),
+        (["--lr-scheduler-type", "poly"], "lr_scheduler_type"),
+        (["--lora-target", "q_proj,qkv"], "qkv"),
+        (["--max-steps", "x"], "invalid int value"),
+        (["--no-such-option", "1"], "unrecognized arguments"),
+        (["--device", "tpu"], "device must be"),
+        (["--config", "/nonexistent.yaml"], "does not exist"),
+    ],
+)
+def test_bad_options_are_one_line_errors(argv, message):
+    with pytest.raises(QvlError, match=message):
+        parse_config(argv)
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: sft\nlearning_rate: 1.0e-4\n")
+    with pytest.raises(QvlError, match="unknown option.*stage"):
+        parse_config(["--config", str(bad)])
+    bad.write_text("learning_rate: fast\n")
+    with pytest.raises(QvlError, match="learning_rate: expected float"):
+        parse_config(["--config", str(bad)])
