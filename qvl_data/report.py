@@ -2,54 +2,42 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from qvl_data.schema import REASONS, Rejection
 
+# manifest key -> column heading
+SUMMARY_COLUMNS = {
+    "rows": "rows",
+    "tokens": "tokens",
+    "trained_tokens": "trained",
+    "image_tokens": "img tok",
+    "max_length": "max",
+    "truncated": "cut",
+    "rejected": "rejected",
+}
+
 
 def print_build_summary(result, title: str = "build", console: Console | None = None) -> None:
     console = console or Console()
     manifest = result.manifest
-    table = Table(title=f"qvl-data {title}: {result.out_dir}" if title == "build" else f"qvl-data {title}")
-    for col in ("source", "rows", "tokens", "trained", "image tokens", "max len", "truncated", "rejected"):
-        table.add_column(col, justify="left" if col == "source" else "right")
-    for name, s in manifest["sources"].items():
-        table.add_row(
-            name,
-            *(
-                f"{s[k]:,}"
-                for k in (
-                    "rows",
-                    "tokens",
-                    "trained_tokens",
-                    "image_tokens",
-                    "max_length",
-                    "truncated",
-                    "rejected",
-                )
-            ),
-        )
-    t = manifest["totals"]
-    table.add_row(
-        "[bold]total",
-        *(
-            f"[bold]{t[k]:,}"
-            for k in (
-                "rows",
-                "tokens",
-                "trained_tokens",
-                "image_tokens",
-                "max_length",
-                "truncated",
-                "rejected",
-            )
-        ),
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        title=f"qvl-data {title}: {result.out_dir}" if title == "build" else f"qvl-data {title}",
     )
+    table.add_column("source", no_wrap=True, min_width=max(map(len, manifest["sources"]), default=6))
+    for heading in SUMMARY_COLUMNS.values():
+        table.add_column(heading, justify="right", no_wrap=True)
+    for name, s in manifest["sources"].items():
+        table.add_row(name, *(f"{s[k]:,}" for k in SUMMARY_COLUMNS))
+    t = manifest["totals"]
+    table.add_row("[bold]total", *(f"[bold]{t[k]:,}" for k in SUMMARY_COLUMNS))
     console.print(table)
     by_reason = manifest["rejected"]["by_reason"]
     if by_reason:
-        reasons = Table(title="rejected rows by reason")
+        reasons = Table(box=box.SIMPLE_HEAD, title="rejected rows by reason")
         reasons.add_column("reason")
         reasons.add_column("rows", justify="right")
         reasons.add_column("meaning")

@@ -37,3 +37,15 @@ def image_processor():
     from qvl_data.processor import load_image_processor
 
     return load_image_processor(None)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread: the tiny model's matmuls are too small to share, and on a busy 2-core machine
+    OpenMP's spinning threads make each step 10-50x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

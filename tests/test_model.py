@@ -30,14 +30,7 @@ MANIFEST = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny model's matmuls are too small to share, and on a busy 2-core machine
-    OpenMP's spinning threads make each step 10-50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_target_regex_matches_language_model_linears_only():

@@ -30,14 +30,7 @@ CPU = torch.device("cpu")
 TRAINED_TOKENS_8 = 245 + 25 + 25  # labelled tokens of the first 8 demo rows: all of mllm_demo + identity 0, 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny model's matmuls are too small to share, and on a busy 2-core machine
-    OpenMP's spinning threads make each step 10-50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _log(out: Path) -> list[dict]:
