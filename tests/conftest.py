@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from qvl_data.build import build
-from qvl_data.config import BuildConfig
+from qvl_data.cli import main
 
 
 @pytest.fixture(scope="session")
@@ -19,10 +20,19 @@ def demo_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_build(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Path:
-    """The three demo datasets built with default options (uint8 pixels, 2 workers). Treat as read-only."""
-    out = tmp_path_factory.mktemp("qvl-demo")
-    build(BuildConfig(dataset_dir=str(demo_dir), out=str(out), num_proc=2, quiet=True))
-    return out
+    """What a bare `qvl-data build` writes (./data/qvl-demo: the three demo sets, default options).
+
+    Treat as read-only: many tests share it.
+    """
+    cwd = tmp_path_factory.mktemp("bare-build")
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(main, ["build", "--quiet"])
+    finally:
+        os.chdir(previous)
+    assert result.exit_code == 0, result.output
+    return cwd / "data" / "qvl-demo"
 
 
 @pytest.fixture(scope="session")
