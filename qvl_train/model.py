@@ -219,7 +219,7 @@ def lora_config(cfg: TrainConfig):
     )
 
 
-def _add_lora(model: Any, cfg: TrainConfig) -> PeftModel:
+def add_lora(model: Any, cfg: TrainConfig) -> PeftModel:
     from peft import get_peft_model
 
     model.requires_grad_(False)
@@ -264,7 +264,7 @@ def load_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Pe
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         model.enable_input_require_grads()
-    return _add_lora(model, cfg)
+    return add_lora(model, cfg)
 
 
 def meta_model(cfg: TrainConfig, config: Qwen2_5_VLConfig) -> PeftModel:
@@ -273,7 +273,7 @@ def meta_model(cfg: TrainConfig, config: Qwen2_5_VLConfig) -> PeftModel:
 
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-        return _add_lora(model, cfg)
+        return add_lora(model, cfg)
 
 
 def param_report(model: torch.nn.Module) -> dict[str, Any]:

@@ -1,0 +1,669 @@
+"""Benchmark 4 (GPU, when one is lent): the Qwen2.5-VL-7B LoRA step, qvl_train's step vs transformers.Trainer.
+
+    python bench/gpu_step.py              # one H100 / H200: ~2-4 min, < 8 min
+    python bench/gpu_step.py --smoke      # CPU, tiny config, seconds (CI)
+
+Needs torch, transformers, peft, pyarrow, rich only (no datasets, no polars, no download, no weights):
+
+* the Qwen2.5-VL-7B-Instruct architecture from its config dict (8,292,166,656 parameters, checked), built on
+  the meta device and materialised with random bf16 weights on the GPU (``to_empty`` + ``init_weights``);
+* LoRA as reference-semantics section 7 (r 8, alpha 16, dropout 0.1, the 196 language-model linears,
+  20,185,088 trainable, fp32), non-reentrant gradient checkpointing, SDPA attention;
+* one row of ``--seq-len`` 2048 tokens holding one 448x448 image (grid 1x32x32: 1024 patches, 256 image
+  tokens), the answer (``--trained-fraction`` of the text tokens) trained, micro-batch 1;
+* ``qvl``: ``qvl_train``'s own pieces (``collate``, ``to_device`` with the uint8 -> float expansion on the
+  GPU, ``run_window`` = forward with ``logits_to_keep`` + sum-of-token loss + backward, clip, fused AdamW);
+* ``HF Trainer``: ``transformers.Trainer`` (bf16, fused AdamW, same clip) on the same model and row, float32
+  ``pixel_values`` from the collator, the model's own loss over full logits.
+
+Reported: seconds per optimizer step, tokens/s, model FLOPs utilisation and peak GPU memory. Model FLOPs
+(recomputation from gradient checkpointing is *not* counted; the vision tower is frozen and gets no
+backward because nothing before it needs a gradient)::
+
+    language model  (4 * N_frozen_linear + 6 * N_lora) * T  +  3 * 2 * L * T^2 * d   (causal attention)
+    lm_head         4 * N_lm_head * K    (K = trained positions: the only logits the loss needs)
+    vision tower    2 * N_vision * P + sum over blocks of 4 * P * S * d_v   (S = window or all P patches)
+    merger          2 * N_merger * P / 4
+
+    MFU = model FLOPs per step / (seconds per step * peak dense bf16 FLOP/s of the card)
+
+with peak 989 TFLOP/s for H100 SXM and H200, 835 for H100 NVL, 756 for H100 PCIe (``--peak-tflops``
+overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable, not bench/
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench import common
+from bench.common import fmt, fmt_bytes, fmt_ratio, ratio
+
+NAME = "gpu_step"
+TARGET_MFU = 0.40
+EXPECTED_7B_PARAMS = 8_292_166_656
+EXPECTED_7B_LORA = 20_185_088
+IMAGE_PAD_ID, VISION_START_ID, VISION_END_ID = 151655, 151652, 151653
+
+#: config.json of Qwen/Qwen2.5-VL-7B-Instruct (the architecture only; no weights are needed).
+QWEN25_VL_7B: dict[str, Any] = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "hidden_act": "silu",
+    "hidden_size": 3584,
+    "initializer_range": 0.02,
+    "intermediate_size": 18944,
+    "max_position_embeddings": 128000,
+    "max_window_layers": 28,
+    "num_attention_heads": 28,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 32768,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 152064,
+    "image_token_id": IMAGE_PAD_ID,
+    "video_token_id": 151656,
+    "vision_start_token_id": VISION_START_ID,
+    "vision_end_token_id": VISION_END_ID,
+    "vision_token_id": 151654,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vision_config": {
+        "depth": 32,
+        "hidden_act": "silu",
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "in_chans": 3,
+        "out_hidden_size": 3584,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "spatial_patch_size": 14,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2,
+        "temporal_patch_size": 2,
+    },
+}
+
+#: Dense bf16 peak (no sparsity) by device-name fragment, most specific first, in FLOP/s.
+PEAK_BF16 = (
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM ("H100 80GB HBM3")
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def _ensure_pil() -> None:
+    """``qvl_data.vision`` (whose uint8 expansion both paths use) imports PIL at module level but needs it
+    only to open images, which this benchmark never does: a slim GPU image without Pillow gets a stub."""
+    try:
+        import PIL.Image  # noqa: F401
+    except ImportError:
+        import types
+
+        pil, image = types.ModuleType("PIL"), types.ModuleType("PIL.Image")
+        image.Image = object
+        pil.Image = image
+        sys.modules.update({"PIL": pil, "PIL.Image": image})
+
+
+def model_config(smoke: bool):
+    from transformers import Qwen2_5_VLConfig
+
+    if smoke:
+        from qvl_train.model import tiny_config
+
+        return tiny_config()
+    return Qwen2_5_VLConfig.from_dict(QWEN25_VL_7B)
+
+
+def _params_ok(model) -> bool:
+    """Random init really happened (``to_empty`` leaves whatever was in memory): finite, std ~0.02."""
+    for name, param in model.named_parameters():
+        if param.dim() == 2 and ("lm_head" in name or "layers.0.mlp" in name or "blocks.0.mlp" in name):
+            std = float(param.float().std())
+            if not (bool(param.isfinite().all()) and 1e-3 < std < 1.0):
+                return False
+    return True
+
+
+def _buffers_ok(model) -> bool:
+    for name, buf in model.named_buffers():
+        if "inv_freq" in name:
+            b = buf.float()
+            if not (bool(b.isfinite().all()) and bool((b > 0).all()) and bool((b[1:] <= b[:-1]).all())):
+                return False
+    return True
+
+
+def build_model(config, device, dtype, gradient_checkpointing: bool = True):
+    """Random weights on ``device``: built on meta, ``to_empty``, then the model's own init (rotary
+    buffers included). Falls back to building under ``torch.device(device)`` if the buffers or weights look
+    wrong. Returns (model, parameter count on meta, how it was initialised)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    cls = Qwen2_5_VLForConditionalGeneration
+    with torch.device("meta"):
+        model = cls._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    meta_params = sum(p.numel() for p in model.parameters())
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights()
+    how = "meta + to_empty + init_weights"
+    if not (_buffers_ok(model) and _params_ok(model)):
+        del model
+        gc.collect()
+        with torch.device(device):
+            model = cls._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        how = f"built under torch.device({str(device)!r}) (to_empty + init_weights left bad values)"
+    model.config.use_cache = False
+    if gradient_checkpointing:  # as qvl_train.model.load_model does
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.enable_input_require_grads()
+    return model, meta_params, how
+
+
+def add_lora(model):
+    """qvl_train's LoRA (section 7): the 196 language-model linears, r 8, alpha 16, dropout 0.1, fp32."""
+    from qvl_train.config import TrainConfig
+    from qvl_train.model import add_lora
+
+    return add_lora(model, TrainConfig())
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def make_row(seq_len: int, image_side: int, trained_fraction: float, seed: int = 0) -> dict[str, Any]:
+    """One training row as ``qvl_train.data.ShardDataset`` returns it: system + user(image + text) +
+    answer, random text ids, random uint8 patches of one ``image_side`` x ``image_side`` image."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    grid = (1, image_side // 14, image_side // 14)
+    patches = grid[0] * grid[1] * grid[2]
+    image_tokens = patches // 4
+    head = [
+        151644,
+        8948,
+        198,
+        2610,
+        525,
+        264,
+        10950,
+        17847,
+        13,
+        151645,
+        198,
+        151644,
+        872,
+        198,
+    ]  # system, user
+    image = [VISION_START_ID] + [IMAGE_PAD_ID] * image_tokens + [VISION_END_ID]
+    tail = [151645, 198, 151644, 77091, 198]  # <|im_end|>\n<|im_start|>assistant\n
+    text = seq_len - len(head) - len(image) - len(tail) - 2  # 2: the answer's <|im_end|>\n
+    if text < 2:
+        raise ValueError(f"seq_len {seq_len} too short for a {image_side}px image ({image_tokens} tokens)")
+    answer = max(1, int(text * trained_fraction))
+    question = text - answer
+    rand = lambda n: torch.randint(1000, 150000, (n,), generator=g).tolist()  # noqa: E731
+    prompt = head + image + rand(question) + tail
+    target = rand(answer) + [151645, 198]
+    ids = prompt + target
+    labels = [-100] * len(prompt) + target
+    return {
+        "row": 0,
+        "source": "synthetic",
+        "index": 0,
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "image_grid_thw": torch.tensor([grid], dtype=torch.long),
+        "pixels": torch.randint(0, 256, (patches, 588), dtype=torch.uint8, generator=g),
+    }
+
+
+def processor_summary() -> dict[str, Any]:
+    from qvl_data.processor import PREPROCESSOR_CONFIG as P
+
+    return {
+        "image_mean": P["image_mean"],
+        "image_std": P["image_std"],
+        "rescale_factor": P["rescale_factor"],
+        "temporal_patch_size": P["temporal_patch_size"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- flops
+
+
+def model_flops(model, config, seq_len: int, patches: int, trained: int) -> dict[str, float]:
+    """Model FLOPs of one micro-batch (see the module docstring)."""
+    import torch
+
+    lm_linear = lora = vision = merger = head = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or isinstance(module, torch.nn.Conv3d):
+            weight = module.weight.numel()
+            if "lora_" in name:
+                lora += weight
+            elif "lm_head" in name:
+                head += weight
+            elif "language_model" in name:
+                lm_linear += weight
+            elif "merger" in name:
+                merger += weight
+            elif "visual" in name:
+                vision += weight
+    text = config.text_config
+    d = text.num_attention_heads * (text.hidden_size // text.num_attention_heads)
+    attn_lm = 3 * 2 * text.num_hidden_layers * seq_len**2 * d  # fwd 2*T^2*d per layer (causal), x3 train
+    v = config.vision_config
+    window = (v.window_size // v.spatial_merge_size // v.patch_size) ** 2 * v.spatial_merge_size**2
+    full = set(v.fullatt_block_indexes)
+    attn_v = sum(
+        4 * patches * (patches if i in full else min(window, patches)) * v.hidden_size for i in range(v.depth)
+    )
+    parts = {
+        "language_model": (4 * lm_linear + 6 * lora) * seq_len + attn_lm,
+        "lm_head": 4 * head * trained,
+        "vision": 2 * vision * patches + attn_v,
+        "merger": 2 * merger * patches / 4,
+    }
+    parts["total"] = sum(parts.values())
+    parts["params"] = {
+        "lm_linear": lm_linear,
+        "lora": lora,
+        "lm_head": head,
+        "vision": vision,
+        "merger": merger,
+    }
+    return parts
+
+
+def peak_flops(device_name: str, override_tflops: float | None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    for fragment, value in PEAK_BF16:
+        if fragment in device_name:
+            return value
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_memory(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device) -> dict[str, int | None]:
+    import torch
+
+    if device.type != "cuda":
+        return {"peak_allocated_bytes": None, "peak_reserved_bytes": None}
+    return {
+        "peak_allocated_bytes": int(torch.cuda.max_memory_allocated(device)),
+        "peak_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
+    }
+
+
+def run_qvl(model, row, args, device, dtype) -> dict[str, Any]:
+    """qvl_train.loop's optimizer step, piece for piece: collate -> to_device -> run_window -> clip -> AdamW."""
+    import inspect
+    from contextlib import nullcontext
+
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qvl_train.data import collate, to_device
+    from qvl_train.loop import Dist, run_window
+
+    _reset_memory(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
+    dist = Dist(device=device)
+    processor = processor_summary()
+    mm_types = "mm_token_type_ids" in inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
+
+    def to_inputs(batch):
+        inputs = to_device(batch, device, dtype, processor, "uint8")
+        if not mm_types:
+            inputs.pop("mm_token_type_ids")
+        return inputs
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    model.train()
+    times, losses = [], []
+    for _ in range(args.warmup_steps + args.steps):
+        start = time.perf_counter()
+        window = [collate([row]) for _ in range(args.grad_accum)]  # the loader's work for this step
+        loss, _tokens = run_window(model, window, dist, to_inputs, autocast)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        losses.append(loss)
+    memory = _peak_memory(device)
+    del optimizer
+    return {"step_s": times, "losses": losses, **memory}
+
+
+def run_hf(model, row, args, device, dtype) -> dict[str, Any]:
+    """transformers.Trainer on the same model and row: float32 pixel_values from the collator, full logits."""
+    import inspect
+    import tempfile
+
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration, Trainer, TrainerCallback, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    from qvl_data.vision import pixel_values_from_uint8_torch
+
+    hf_logging.set_verbosity_error()
+    _reset_memory(device)
+    p = processor_summary()
+    pixel_values = pixel_values_from_uint8_torch(
+        row["pixels"], p["image_mean"], p["image_std"], p["rescale_factor"], p["temporal_patch_size"]
+    )
+    mm_types = "mm_token_type_ids" in inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
+    item = {
+        "input_ids": row["input_ids"],
+        "attention_mask": torch.ones_like(row["input_ids"]),
+        "labels": row["labels"],
+        "pixel_values": pixel_values,
+        "image_grid_thw": row["image_grid_thw"],
+    }
+    if mm_types:
+        item["mm_token_type_ids"] = (row["input_ids"] == IMAGE_PAD_ID).int()
+    total = (args.warmup_steps + args.steps) * args.grad_accum
+
+    def collator(items):
+        batch = {k: torch.stack([x[k] for x in items]) for k in ("input_ids", "attention_mask", "labels")}
+        batch["pixel_values"] = torch.cat([x["pixel_values"] for x in items])
+        batch["image_grid_thw"] = torch.cat([x["image_grid_thw"] for x in items])
+        if mm_types:
+            batch["mm_token_type_ids"] = torch.stack([x["mm_token_type_ids"] for x in items])
+        return batch
+
+    marks: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, a, state, control, **kw):
+            _sync(device)
+            marks.append(time.perf_counter())
+
+        def on_step_end(self, a, state, control, **kw):
+            _sync(device)
+            marks.append(time.perf_counter())
+
+    cuda = device.type == "cuda"
+    with tempfile.TemporaryDirectory(prefix="qvl-bench-gpu-") as tmp:
+        targs = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=args.grad_accum,
+            max_steps=args.warmup_steps + args.steps,
+            learning_rate=1e-4,
+            max_grad_norm=1.0,
+            optim="adamw_torch_fused" if cuda else "adamw_torch",
+            bf16=cuda and dtype == torch.bfloat16,
+            use_cpu=not cuda,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            remove_unused_columns=False,
+            disable_tqdm=True,
+            dataloader_pin_memory=cuda,
+        )
+        trainer = Trainer(
+            model=model, args=targs, train_dataset=[item] * total, data_collator=collator, callbacks=[Clock()]
+        )
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        memory = _peak_memory(device)
+        del trainer
+    return {"step_s": [b - a for a, b in zip(marks, marks[1:], strict=False)], "losses": losses, **memory}
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    _ensure_pil()
+    info = common.machine_info()
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    card = torch.cuda.get_device_name(device) if cuda else common.cpu_model()
+    info.update(device=card, cuda=torch.version.cuda if cuda else None)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(0)
+    config = model_config(args.smoke)
+    started = time.perf_counter()
+    model, meta_params, how = build_model(config, device, dtype)
+    model = add_lora(model)
+    report = {
+        "total": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "base": meta_params,
+        "init": how,
+    }
+    build_s = time.perf_counter() - started
+    print(f"[gpu_step] {card}: model built in {build_s:.0f} s, {report}", flush=True)
+    if not args.smoke and (meta_params != EXPECTED_7B_PARAMS or report["trainable"] != EXPECTED_7B_LORA):
+        raise SystemExit(
+            f"unexpected parameter counts {report} (spec: {EXPECTED_7B_PARAMS}, {EXPECTED_7B_LORA})"
+        )
+
+    row = make_row(args.seq_len, args.image_side, args.trained_fraction)
+    patches = int(row["image_grid_thw"].prod())
+    trained = int((row["labels"][1:] != -100).sum())
+    flops = model_flops(model, config, args.seq_len, patches, trained)
+    peak = peak_flops(card, args.peak_tflops) if cuda or args.peak_tflops else None
+    results = []
+    for name, fn in (("qvl", run_qvl), ("HF Trainer", run_hf)):
+        if args.only and name not in args.only:
+            continue
+        print(f"[gpu_step] {name} ...", flush=True)
+        r = fn(model, row, args, device, dtype)
+        measured = r["step_s"][args.warmup_steps :] or r["step_s"]
+        s = sum(measured) / len(measured)
+        r.update(
+            loop=name,
+            s_per_step=s,
+            tokens_per_s=args.seq_len * args.grad_accum / s,
+            trained_tokens_per_s=trained * args.grad_accum / s,
+            model_tflops_per_s=flops["total"] * args.grad_accum / s / 1e12,
+            mfu=flops["total"] * args.grad_accum / s / peak if peak else None,
+        )
+        print(
+            f"[gpu_step]   {s:.3f} s/step, {r['tokens_per_s']:,.0f} tok/s, MFU {fmt(100 * r['mfu'] if r['mfu'] else None)}%, "
+            f"peak {fmt_bytes(r['peak_allocated_bytes'])}",
+            flush=True,
+        )
+        results.append(r)
+    return {
+        "benchmark": NAME,
+        "machine": info,
+        "args": vars(args),
+        "params": report,
+        "flops_per_micro_batch": flops,
+        "flops_formula": __doc__.split("Model FLOPs", 1)[1].split("with peak", 1)[0].strip(),
+        "peak_flops": peak,
+        "row": {
+            "seq_len": args.seq_len,
+            "patches": patches,
+            "image_tokens": patches // 4,
+            "trained_tokens": trained,
+        },
+        "build_s": build_s,
+        "results": results,
+    }
+
+
+def summarize(payload: dict[str, Any]) -> dict[str, Any]:
+    results, checks = payload["results"], []
+    qvl = next((r for r in results if r["loop"] == "qvl"), None)
+    hf = next((r for r in results if r["loop"] == "HF Trainer"), None)
+    for r in results:
+        r["time_vs_qvl"] = ratio(r["s_per_step"], qvl["s_per_step"]) if qvl else None
+    if qvl and qvl["mfu"] is not None:
+        checks.append(
+            {
+                "target": "qvl MFU, 7B LoRA step",
+                "goal": f">= {TARGET_MFU:.0%}",
+                "measured": qvl["mfu"],
+                "met": qvl["mfu"] >= TARGET_MFU,
+            }
+        )
+    if qvl and hf:
+        x = ratio(qvl["s_per_step"], hf["s_per_step"])
+        checks.append(
+            {"target": "qvl s/step / HF Trainer s/step", "goal": "< 1x", "measured": x, "met": (x or 9) < 1}
+        )
+    payload["checks"] = checks
+    return payload
+
+
+def print_tables(payload: dict[str, Any]) -> None:
+    a, row = payload["args"], payload["row"]
+    rows = [
+        [
+            r["loop"],
+            len(r["step_s"]) - a["warmup_steps"],
+            fmt(r["s_per_step"], 3),
+            fmt(r["tokens_per_s"], 0),
+            fmt(r["trained_tokens_per_s"], 0),
+            fmt(r["model_tflops_per_s"], 1),
+            f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-",
+            fmt_bytes(r["peak_allocated_bytes"]),
+            fmt_bytes(r["peak_reserved_bytes"]),
+            fmt(r["losses"][-1], 3) if r["losses"] else "-",
+            fmt_ratio(r.get("time_vs_qvl")),
+        ]
+        for r in payload["results"]
+    ]
+    m = payload["machine"]
+    common.print_table(
+        f"bench/gpu_step.py: {'tiny (smoke)' if a['smoke'] else 'Qwen2.5-VL-7B'} LoRA step on {m['device']}, seq "
+        f"{row['seq_len']}, {row['patches']} patches, {row['trained_tokens']} trained, accumulation {a['grad_accum']}",
+        [
+            "loop",
+            "steps",
+            "s / step",
+            "tok/s",
+            "trained tok/s",
+            "model TFLOP/s",
+            "MFU",
+            "peak alloc",
+            "peak reserved",
+            "last loss",
+            "time vs qvl",
+        ],
+        rows,
+        common.caption(m) + f"; device {m['device']}",
+    )
+    if payload["checks"]:
+        common.print_table(
+            "targets",
+            ["target", "goal", "measured", ""],
+            [
+                [
+                    c["target"],
+                    c["goal"],
+                    fmt_ratio(c["measured"])
+                    if c["target"].startswith("qvl s")
+                    else f"{100 * c['measured']:.1f}%",
+                    "met" if c["met"] else "MISSED",
+                ]
+                for c in payload["checks"]
+            ],
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny config, seconds (CI)")
+    parser.add_argument("--out", type=Path, help=f"results JSON (default bench/results/{NAME}.json)")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument(
+        "--image-side", type=int, default=448, help="square image side in pixels (multiple of 28)"
+    )
+    parser.add_argument(
+        "--trained-fraction", type=float, default=0.5, help="share of the text tokens in the answer"
+    )
+    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per loop")
+    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument(
+        "--peak-tflops", type=float, help="peak dense bf16 TFLOP/s of the card (default: by name)"
+    )
+    parser.add_argument("--only", help="comma-separated loops to run (qvl, HF Trainer)")
+    args = parser.parse_args(argv)
+    args.only = [x for x in args.only.split(",") if x] if args.only else None
+    if args.smoke:
+        args.seq_len, args.image_side, args.steps, args.warmup_steps = 96, 56, 1, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    payload = summarize(run_all(args))
+    payload["total_s"] = time.perf_counter() - started
+    print_tables(payload)
+    out = common.write_results(
+        args.out or common.default_out(NAME + ("-smoke" if args.smoke else "")), payload
+    )
+    print(f"results: {out} ({payload['total_s']:.0f} s)")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
