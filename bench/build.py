@@ -21,10 +21,8 @@ process. The uint8 builds are kept under ``data/bench/builds/`` for ``bench/load
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -526,20 +524,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    args = parse_args(argv)
-    if args.child:
-        cfg = json.loads(args.child)
-        common.write_child_result(args.child_result, CHILDREN[cfg["kind"]](cfg))
-        return None
-    started = time.perf_counter()
-    payload = summarize(run_all(args))
-    payload["total_s"] = time.perf_counter() - started
-    print_tables(payload)
-    out = common.write_results(
-        args.out or common.default_out(NAME + ("-smoke" if args.smoke else "")), payload
+    return common.bench_main(
+        NAME, parse_args(argv), run_all, summarize, print_tables, child=lambda cfg: CHILDREN[cfg["kind"]](cfg)
     )
-    print(f"results: {out} ({payload['total_s']:.0f} s)")
-    return payload
 
 
 if __name__ == "__main__":

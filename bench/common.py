@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -363,3 +364,25 @@ def fmt_ratio(r: float | None) -> str:
 
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def bench_main(
+    name: str,
+    args: Any,
+    run_all: Callable[[Any], Any],
+    summarize: Callable[[Any], dict[str, Any]],
+    print_tables: Callable[[dict[str, Any]], None],
+    child: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> dict[str, Any] | None:
+    """The shared ``main`` of every benchmark: a child configuration (``--child``) runs and reports alone;
+    otherwise run everything, print the tables and write the JSON."""
+    if child is not None and getattr(args, "child", None):
+        write_child_result(args.child_result, child(json.loads(args.child)))
+        return None
+    started = time.perf_counter()
+    payload = summarize(run_all(args))
+    payload["total_s"] = time.perf_counter() - started
+    print_tables(payload)
+    out = write_results(args.out or default_out(name + ("-smoke" if args.smoke else "")), payload)
+    print(f"results: {out} ({payload['total_s']:.0f} s)")
+    return payload

@@ -653,16 +653,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    started = time.perf_counter()
-    payload = summarize(run_all(args))
-    payload["total_s"] = time.perf_counter() - started
-    print_tables(payload)
-    out = common.write_results(
-        args.out or common.default_out(NAME + ("-smoke" if args.smoke else "")), payload
-    )
-    print(f"results: {out} ({payload['total_s']:.0f} s)")
-    return payload
+    return common.bench_main(NAME, parse_args(argv), run_all, summarize, print_tables)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import statistics
 import sys
@@ -411,20 +410,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    args = parse_args(argv)
-    if args.child:
-        cfg = json.loads(args.child)
-        common.write_child_result(args.child_result, child_loader(cfg))
-        return None
-    started = time.perf_counter()
-    payload = summarize(run_all(args))
-    payload["total_s"] = time.perf_counter() - started
-    print_tables(payload)
-    out = common.write_results(
-        args.out or common.default_out(NAME + ("-smoke" if args.smoke else "")), payload
-    )
-    print(f"results: {out} ({payload['total_s']:.0f} s)")
-    return payload
+    return common.bench_main(NAME, parse_args(argv), run_all, summarize, print_tables, child=child_loader)
 
 
 if __name__ == "__main__":
