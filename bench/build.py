@@ -460,18 +460,7 @@ def print_tables(payload: dict[str, Any]) -> None:
         ],
         size_rows,
     )
-    check_rows = [
-        [
-            c["workload"],
-            c["target"],
-            c["goal"],
-            c.get("display")
-            or (fmt_ratio(c["measured"]) if isinstance(c["measured"], float) else c["measured"]),
-            "met" if c["met"] else "MISSED",
-        ]
-        for c in payload["checks"]
-    ]
-    common.print_table("targets", ["workload", "target", "goal", "measured", ""], check_rows)
+    common.print_checks(payload["checks"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -386,3 +386,18 @@ def bench_main(
     out = write_results(args.out or default_out(name + ("-smoke" if args.smoke else "")), payload)
     print(f"results: {out} ({payload['total_s']:.0f} s)")
     return payload
+
+
+def print_checks(checks: list[dict[str, Any]]) -> None:
+    """The targets table every benchmark ends with: goal, measured (a ratio unless it brings its own
+    ``display`` text) and met/MISSED; a workload column when the checks name one."""
+    with_workload = any("workload" in c for c in checks)
+    rows = []
+    for c in checks:
+        measured = c["measured"]
+        ratio_like = measured is None or isinstance(measured, float)
+        shown = c.get("display") or (fmt_ratio(measured) if ratio_like else measured)
+        row = [c["target"], c["goal"], shown, "met" if c["met"] else "MISSED"]
+        rows.append([c.get("workload", ""), *row] if with_workload else row)
+    columns = ["target", "goal", "measured", ""]
+    print_table("targets", ["workload", *columns] if with_workload else columns, rows)

@@ -314,11 +314,7 @@ def print_tables(payload: dict[str, Any]) -> None:
         rows,
         common.caption(payload["machine"]),
     )
-    check_rows = [
-        [c["target"], c["goal"], fmt_ratio(c["measured"]), "met" if c["met"] else "MISSED"]
-        for c in payload["checks"]
-    ]
-    common.print_table("targets", ["target", "goal", "measured", ""], check_rows)
+    common.print_checks(payload["checks"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
