@@ -313,7 +313,7 @@ def run_pipeline(
                 totals.rows += 1
                 totals.tokens += len(result.input_ids)
                 totals.trained_tokens += result.trained_tokens
-                totals.image_tokens += sum(1 for t in result.input_ids if t == shards.IMAGE_PAD_ID)
+                totals.image_tokens += result.image_tokens
                 totals.images += len(result.image_paths)
                 totals.max_length = max(totals.max_length, len(result.input_ids))
                 totals.truncated += result.truncated

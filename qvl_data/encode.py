@@ -51,6 +51,10 @@ class EncodedRow:
     def trained_tokens(self) -> int:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
+    @property
+    def image_tokens(self) -> int:
+        return self.input_ids.count(IMAGE_PAD_ID)
+
 
 def expand_image_placeholders(messages: list[dict], token_counts: list[int]) -> list[dict]:
     """Replace the k-th ``<image>`` of the conversation by its vision span of ``token_counts[k]`` pads."""

@@ -162,7 +162,7 @@ class ShardWriter:
         for r in self._pending:
             info.tokens += len(r.input_ids)
             info.trained_tokens += r.trained_tokens
-            info.image_tokens += int(np.count_nonzero(np.asarray(r.input_ids) == IMAGE_PAD_ID))
+            info.image_tokens += r.image_tokens
             info.images += len(r.image_paths)
         self._pending, self._pending_bytes = [], 0
         if self._sink.tell() >= self.max_shard_bytes:
@@ -182,9 +182,6 @@ class ShardWriter:
         if self._writer is not None:
             self._close_shard()
         return self.shards
-
-
-IMAGE_PAD_ID = 151655  # kept here too so this module needs nothing but pyarrow and numpy
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
