@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,8 +214,34 @@ def load_manifest(out_dir: Path) -> dict:
 
 def open_shard_table(path: Path) -> pa.Table:
     """Memory-map one shard: nothing is read into RAM until a column is touched."""
+    return _map_shard(path)[0]
+
+
+def _map_shard(path: Path) -> tuple[pa.Table, int]:
+    """The shard's table (zero-copy over a memory map) and the address where the map starts, so that a
+    buffer's address minus it is the buffer's offset in the file (see :meth:`ShardSet.read`)."""
     with pa.memory_map(str(path), "r") as source:
-        return pa.ipc.open_stream(source).read_all()
+        base = source.read_buffer(1).address  # zero-copy: the first byte of the mapping
+        source.seek(0)
+        return pa.ipc.open_stream(source).read_all(), base
+
+
+def _pread_into(fd: int, out: np.ndarray, offset: int, path: Path) -> None:
+    """Fill ``out`` (C-contiguous) with the file's bytes from ``offset`` on."""
+    view, done = memoryview(out).cast("B"), 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise QvlError(
+                f"{path}: ends at byte {offset + done}, expected {len(view) - done} more (truncated shard?)"
+            )
+        done += got
+
+
+def _close_all(fds: dict[int, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
 
 
 class ShardSet:
@@ -222,29 +249,64 @@ class ShardSet:
 
     ``row(i)`` returns python lists for the text columns and leaves pixels to ``pixel_values(i)`` /
     ``pixel_patches(i)``, which slice the mapped buffers without copying the shard.
+
+    :meth:`read` is what a training loader uses instead: it copies one row's list column out of the file
+    with ``pread`` rather than through the map. Pages touched through a map count in the process's RSS
+    (once per process that maps the file), so a pass over 24 GB of shards would show a 24 GB loader in
+    ``top``; with ``pread`` they stay in the kernel's page cache only, and ``POSIX_FADV_RANDOM`` keeps the
+    kernel from reading ahead around rows a shuffled epoch will not read next.
     """
 
     def __init__(self, out_dir: Path, columns: list[str] | None = None):
         self.out_dir = Path(out_dir)
         self.manifest = load_manifest(out_dir)
         self.pixel_format = self.manifest["options"]["pixel_format"]
-        self.tables = []
+        self.tables, self.paths, self._bases = [], [], []
         for shard in self.manifest["shards"]:
             path = self.out_dir / shard["file"]
             if not path.is_file():
                 raise QvlError(f"{path}: listed in the manifest but missing (rebuild with --force)")
-            table = open_shard_table(path)
+            table, base = _map_shard(path)
             self.tables.append(table.select(columns) if columns else table)
+            self.paths.append(path)
+            self._bases.append(base)
         self.offsets = np.cumsum([0] + [t.num_rows for t in self.tables])
+        self._fds: dict[int, int] = {}  # shard -> fd for read(), opened on first use
+        weakref.finalize(self, _close_all, self._fds)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def locate(self, i: int) -> tuple[pa.Table, int]:
+    def _shard_of(self, i: int) -> tuple[int, int]:
         if not 0 <= i < len(self):
             raise IndexError(f"row {i} out of range (0..{len(self) - 1})")
         shard = int(np.searchsorted(self.offsets, i, side="right") - 1)
-        return self.tables[shard], i - int(self.offsets[shard])
+        return shard, i - int(self.offsets[shard])
+
+    def locate(self, i: int) -> tuple[pa.Table, int]:
+        shard, local = self._shard_of(i)
+        return self.tables[shard], local
+
+    def _mapped(self, shard: int, local: int, column: str) -> np.ndarray:
+        """Row ``local``'s values of a list column as a flat zero-copy view into the map (no page touched)."""
+        values = self.tables[shard].column(column)[local].values
+        if isinstance(values, pa.FixedSizeListArray):  # pixels: list<fixed_size_list<uint8|float32>>
+            values = values.flatten()
+        return values.to_numpy(zero_copy_only=True)
+
+    def read(self, i: int, column: str) -> np.ndarray:
+        """A copy of row i's values of a list column (``input_ids``, ``labels``, ``pixels``), flat, read from
+        the file with ``pread`` (see the class docstring); equal to the mapped values."""
+        shard, local = self._shard_of(i)
+        view = self._mapped(shard, local, column)
+        out = np.empty_like(view)
+        if out.nbytes:
+            fd = self._fds.get(shard)
+            if fd is None:
+                fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            _pread_into(fd, out, view.ctypes.data - self._bases[shard], self.paths[shard])
+        return out
 
     def row(self, i: int, columns: tuple[str, ...] | None = None) -> dict:
         table, local = self.locate(i)
@@ -253,10 +315,8 @@ class ShardSet:
 
     def pixel_patches(self, i: int) -> np.ndarray:
         """The stored pixels of row i as a (n_patches, 588 | 1176) array (a view into the mapped shard)."""
-        table, local = self.locate(i)
-        patches = table.column("pixels")[local].values  # FixedSizeListArray of this row's patches
-        dim = PATCH_DIM[self.pixel_format]
-        return patches.flatten().to_numpy(zero_copy_only=True).reshape(-1, dim)
+        shard, local = self._shard_of(i)
+        return self._mapped(shard, local, "pixels").reshape(-1, PATCH_DIM[self.pixel_format])
 
     def pixel_values(self, i: int) -> np.ndarray:
         """float32 pixel_values (n_patches, 1176) equal to the HF image processor's output for this row."""

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -103,8 +102,8 @@ def make_plan(
 class ShardDataset(Dataset):
     """Rows of a qvl build by global row number: ``{"input_ids", "labels", "pixels", "image_grid_thw", ...}``.
 
-    ``pixels`` are the stored patches (uint8 ``(n, 588)`` or float32 ``(n, 1176)``), copied out of the
-    mapping; nothing else of the shard is read into memory.
+    ``pixels`` are the stored patches (uint8 ``(n, 588)`` or float32 ``(n, 1176)``); the list columns are
+    copied out of the files with ``pread`` (:meth:`ShardSet.read`), so the mapped pages are never touched.
     """
 
     def __init__(self, data_dir: str | Path, max_rows: int = 0):
@@ -140,15 +139,17 @@ class ShardDataset(Dataset):
         if not 0 <= i < self.num_rows:
             raise IndexError(f"row {i} out of range (0..{self.num_rows - 1})")
         shards = self.shards()
-        row = shards.row(i, columns=("source", "index", "input_ids", "labels", "image_grid_thw"))
+        row = shards.row(i, columns=("source", "index", "image_grid_thw"))
         grids = row["image_grid_thw"] or []
-        pixels = torch.from_numpy(np.array(shards.pixel_patches(i))) if grids else None  # copy out of the map
+        pixels = None
+        if grids:  # read with pread, not through the map: the loader's RSS stays flat over a pass
+            pixels = torch.from_numpy(shards.read(i, "pixels").reshape(-1, PATCH_DIM[self.pixel_format]))
         return {
             "row": i,
             "source": row["source"],
             "index": row["index"],
-            "input_ids": torch.tensor(row["input_ids"], dtype=torch.long),
-            "labels": torch.tensor(row["labels"], dtype=torch.long),
+            "input_ids": torch.from_numpy(shards.read(i, "input_ids")).long(),
+            "labels": torch.from_numpy(shards.read(i, "labels")).long(),
             "image_grid_thw": torch.tensor(grids, dtype=torch.long).reshape(-1, 3),
             "pixels": pixels,
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
@@ -126,6 +127,44 @@ def test_dataset_rows_pixels_and_collate(demo_build):
     assert "pixel_values" not in to_device(
         collate([text_row]), torch.device("cpu"), torch.float32, ds.processor, "uint8"
     )
+
+
+def _mapped_rss(paths: set[str]) -> int:
+    """Resident bytes of this process's mappings of ``paths`` (from /proc/self/smaps)."""
+    total, current = 0, None
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            current = fields[-1] if len(fields) == 6 else None
+        elif fields and fields[0] == "Rss:" and current in paths:
+            total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_a_pass_reads_with_pread_and_leaves_the_mapping_cold(demo_build):
+    """The dataset copies the token and pixel lists out with pread: a full pass makes few of the mapped
+    shard pages resident (only the small columns read through the map, plus the kernel's fault-around),
+    so the loader's RSS does not grow with the data it reads."""
+    ds = ShardDataset(demo_build)
+    ds[0]
+    paths = {str(p.resolve()) for p in ds.shards().paths}
+    before = _mapped_rss(paths)
+    read = 0
+    for i in range(len(ds)):
+        row = ds[i]
+        read += row["input_ids"].numel() * 8 + (row["pixels"].numel() if row["pixels"] is not None else 0)
+    assert read > 2 << 20
+    assert _mapped_rss(paths) - before < 0.35 * read
+
+    mapped = ShardSet(demo_build)  # the values equal those read through the map
+    for i in range(0, len(ds), 7):
+        row = ds[i]
+        assert row["input_ids"].dtype == row["labels"].dtype == torch.long
+        assert row["input_ids"].tolist() == mapped.row(i, ("input_ids",))["input_ids"]
+        assert row["labels"].tolist() == mapped.row(i, ("labels",))["labels"]
+        if row["pixels"] is not None:
+            assert np.array_equal(row["pixels"].numpy(), mapped.pixel_patches(i))
 
 
 def test_dataset_is_opened_lazily_and_pickles_without_the_mapping(demo_build):

@@ -212,7 +212,27 @@ def test_pixels_match_processor(processor, tmp_path, mode, size_name) -> None:
         torch.from_numpy(as_u8.pixels), processor.image_mean, processor.image_std, processor.rescale_factor
     )
     assert rebuilt_t.dtype == torch.float32 and tuple(rebuilt_t.shape) == ref_pv.shape
-    assert float((rebuilt_t - torch.from_numpy(rebuilt)).abs().max()) <= 1e-6
+    assert np.array_equal(rebuilt_t.numpy(), ref_pv)
+
+
+def test_torch_expansion_covers_every_pair_of_values(processor) -> None:
+    """The torch path gathers two adjacent values at once (a 65536-entry pair table per channel): every
+    (first, second) pair of uint8 values, in every channel, must give the numpy path's float32 bits."""
+    import torch
+
+    first, second = np.divmod(np.arange(65536), 256)
+    words = np.zeros(-(-65536 * 2 // 196) * 196, dtype=np.uint8)  # every pair, padded to whole patches
+    words[0 : 65536 * 2 : 2], words[1 : 65536 * 2 : 2] = first, second
+    patches = np.repeat(words.reshape(-1, 1, 196), 3, axis=1).reshape(-1, 588)  # same pairs per channel
+    args = (processor.image_mean, processor.image_std, processor.rescale_factor)
+    expected = pixel_values_from_uint8(patches, *args)
+    got = pixel_values_from_uint8_torch(torch.from_numpy(patches), *args)
+    assert got.is_contiguous() and got.dtype == torch.float32
+    assert np.array_equal(got.numpy().view(np.uint32), expected.view(np.uint32))
+    # a strided view and an empty batch take the same path
+    strided = torch.from_numpy(np.repeat(patches[:50], 2, axis=1))[:, ::2]
+    assert np.array_equal(pixel_values_from_uint8_torch(strided, *args).numpy(), expected[:50])
+    assert pixel_values_from_uint8_torch(torch.zeros((0, 588), dtype=torch.uint8), *args).shape == (0, 1176)
 
 
 def test_uint8_storage_is_one_eighth(processor) -> None:
