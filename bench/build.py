@@ -8,14 +8,15 @@ For every workload, each configuration runs in a fresh process (peaks never mix)
 tree's memory is sampled from /proc:
 
 * ``qvl``: ``qvl_data.build.build(BuildConfig(...))`` -- exactly what ``qvl-data build`` runs -- with uint8
-  pixels at each ``--num-proc``, plus one float32 build for the bytes per image;
+  pixels at each ``--num-proc``, plus a webp build (lossless WebP per image) and a float32 build for the
+  bytes per image;
 * ``datasets.map``: the usual hand-written script (``bench/baselines.py``): ``Dataset.from_list(rows)
   .map(fn, num_proc=...)`` where ``fn`` opens the images with PIL, pre-resizes them like LLaMA-Factory,
   calls the transformers image processor, expands ``<image>`` and tokenizes the templated turns, storing
   float32 ``pixel_values`` in an Arrow cache file, as users do.
 
 Rates use the pipeline time (after the imports, including the processor load); ``wall`` is the whole
-process. The uint8 builds are kept under ``data/bench/builds/`` for ``bench/loader.py``.
+process. The uint8 and webp builds are kept under ``data/bench/builds/`` for ``bench/loader.py``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable, not bench/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import pyarrow as pa
+
 from bench import common
 from bench.common import DATA_DIR, fmt, fmt_bytes, fmt_ratio, ratio
 
@@ -38,7 +41,7 @@ TARGETS = {
     "num_proc_scaling": 1.8,  # rows/s at num_proc 2 over num_proc 1
     "vs_datasets_map": 1.5,  # rows/s over the hand-written datasets.map at the same num_proc
     "rss_growth": 1.10,  # peak memory at 20k rows over 2k rows
-    "uint8_over_float32": 1 / 15,  # bytes per image
+    "pixels_over_float32": 1 / 15,  # bytes per image
 }
 
 
@@ -99,6 +102,8 @@ CHILDREN = {"qvl": child_qvl, "datasets.map": child_datasets_map}
 
 def qvl_pixel_bytes(out_dir: Path, max_rows: int | None = None) -> tuple[int, int]:
     """(bytes of the stored pixel values, images) over the first ``max_rows`` rows of a qvl build."""
+    import pyarrow.compute as pc
+
     from qvl_data.shards import ShardSet
 
     shards = ShardSet(out_dir, columns=["pixels", "image_grid_thw"])
@@ -110,42 +115,13 @@ def qvl_pixel_bytes(out_dir: Path, max_rows: int | None = None) -> tuple[int, in
         part = table.slice(0, min(remaining, table.num_rows))
         remaining -= part.num_rows
         for chunk in part.column("pixels").chunks:
-            offsets = chunk.offsets.to_numpy()
-            patches = int(offsets[-1] - offsets[0])
-            total += (
-                patches * chunk.type.value_type.list_size * chunk.type.value_type.value_type.bit_width // 8
-            )
+            items = chunk.flatten()  # this chunk's patches (fixed-size lists) or WebP images (binary)
+            if isinstance(items, pa.FixedSizeListArray):
+                total += len(items) * items.type.list_size * items.type.value_type.bit_width // 8
+            else:
+                total += pc.sum(pc.binary_length(items)).as_py() or 0
         images += sum(len(g) for g in part.column("image_grid_thw").to_pylist())
     return total, images
-
-
-def zstd_bytes(out_dir: Path) -> tuple[int, int, int]:
-    """The pixels column of the first shard written as Arrow IPC without and with zstd buffer compression:
-    (plain bytes, zstd bytes, images). An estimate of what compressed shards would store (qvl writes
-    uncompressed shards today)."""
-    import pyarrow as pa
-
-    from qvl_data.shards import load_manifest, open_shard_table
-
-    manifest = load_manifest(out_dir)
-    first = out_dir / manifest["shards"][0]["file"]
-    table = open_shard_table(first)
-    images = sum(len(g) for g in table.column("image_grid_thw").to_pylist())
-    pixels = table.select(["pixels"])
-    sizes = []
-    for compression in (None, "zstd"):
-        tmp = first.with_suffix(f".{compression}-estimate")
-        try:
-            options = pa.ipc.IpcWriteOptions(compression=compression)
-            with (
-                pa.OSFile(str(tmp), "wb") as sink,
-                pa.ipc.new_stream(sink, pixels.schema, options=options) as w,
-            ):
-                w.write_table(pixels, max_chunksize=64)
-            sizes.append(tmp.stat().st_size)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return sizes[0], sizes[1], images
 
 
 # ------------------------------------------------------------------------------------------- parent
@@ -262,9 +238,12 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         f32 = run_config("qvl", wl, max(args.num_proc), "float32", f32_out, f32_dir, args)
         f32["rows_subset"] = f32_rows
         results.append(f32)
+        webp_out = builds_dir / f"{wl['name']}-webp"
+        webp = run_config("qvl", wl, max(args.num_proc), "webp", webp_out, wl["dir"], args)
+        results.append(webp)
         u8_bytes, u8_images = qvl_pixel_bytes(builds_dir / f"{wl['name']}-uint8", f32["rows"])
+        webp_bytes, webp_images = qvl_pixel_bytes(webp_out, f32["rows"])
         f32_bytes, f32_images = qvl_pixel_bytes(f32_out)
-        plain, packed, z_images = zstd_bytes(builds_dir / f"{wl['name']}-uint8")
         u8_full = next(r for r in results if r["workload"] == wl["name"] and r["method"] == "qvl")
         base = [r for r in results if r["workload"] == wl["name"] and r["method"] == "datasets.map"]
         sizes.append(
@@ -274,10 +253,10 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 "images": f32_images,
                 "uint8_pixel_bytes_per_image": u8_bytes / max(u8_images, 1),
                 "float32_pixel_bytes_per_image": f32_bytes / max(f32_images, 1),
+                "webp_pixel_bytes_per_image": webp_bytes / max(webp_images, 1),
                 "uint8_shard_bytes_per_image": u8_full["output_bytes"] / max(u8_full["images"], 1),
+                "webp_shard_bytes_per_image": webp["output_bytes"] / max(webp["images"], 1),
                 "float32_shard_bytes_per_image": f32["output_bytes"] / max(f32["images"], 1),
-                "uint8_zstd_pixel_bytes_per_image_estimate": packed / max(z_images, 1),
-                "uint8_zstd_over_plain": packed / max(plain, 1),
                 "datasets_map_bytes_per_image": base[0]["output_bytes"] / max(base[0]["images"], 1)
                 if base
                 else None,
@@ -359,28 +338,18 @@ def summarize(payload: dict[str, Any]) -> dict[str, Any]:
                 }
             )
     for s in payload["sizes"]:
-        r = ratio(s["uint8_pixel_bytes_per_image"], s["float32_pixel_bytes_per_image"])
-        checks.append(
-            {
-                "workload": s["workload"],
-                "target": "uint8 / float32 pixel bytes per image",
-                "goal": "<= 1/15",
-                "measured": r,
-                "display": f"1/{1 / r:.1f}" if r else "-",
-                "met": r is not None and r <= TARGETS["uint8_over_float32"],
-            }
-        )
-        r = ratio(s["uint8_zstd_pixel_bytes_per_image_estimate"], s["float32_pixel_bytes_per_image"])
-        checks.append(
-            {
-                "workload": s["workload"],
-                "target": "(estimate) uint8 + zstd / float32 pixel bytes per image",
-                "goal": "<= 1/15",
-                "measured": r,
-                "display": f"1/{1 / r:.1f}" if r else "-",
-                "met": r is not None and r <= TARGETS["uint8_over_float32"],
-            }
-        )
+        for stored in ("uint8", "webp"):
+            r = ratio(s[f"{stored}_pixel_bytes_per_image"], s["float32_pixel_bytes_per_image"])
+            checks.append(
+                {
+                    "workload": s["workload"],
+                    "target": f"{stored} / float32 pixel bytes per image",
+                    "goal": "<= 1/15",
+                    "measured": r,
+                    "display": f"1/{1 / r:.1f}" if r else "-",
+                    "met": r is not None and r <= TARGETS["pixels_over_float32"],
+                }
+            )
     payload["checks"] = checks
     return payload
 
@@ -435,10 +404,12 @@ def print_tables(payload: dict[str, Any]) -> None:
             s["rows"],
             s["images"],
             fmt_bytes(s["uint8_pixel_bytes_per_image"]),
+            fmt_bytes(s["webp_pixel_bytes_per_image"]),
             fmt_bytes(s["float32_pixel_bytes_per_image"]),
-            f"{ratio(s['uint8_pixel_bytes_per_image'], s['float32_pixel_bytes_per_image']) or 0:.4f}",
+            f"1/{s['float32_pixel_bytes_per_image'] / s['uint8_pixel_bytes_per_image']:.1f}",
+            f"1/{s['float32_pixel_bytes_per_image'] / s['webp_pixel_bytes_per_image']:.1f}",
             fmt_bytes(s["uint8_shard_bytes_per_image"]),
-            fmt_bytes(s["uint8_zstd_pixel_bytes_per_image_estimate"]),
+            fmt_bytes(s["webp_shard_bytes_per_image"]),
             fmt_bytes(s["float32_shard_bytes_per_image"]),
             fmt_bytes(s["datasets_map_bytes_per_image"]),
         ]
@@ -451,10 +422,12 @@ def print_tables(payload: dict[str, Any]) -> None:
             "rows",
             "images",
             "uint8 pixels",
+            "webp pixels",
             "float32 pixels",
             "uint8/float32",
+            "webp/float32",
             "uint8 shard",
-            "uint8 pixels+zstd (est.)",
+            "webp shard",
             "float32 shard",
             "datasets.map cache",
         ],

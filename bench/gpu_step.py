@@ -142,7 +142,7 @@ def _params_ok(model) -> bool:
     """Random init really happened (``to_empty`` leaves whatever was in memory): finite, std ~0.02."""
     for name, param in model.named_parameters():
         if param.dim() == 2 and ("lm_head" in name or "layers.0.mlp" in name or "blocks.0.mlp" in name):
-            std = float(param.float().std())
+            std = float(param.detach().float().std())
             if not (bool(param.isfinite().all()) and 1e-3 < std < 1.0):
                 return False
     return True
@@ -364,7 +364,7 @@ def run_qvl(model, row, args, device, dtype) -> dict[str, Any]:
     mm_types = "mm_token_type_ids" in inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
 
     def to_inputs(batch):
-        inputs = to_device(batch, device, dtype, processor, "uint8")
+        inputs = to_device(batch, device, dtype, processor)
         if not mm_types:
             inputs.pop("mm_token_type_ids")
         return inputs

@@ -6,10 +6,10 @@
 
 Sources, each with 0 and 2 data-loader workers, each configuration in a fresh process:
 
-* ``qvl uint8`` / ``qvl float32``: ``qvl_train.data``'s ``ShardDataset`` + ``RankBatchSampler`` + ``collate``
-  in a ``torch.utils.data.DataLoader`` exactly as ``qvl_train.loop`` builds it, then ``to_device`` (the
-  uint8 -> float32 expansion of the pixels runs there, on the training device; on this CPU machine it is
-  part of the measured time);
+* ``qvl uint8`` / ``qvl webp`` / ``qvl float32``: ``qvl_train.data``'s ``ShardDataset`` + ``RankBatchSampler``
+  + ``collate`` in a ``torch.utils.data.DataLoader`` exactly as ``qvl_train.loop`` builds it, then
+  ``to_device`` (the uint8 -> float32 expansion of the pixels runs there, on the training device; on this
+  CPU machine it is part of the measured time). webp shards are decoded in the dataset (the workers);
 * ``on the fly``: ``bench/baselines.py``'s ``OnTheFlyDataset`` + ``collate_on_the_fly`` (LLaMA-Factory /
   TRL / axolotl style): every read opens the JPEGs, pre-resizes them, runs the transformers image processor
   and tokenizes the templated turns; float32 ``pixel_values`` come out of the collator.
@@ -82,7 +82,7 @@ def _qvl_loader(cfg: dict[str, Any]):
     device = torch.device("cpu")
 
     def deliver(batch: dict[str, Any]) -> dict[str, Any]:
-        inputs = to_device(batch, device, torch.float32, dataset.processor, dataset.pixel_format)
+        inputs = to_device(batch, device, torch.float32, dataset.processor)
         return inputs
 
     return loader, deliver, len(dataset)
@@ -197,6 +197,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     sets = {
         "raw": full,
         "uint8": built(full, f"synthetic-{args.rows}-uint8", "uint8"),
+        "webp": built(full, f"synthetic-{args.rows}-webp", "webp"),
     }
     sub = synthetic(args.measure_rows) if args.measure_rows < args.rows else full
     sub_name = f"synthetic-{args.rows}-float32" + (
@@ -243,6 +244,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     for workers in args.workers:
         for source, data in (
             ("qvl uint8", sets["uint8"]),
+            ("qvl webp", sets["webp"]),
             ("qvl float32", sets["float32"]),
             ("on the fly", sets["raw"]),
         ):

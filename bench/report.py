@@ -100,9 +100,10 @@ def build_section(p: dict[str, Any]) -> str:
             "rows",
             "images",
             "uint8 pixels",
+            "webp pixels",
             "float32 pixels",
-            "ratio",
-            "uint8 + zstd (estimate)",
+            "uint8 / float32",
+            "webp / float32",
             "datasets.map cache",
         ],
         [
@@ -111,9 +112,12 @@ def build_section(p: dict[str, Any]) -> str:
                 s["rows"],
                 s["images"],
                 fmt_bytes(s["uint8_pixel_bytes_per_image"]),
+                fmt_bytes(s.get("webp_pixel_bytes_per_image")),
                 fmt_bytes(s["float32_pixel_bytes_per_image"]),
                 f"1/{s['float32_pixel_bytes_per_image'] / s['uint8_pixel_bytes_per_image']:.1f}",
-                fmt_bytes(s.get("uint8_zstd_pixel_bytes_per_image_estimate")),
+                f"1/{s['float32_pixel_bytes_per_image'] / s['webp_pixel_bytes_per_image']:.1f}"
+                if s.get("webp_pixel_bytes_per_image")
+                else "-",
                 fmt_bytes(s["datasets_map_bytes_per_image"]),
             ]
             for s in p["sizes"]

@@ -138,7 +138,7 @@ def child_hf(cfg: dict[str, Any]) -> dict[str, Any]:
 
             def collator(items: list[dict[str, Any]]) -> dict[str, Any]:
                 batch = collate(items)
-                inputs = to_device(batch, device, torch.float32, shards.processor, shards.pixel_format)
+                inputs = to_device(batch, device, torch.float32, shards.processor)
                 return {**inputs, "labels": batch["labels"]}
 
             dataset = Subset(shards, order)

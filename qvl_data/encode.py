@@ -9,10 +9,10 @@ import numpy as np
 from qvl_data import vision
 from qvl_data.processor import IMAGE_PAD_ID, VISION_END_ID, VISION_START_ID
 from qvl_data.schema import IMAGE_PLACEHOLDER, Record, Rejection
+from qvl_data.shards import PIXEL_FORMATS
 from qvl_data.template import IGNORE_INDEX, encode_conversation
 
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
-PIXEL_FORMATS = ("uint8", "float32")
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,9 @@ class EncodeOptions:
     image_max_pixels: int = 262144  # pre-resize bound (the reference yaml's image_max_pixels)
     image_min_pixels: int = 1024
     mask_history: bool = False
-    pixel_format: str = "uint8"  # "uint8": patches before rescale/normalize; "float32": pixel_values as is
+    # "uint8": patches before rescale/normalize; "float32": pixel_values as is; "webp": the uint8 patches of
+    # each image as one lossless WebP
+    pixel_format: str = "uint8"
     max_decode_pixels: int = vision.MAX_IMAGE_PIXELS  # decompression-bomb guard, checked before decoding
 
     def __post_init__(self) -> None:
@@ -45,7 +47,15 @@ class EncodedRow:
     image_grid_thw: list[tuple[int, int, int]] = field(default_factory=list)
     # per image: original (w, h) and (w, h) after the pre-resize, before the processor's smart_resize
     image_sizes: list[tuple[int, int, int, int]] = field(default_factory=list)
-    pixels: np.ndarray | None = None  # all images' patches stacked: (n_patches, 588) uint8 or (n, 1176) f32
+    # all images' patches stacked: (n_patches, 588) uint8 or (n, 1176) float32; for "webp", one WebP per image
+    pixels: np.ndarray | list[bytes] | None = None
+
+    @property
+    def pixel_bytes(self) -> int:
+        """Bytes of stored pixels."""
+        if self.pixels is None:
+            return 0
+        return self.pixels.nbytes if isinstance(self.pixels, np.ndarray) else sum(map(len, self.pixels))
 
     @property
     def trained_tokens(self) -> int:
@@ -94,7 +104,7 @@ def encode_record(
             processed = vision.process_image(
                 image,
                 image_processor,
-                options.pixel_format,
+                "float32" if options.pixel_format == "float32" else "uint8",
                 options.image_max_pixels,
                 options.image_min_pixels,
             )
@@ -102,7 +112,11 @@ def encode_record(
             return reject(e.code, f"images[{k}]: {e.message}", path)
         grids.append(tuple(int(x) for x in processed.grid_thw))
         sizes.append((*processed.original_size, *processed.resized_size))
-        pixels.append(processed.pixels)
+        if options.pixel_format == "webp":
+            geometry = {"merge_size": image_processor.merge_size, "patch_size": image_processor.patch_size}
+            pixels.append(vision.encode_patches_webp(processed.pixels, processed.grid_thw, **geometry))
+        else:
+            pixels.append(processed.pixels)
         token_counts.append(vision.image_token_count(processed.grid_thw, image_processor.merge_size))
 
     messages = expand_image_placeholders(record["messages"], token_counts)
@@ -125,5 +139,5 @@ def encode_record(
         image_paths=list(record["images"]),
         image_grid_thw=grids,
         image_sizes=sizes,
-        pixels=np.concatenate(pixels) if pixels else None,
+        pixels=(pixels if options.pixel_format == "webp" else np.concatenate(pixels)) if pixels else None,
     )

@@ -30,13 +30,23 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
 SHARD_DIR = "shards"
-PATCH_DIM = {"uint8": 588, "float32": 1176}  # values per patch: 3*14*14 (one temporal copy) or 3*2*14*14
-PIXEL_TYPE = {"uint8": pa.uint8(), "float32": pa.float32()}
+#: How the ``pixels`` column stores a row's images:
+#:   uint8    list<fixed_size_list<uint8, 588>>     patches before rescale/normalize (one temporal copy)
+#:   float32  list<fixed_size_list<float32, 1176>>  the processor's pixel_values, as is
+#:   webp     list<binary>                          one lossless WebP per image, of the uint8 patches' image
+PIXEL_FORMATS = ("uint8", "float32", "webp")
+PATCH_DIM = {"uint8": 588, "float32": 1176, "webp": 588}  # values per patch as read (webp: once decoded)
+PIXEL_TYPE = {"uint8": pa.uint8(), "float32": pa.float32(), "webp": pa.uint8()}
+
+
+def _pixel_column_type(pixel_format: str) -> pa.DataType:
+    if pixel_format == "webp":
+        return pa.list_(pa.binary())
+    return pa.list_(pa.list_(PIXEL_TYPE[pixel_format], PATCH_DIM[pixel_format]))
 
 
 def shard_schema(pixel_format: str) -> pa.Schema:
     """Columns of every shard. Plain Arrow types only, so datasets and polars read them without qvl."""
-    pixel_patch = pa.list_(PIXEL_TYPE[pixel_format], PATCH_DIM[pixel_format])
     return pa.schema(
         [
             pa.field("id", pa.string()),
@@ -51,7 +61,7 @@ def shard_schema(pixel_format: str) -> pa.Schema:
             pa.field("image_grid_thw", pa.list_(pa.list_(pa.int32(), 3))),
             # original (w, h) then (w, h) after the pre-resize, per image
             pa.field("image_sizes", pa.list_(pa.list_(pa.int32(), 4))),
-            pa.field("pixels", pa.list_(pixel_patch)),  # all images' patches in order; see reader below
+            pa.field("pixels", _pixel_column_type(pixel_format)),  # all images in order; see ShardSet
         ],
         metadata={
             "qvl_format": FORMAT_NAME,
@@ -77,6 +87,12 @@ def rows_to_batch(rows: list, pixel_format: str) -> pa.RecordBatch:
     """EncodedRows -> one record batch with ``shard_schema(pixel_format)``."""
     dim = PATCH_DIM[pixel_format]
     empty_pixels = np.zeros((0, dim), dtype=PIXEL_TYPE[pixel_format].to_pandas_dtype())
+    if pixel_format == "webp":
+        pixels = pa.array([r.pixels or [] for r in rows], _pixel_column_type(pixel_format))
+    else:
+        pixels = _list_array(
+            [r.pixels if r.pixels is not None else empty_pixels for r in rows], PIXEL_TYPE[pixel_format], dim
+        )
     columns = [
         pa.array([r.id for r in rows], pa.string()),
         pa.array([r.source for r in rows], pa.string()),
@@ -89,9 +105,7 @@ def rows_to_batch(rows: list, pixel_format: str) -> pa.RecordBatch:
         pa.array([r.image_paths for r in rows], pa.list_(pa.string())),
         _list_array([np.asarray(r.image_grid_thw, dtype=np.int32).reshape(-1) for r in rows], pa.int32(), 3),
         _list_array([np.asarray(r.image_sizes, dtype=np.int32).reshape(-1) for r in rows], pa.int32(), 4),
-        _list_array(
-            [r.pixels if r.pixels is not None else empty_pixels for r in rows], PIXEL_TYPE[pixel_format], dim
-        ),
+        pixels,
     ]
     return pa.RecordBatch.from_arrays(columns, schema=shard_schema(pixel_format))
 
@@ -105,6 +119,7 @@ class ShardInfo:
     image_tokens: int
     images: int
     bytes: int
+    pixel_bytes: int = 0  # stored bytes of the pixels column's values (what --pixel-format changes)
 
 
 def _fsync_and_rename(tmp: Path, final: Path) -> None:
@@ -138,7 +153,7 @@ class ShardWriter:
 
     def write(self, row) -> None:
         self._pending.append(row)
-        self._pending_bytes += 8 * len(row.input_ids) + (row.pixels.nbytes if row.pixels is not None else 0)
+        self._pending_bytes += 8 * len(row.input_ids) + row.pixel_bytes
         # Small record batches keep the writer's memory bounded even with many large images.
         if len(self._pending) >= self.batch_rows or self._pending_bytes >= 32 << 20:
             self._flush()
@@ -165,6 +180,7 @@ class ShardWriter:
             info.trained_tokens += r.trained_tokens
             info.image_tokens += r.image_tokens
             info.images += len(r.image_paths)
+            info.pixel_bytes += r.pixel_bytes
         self._pending, self._pending_bytes = [], 0
         if self._sink.tell() >= self.max_shard_bytes:
             self._close_shard()
@@ -238,6 +254,11 @@ def _pread_into(fd: int, out: np.ndarray, offset: int, path: Path) -> None:
         done += got
 
 
+def _binary_offsets(values: pa.BinaryArray) -> np.ndarray:
+    """Item k of a (possibly sliced) binary array is bytes ``offsets[k]:offsets[k+1]`` of its data buffer."""
+    return np.frombuffer(values.buffers()[1], dtype=np.int32)[values.offset :][: len(values) + 1]
+
+
 def _close_all(fds: dict[int, int]) -> None:
     for fd in fds.values():
         os.close(fd)
@@ -287,18 +308,31 @@ class ShardSet:
         shard, local = self._shard_of(i)
         return self.tables[shard], local
 
+    def row(self, i: int, columns: tuple[str, ...] | None = None) -> dict:
+        table, local = self.locate(i)
+        names = columns or tuple(n for n in table.column_names if n != "pixels")
+        return {name: table.column(name)[local].as_py() for name in names}
+
     def _mapped(self, shard: int, local: int, column: str) -> np.ndarray:
-        """Row ``local``'s values of a list column as a flat zero-copy view into the map (no page touched)."""
+        """Row ``local``'s values of a list column as a flat zero-copy view into the map (no page touched);
+        for ``list<binary>`` (webp pixels) the bytes of all its items, back to back."""
         values = self.tables[shard].column(column)[local].values
         if isinstance(values, pa.FixedSizeListArray):  # pixels: list<fixed_size_list<uint8|float32>>
             values = values.flatten()
+        if pa.types.is_binary(values.type):
+            if not len(values):
+                return np.zeros(0, dtype=np.uint8)
+            offsets = _binary_offsets(values)
+            return np.frombuffer(values.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
         return values.to_numpy(zero_copy_only=True)
 
     def read(self, i: int, column: str) -> np.ndarray:
         """A copy of row i's values of a list column (``input_ids``, ``labels``, ``pixels``), flat, read from
         the file with ``pread`` (see the class docstring); equal to the mapped values."""
         shard, local = self._shard_of(i)
-        view = self._mapped(shard, local, column)
+        return self._pread_copy(shard, self._mapped(shard, local, column))
+
+    def _pread_copy(self, shard: int, view: np.ndarray) -> np.ndarray:
         out = np.empty_like(view)
         if out.nbytes:
             fd = self._fds.get(shard)
@@ -308,15 +342,41 @@ class ShardSet:
             _pread_into(fd, out, view.ctypes.data - self._bases[shard], self.paths[shard])
         return out
 
-    def row(self, i: int, columns: tuple[str, ...] | None = None) -> dict:
-        table, local = self.locate(i)
-        names = columns or tuple(n for n in table.column_names if n != "pixels")
-        return {name: table.column(name)[local].as_py() for name in names}
+    def _patches(self, shard: int, local: int, stored: np.ndarray) -> np.ndarray:
+        """Stored pixel values of one row (flat) -> ``(n_patches, PATCH_DIM)``; webp images are decoded."""
+        if self.pixel_format != "webp":
+            return stored.reshape(-1, PATCH_DIM[self.pixel_format])
+        from qvl_data.vision import decode_patches_webp  # PIL only for webp shards
+
+        table = self.tables[shard]
+        grids = table.column("image_grid_thw")[local].as_py() or []
+        lengths = np.diff(_binary_offsets(table.column("pixels")[local].values))
+        if len(lengths) != len(grids):
+            raise QvlError(
+                f"row {local} of {self.paths[shard]}: {len(lengths)} images for {len(grids)} grids"
+            )
+        proc = self.manifest["processor"]
+        geometry = {
+            "merge_size": int(proc.get("merge_size", 2)),
+            "patch_size": int(proc.get("patch_size", 14)),
+        }
+        ends = np.cumsum(lengths)
+        images = [
+            decode_patches_webp(memoryview(stored[end - n : end]), grid, **geometry)
+            for grid, n, end in zip(grids, lengths, ends, strict=True)
+        ]
+        return np.concatenate(images) if images else np.zeros((0, PATCH_DIM["webp"]), dtype=np.uint8)
 
     def pixel_patches(self, i: int) -> np.ndarray:
-        """The stored pixels of row i as a (n_patches, 588 | 1176) array (a view into the mapped shard)."""
+        """The stored pixels of row i as a ``(n_patches, 588 | 1176)`` array: a view into the mapped shard
+        for uint8 and float32, decoded (a new array of uint8 patches) for webp."""
         shard, local = self._shard_of(i)
-        return self._mapped(shard, local, "pixels").reshape(-1, PATCH_DIM[self.pixel_format])
+        return self._patches(shard, local, self._mapped(shard, local, "pixels"))
+
+    def read_pixel_patches(self, i: int) -> np.ndarray:
+        """:meth:`pixel_patches` as a new array read with ``pread`` (what the training loader uses)."""
+        shard, local = self._shard_of(i)
+        return self._patches(shard, local, self.read(i, "pixels"))
 
     def pixel_values(self, i: int) -> np.ndarray:
         """float32 pixel_values (n_patches, 1176) equal to the HF image processor's output for this row."""

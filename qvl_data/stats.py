@@ -178,7 +178,11 @@ def compute_stats(out_dir: str | Path) -> dict:
         .sort(["images", "t", "h", "w"], descending=[True, False, False, False])
     )
     patches = int((images["t"].cast(pl.Int64) * images["h"] * images["w"]).sum()) if images.height else 0
-    pixel_bytes = patches * PATCH_DIM[pixel_format] * PIXEL_TYPE[pixel_format].byte_width
+    stored = [s.get("pixel_bytes") for s in manifest["shards"]]
+    if all(b is not None for b in stored):  # what the writer counted (the only way for compressed webp)
+        pixel_bytes = sum(stored)
+    else:  # a manifest from before the count: raw formats are exactly patches x bytes per patch
+        pixel_bytes = patches * PATCH_DIM[pixel_format] * PIXEL_TYPE[pixel_format].byte_width
     files = [out_dir / s["file"] for s in manifest["shards"]]
     size = sum(f.stat().st_size for f in files)
 

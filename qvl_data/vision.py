@@ -11,6 +11,10 @@ storage formats we support:
   integers, so these 588 bytes per patch carry everything; :func:`pixel_values_from_uint8` (numpy) and
   :func:`pixel_values_from_uint8_torch` (any device) rebuild the float32 tensor bit-for-bit.
 
+A third, compressed storage (``"webp"`` in the shards) holds those uint8 patches as one lossless WebP of
+the image the processor saw (:func:`encode_patches_webp` / :func:`decode_patches_webp`); decoding gives the
+same uint8 patches back, byte for byte.
+
 Placeholder/token expansion deliberately lives elsewhere; the only token arithmetic here is
 :func:`image_token_count`, the single source of truth for "how many ``<|image_pad|>`` per image".
 """
@@ -39,6 +43,9 @@ __all__ = [
     "ImageErrorCode",
     "PixelFormat",
     "ProcessedImage",
+    "decode_patches_webp",
+    "encode_patches_webp",
+    "image_to_patches",
     "image_token_count",
     "open_image",
     "patches_to_image",
@@ -475,3 +482,57 @@ def patches_to_image(
     # -> (gh/m, mh, ph, gw/m, mw, pw, C) = (H, W, C) once flattened.
     x = x.transpose(0, 2, 5, 1, 3, 6, 4)
     return np.ascontiguousarray(x.reshape(gh * p, gw * p, _CHANNELS))
+
+
+def image_to_patches(image: np.ndarray, merge_size: int = 2, patch_size: int = 14) -> np.ndarray:
+    """The processor's patchify of one still frame: ``(H, W, 3)`` uint8 -> ``(n, 3*p*p)`` uint8 patches.
+
+    Exact inverse of :func:`patches_to_image` (same axis order, see there).
+    """
+    image = np.asarray(image)
+    m, p = merge_size, patch_size
+    if image.ndim != 3 or image.shape[2] != _CHANNELS or image.shape[0] % (m * p) or image.shape[1] % (m * p):
+        raise ValueError(f"expected an (H, W, 3) image with H, W multiples of {m * p}, got {image.shape}")
+    gh, gw = image.shape[0] // p, image.shape[1] // p
+    # (H, W, C) = (gh/m, mh, ph, gw/m, mw, pw, C) -> (gh/m, gw/m, mh, mw, C, ph, pw)
+    x = image.reshape(gh // m, m, p, gw // m, m, p, _CHANNELS).transpose(0, 3, 1, 4, 6, 2, 5)
+    return np.ascontiguousarray(x.reshape(gh * gw, _CHANNELS * p * p))
+
+
+def encode_patches_webp(
+    patches_u8: np.ndarray,
+    grid_thw: tuple[int, int, int] | list[int],
+    merge_size: int = 2,
+    patch_size: int = 14,
+) -> bytes:
+    """One image's uint8 patches as a lossless WebP of the processed image (about 0.4x the raw bytes on
+    photos). ``method=0`` is the fastest lossless effort: tens of ms per 512x512 image, while higher
+    efforts gain ~10% more for 5x the time. ``exact`` keeps every RGB value as is."""
+    import io
+
+    image = patches_to_image(patches_u8, grid_thw, merge_size=merge_size, patch_size=patch_size)
+    out = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(
+        out, format="WEBP", lossless=True, quality=0, method=0, exact=True
+    )
+    return out.getvalue()
+
+
+def decode_patches_webp(
+    data: bytes | memoryview,
+    grid_thw: tuple[int, int, int] | list[int],
+    merge_size: int = 2,
+    patch_size: int = 14,
+) -> np.ndarray:
+    """Inverse of :func:`encode_patches_webp`: the image's ``(n, 3*p*p)`` uint8 patches, bit for bit."""
+    import io
+
+    t, gh, gw = (int(x) for x in grid_thw)
+    with Image.open(io.BytesIO(data)) as image:
+        if image.format != "WEBP" or image.size != (gw * patch_size, gh * patch_size):
+            raise ValueError(
+                f"stored image is {image.format} {image.size}, expected WEBP {(gw * patch_size, gh * patch_size)}"
+                f" for grid {list(grid_thw)}"
+            )
+        pixels = np.asarray(image.convert("RGB"))
+    return image_to_patches(pixels, merge_size=merge_size, patch_size=patch_size)

@@ -102,8 +102,9 @@ def make_plan(
 class ShardDataset(Dataset):
     """Rows of a qvl build by global row number: ``{"input_ids", "labels", "pixels", "image_grid_thw", ...}``.
 
-    ``pixels`` are the stored patches (uint8 ``(n, 588)`` or float32 ``(n, 1176)``); the list columns are
-    copied out of the files with ``pread`` (:meth:`ShardSet.read`), so the mapped pages are never touched.
+    ``pixels`` are the stored patches (uint8 ``(n, 588)``, also for webp shards, or float32 ``(n, 1176)``);
+    the list columns are copied out of the files with ``pread`` (:meth:`ShardSet.read`), so the mapped
+    pages are never touched.
     """
 
     def __init__(self, data_dir: str | Path, max_rows: int = 0):
@@ -143,7 +144,7 @@ class ShardDataset(Dataset):
         grids = row["image_grid_thw"] or []
         pixels = None
         if grids:  # read with pread, not through the map: the loader's RSS stays flat over a pass
-            pixels = torch.from_numpy(shards.read(i, "pixels").reshape(-1, PATCH_DIM[self.pixel_format]))
+            pixels = torch.from_numpy(shards.read_pixel_patches(i))  # webp: decoded here, in the worker
         return {
             "row": i,
             "source": row["source"],
@@ -239,7 +240,6 @@ def to_device(
     device: torch.device,
     dtype: torch.dtype,
     processor: dict[str, Any],
-    pixel_format: str,
 ) -> dict[str, Any]:
     """The model's keyword arguments on ``device``: uint8 patches become the processor's float32
     ``pixel_values`` there (a lookup-table gather, bit-identical to the HF processor), then ``dtype``."""
@@ -252,7 +252,7 @@ def to_device(
     }
     if batch["pixels"] is not None:
         pixels = batch["pixels"].to(device, non_blocking=non_blocking)
-        if pixel_format == "uint8":
+        if pixels.dtype == torch.uint8:  # uint8 and webp shards
             pixels = pixel_values_from_uint8_torch(
                 pixels,
                 processor["image_mean"],

@@ -545,7 +545,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     mm_types = "mm_token_type_ids" in inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
 
     def to_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-        inputs = to_device(batch, device, dtype, dataset.processor, dataset.pixel_format)
+        inputs = to_device(batch, device, dtype, dataset.processor)
         if not mm_types:  # transformers releases that find image tokens themselves
             inputs.pop("mm_token_type_ids")
         return inputs

@@ -48,7 +48,12 @@ def _run(module, tmp_path: Path, data_dir: Path | None, *extra: str) -> dict:
 def test_build_smoke(tmp_path: Path, data_dir: Path):
     payload = _run(bench_build, tmp_path, data_dir)
     methods = {(r["method"], r["num_proc"], r["pixel_format"]) for r in payload["results"]}
-    assert {("qvl", 1, "uint8"), ("qvl", 2, "uint8"), ("datasets.map", 1, "float32")} <= methods
+    assert {
+        ("qvl", 1, "uint8"),
+        ("qvl", 2, "uint8"),
+        ("qvl", 2, "webp"),
+        ("datasets.map", 1, "float32"),
+    } <= methods
     for r in payload["results"]:
         assert r["rows"] > 0 and r["rows_per_s"] > 0 and r["process"]["peak_rss_bytes"] > 0
     qvl = next(r for r in payload["results"] if r["method"] == "qvl")
@@ -56,12 +61,13 @@ def test_build_smoke(tmp_path: Path, data_dir: Path):
     assert qvl["tokens"] == base["tokens"]  # the baseline does the same work
     size = payload["sizes"][0]
     assert size["uint8_pixel_bytes_per_image"] * 8 == pytest.approx(size["float32_pixel_bytes_per_image"])
+    assert 0 < size["webp_pixel_bytes_per_image"] < size["uint8_pixel_bytes_per_image"]
 
 
 def test_loader_smoke(tmp_path: Path, data_dir: Path):
     payload = _run(loader, tmp_path, data_dir)
     sources = {r["source"] for r in payload["results"]}
-    assert sources == {"qvl uint8", "qvl float32", "on the fly"}
+    assert sources == {"qvl uint8", "qvl webp", "qvl float32", "on the fly"}
     throughput = [r for r in payload["results"] if r["kind"] == "throughput"]
     assert len({r["first_batch_digest"] for r in throughput}) == 1  # identical tensors from every source
     assert all(r["batches_per_s"] > 0 for r in throughput)

@@ -119,13 +119,11 @@ def test_dataset_rows_pixels_and_collate(demo_build):
     assert [r[1:] for r in batch["rows"]] == [("identity", 4), ("mllm_demo", 0), ("mllm_demo", 1)]
 
     # uint8 patches become the processor's float32 pixel_values on the device, bit for bit
-    inputs = to_device(
-        collate([image_row]), torch.device("cpu"), torch.float32, ds.processor, ds.pixel_format
-    )
+    inputs = to_device(collate([image_row]), torch.device("cpu"), torch.float32, ds.processor)
     assert np.array_equal(inputs["pixel_values"].numpy(), shards.pixel_values(0))
     assert inputs["mm_token_type_ids"].sum() == int((image_row["input_ids"] == 151655).sum()) == 132
     assert "pixel_values" not in to_device(
-        collate([text_row]), torch.device("cpu"), torch.float32, ds.processor, "uint8"
+        collate([text_row]), torch.device("cpu"), torch.float32, ds.processor
     )
 
 
@@ -165,6 +163,32 @@ def test_a_pass_reads_with_pread_and_leaves_the_mapping_cold(demo_build):
         assert row["labels"].tolist() == mapped.row(i, ("labels",))["labels"]
         if row["pixels"] is not None:
             assert np.array_equal(row["pixels"].numpy(), mapped.pixel_patches(i))
+
+
+def test_webp_shards_deliver_the_uint8_batches(demo_dir, demo_build, tmp_path):
+    """A webp build of mllm_demo: smaller pixels, and the loader delivers exactly the uint8 build's patches
+    (decoded in the dataset) and, after to_device, the processor's pixel_values."""
+    from click.testing import CliRunner
+
+    from qvl_data.cli import main
+    from qvl_data.stats import compute_stats
+
+    out = tmp_path / "webp"
+    args = ["build", "--dataset-dir", str(demo_dir), "--dataset", "mllm_demo", "--out", str(out)]
+    result = CliRunner().invoke(main, [*args, "--pixel-format", "webp", "--quiet"])
+    assert result.exit_code == 0, result.output
+    webp, uint8 = ShardDataset(out), ShardDataset(demo_build)
+    assert webp.pixel_format == "webp" and len(webp) == 6
+    for i in range(len(webp)):
+        row, expected = webp[i], uint8[i]  # mllm_demo is first in the demo build, in the same order
+        assert (row["source"], row["index"]) == (expected["source"], expected["index"])
+        assert row["pixels"].dtype == torch.uint8 and torch.equal(row["pixels"], expected["pixels"])
+        inputs = to_device(collate([row]), torch.device("cpu"), torch.float32, webp.processor)
+        assert np.array_equal(inputs["pixel_values"].numpy(), ShardSet(demo_build).pixel_values(i))
+    stored = compute_stats(out)["storage"]
+    raw = compute_stats(demo_build)["storage"]
+    assert stored["pixel_format"] == "webp"
+    assert stored["pixel_bytes_per_image"] < 0.75 * raw["pixel_bytes_per_image"]
 
 
 def test_dataset_is_opened_lazily_and_pickles_without_the_mapping(demo_build):

@@ -110,7 +110,7 @@ def test_tiny_model_trainable_parameters_and_gradients():
         "rescale_factor": 1 / 255,
         "temporal_patch_size": 2,
     }
-    inputs = to_device(collate([row]), torch.device("cpu"), torch.float32, processor, "uint8")
+    inputs = to_device(collate([row]), torch.device("cpu"), torch.float32, processor)
     model.train()
     loss = token_loss_sum(model, inputs, collate([row])["labels"])
     assert torch.isfinite(loss) and loss.item() > 0

@@ -31,7 +31,7 @@ def image_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_dataset(data, "modes", rows)
 
 
-@pytest.mark.parametrize("pixel_format", ["uint8", "float32"])
+@pytest.mark.parametrize("pixel_format", ["uint8", "float32", "webp"])
 def test_reconstructed_pixels_equal_the_processor_output(
     image_dataset, tmp_path, image_processor, pixel_format
 ):
@@ -52,8 +52,15 @@ def test_reconstructed_pixels_equal_the_processor_output(
         assert got.dtype == np.float32 and got.shape == expected["pixel_values"].shape, row["images"][0]
         assert np.abs(got - expected["pixel_values"]).max() <= 1e-5, row["images"][0]
         assert row["image_grid_thw"] == expected["image_grid_thw"].tolist()
+        assert np.array_equal(rows.read_pixel_patches(i), rows.pixel_patches(i))  # pread == mapped
     bytes_per_patch = rows.pixel_patches(0).nbytes // rows.pixel_patches(0).shape[0]
-    assert bytes_per_patch == {"uint8": 588, "float32": 4704}[pixel_format]
+    assert bytes_per_patch == {"uint8": 588, "float32": 4704, "webp": 588}[pixel_format]
+    stored = sum(s["pixel_bytes"] for s in rows.manifest["shards"])
+    patches = sum(len(rows.pixel_patches(i)) for i in range(len(rows)))
+    if pixel_format == "webp":  # compressed: less than the raw uint8 patches
+        assert 0 < stored < patches * 588
+    else:
+        assert stored == patches * bytes_per_patch
 
 
 def test_shards_open_with_datasets_and_polars(demo_build: Path):

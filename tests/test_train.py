@@ -102,7 +102,7 @@ def _window_grads(shards: Path, rows: list[int], batch_size: int, rank: int = 0,
         net,
         window,
         Dist(rank=rank, world_size=world),
-        lambda b: to_device(b, CPU, torch.float32, ds.processor, "uint8"),
+        lambda b: to_device(b, CPU, torch.float32, ds.processor),
     )
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return grads, loss, tokens
