@@ -246,7 +246,12 @@ def _pread_into(fd: int, out: np.ndarray, offset: int, path: Path) -> None:
     """Fill ``out`` (C-contiguous) with the file's bytes from ``offset`` on."""
     view, done = memoryview(out).cast("B"), 0
     while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
+        if hasattr(os, "preadv"):  # straight into ``out``
+            got = os.preadv(fd, [view[done:]], offset + done)
+        else:  # e.g. macOS: one more copy
+            chunk = os.pread(fd, len(view) - done, offset + done)
+            view[done : done + len(chunk)] = chunk
+            got = len(chunk)
         if got <= 0:
             raise QvlError(
                 f"{path}: ends at byte {offset + done}, expected {len(view) - done} more (truncated shard?)"
@@ -338,7 +343,8 @@ class ShardSet:
             fd = self._fds.get(shard)
             if fd is None:
                 fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             _pread_into(fd, out, view.ctypes.data - self._bases[shard], self.paths[shard])
         return out
 
