@@ -228,6 +228,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                     results.append(run_config("datasets.map", wl, n, "float32", out, wl["dir"], args))
                 finally:
                     shutil.rmtree(out, ignore_errors=True)  # gigabytes of float32
+        if args.no_sizes:
+            continue
         # bytes per image: float32 on the same rows (a prefix of the synthetic set, or the whole demo)
         f32_rows = wl.get("float32_rows")
         f32_name = f"{wl['name']}-float32" + (
@@ -456,6 +458,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scaling", action="store_true", help="also build --scaling-rows (memory vs rows)")
     parser.add_argument("--scaling-rows", type=int, default=20000)
     parser.add_argument("--no-baseline", action="store_true", help="skip the datasets.map baseline")
+    parser.add_argument(
+        "--no-sizes", action="store_true", help="skip the float32 and webp builds (bytes per image)"
+    )
     parser.add_argument(
         "--keep-float32", action="store_true", help="keep the float32 builds (data/bench/builds)"
     )

@@ -21,7 +21,7 @@ README = REPO / "bench" / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 COMMANDS = {
     "build": "python bench/build.py",
-    "build-scaling": "python bench/build.py --scaling --workloads synthetic --no-baseline --num-proc 2 "
+    "build-scaling": "python bench/build.py --scaling --workloads synthetic --no-baseline --no-sizes --num-proc 2 "
     "--out bench/results/build-scaling.json",
     "loader": "python bench/loader.py",
     "train_step": "python bench/train_step.py",
@@ -255,8 +255,9 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
         if not path.is_file():
             continue
         payload = json.loads(path.read_text())
+        note = f" Note: {payload['note']}." if payload.get("note") else ""
         parts.append(
-            f"#### `{COMMANDS[name]}`\n\n{machine_line(payload)}\n\n{section(payload)}\n\nTargets:\n\n{checks_table(payload)}"
+            f"#### `{COMMANDS[name]}`\n\n{machine_line(payload)}{note}\n\n{section(payload)}\n\nTargets:\n\n{checks_table(payload)}"
         )
     return "\n\n".join(parts) + "\n"
 
