@@ -145,7 +145,7 @@ class ShardDataset(Dataset):
         pixels = None
         if grids:  # read with pread, not through the map: the loader's RSS stays flat over a pass
             pixels = torch.from_numpy(shards.read_pixel_patches(i))  # webp: decoded here, in the worker
-        return {
+        item = {
             "row": i,
             "source": row["source"],
             "index": row["index"],
@@ -154,6 +154,8 @@ class ShardDataset(Dataset):
             "image_grid_thw": torch.tensor(grids, dtype=torch.long).reshape(-1, 3),
             "pixels": pixels,
         }
+        shards.release(i)  # and the few mapped pages that locating the row touched
+        return item
 
 
 # --------------------------------------------------------------------------------------------- sampler
