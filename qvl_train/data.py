@@ -103,8 +103,8 @@ class ShardDataset(Dataset):
     """Rows of a qvl build by global row number: ``{"input_ids", "labels", "pixels", "image_grid_thw", ...}``.
 
     ``pixels`` are the stored patches (uint8 ``(n, 588)``, also for webp shards, or float32 ``(n, 1176)``);
-    the list columns are copied out of the files with ``pread`` (:meth:`ShardSet.read`), so the mapped
-    pages are never touched.
+    the list columns are copied out of the files with ``pread`` (:meth:`ShardSet.read`) and the few mapped
+    pages that locating them touched are released, so the loader's RSS does not grow over a pass.
     """
 
     def __init__(self, data_dir: str | Path, max_rows: int = 0):
