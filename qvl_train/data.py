@@ -230,8 +230,9 @@ def collate(rows: list[dict[str, Any]], pad_id: int = PAD_ID, multiple: int = PA
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
-        "pixels": torch.cat(pixels) if pixels else None,
-        "image_grid_thw": torch.cat(grids) if grids else None,
+        # one row's tensors as they are (the trainer's default batch of 1): no copy of its pixels
+        "pixels": (torch.cat(pixels) if len(pixels) > 1 else pixels[0]) if pixels else None,
+        "image_grid_thw": (torch.cat(grids) if len(grids) > 1 else grids[0]) if grids else None,
         "trained_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),  # what the shifted loss counts
         "rows": [(r["row"], r["source"], r["index"]) for r in rows],
     }
