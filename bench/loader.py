@@ -18,8 +18,9 @@ All sources read the same rows in the same order (the trainer's seeded permutati
 ``--rows`` rows) and the first batch of every configuration is hashed: the tensors must be identical.
 Throughput runs start with their source's files in the page cache (read once, untimed, beforehand) and
 exclude the first batches (worker start-up, reported as "first batch"). A full pass over
-every row of the uint8 build measures the loader's memory: ``anon`` is its heap, ``RSS``/``PSS`` include
-the page cache of the memory-mapped shards (file pages the kernel drops under pressure).
+every row of the uint8 build measures the loader's memory: ``anon`` is its heap, ``RSS``/``PSS`` also count
+the shard pages the process has mapped in (qvl reads rows with ``pread`` and releases what locating them
+touched, so these stay small).
 """
 
 from __future__ import annotations

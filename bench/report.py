@@ -256,8 +256,11 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
             continue
         payload = json.loads(path.read_text())
         note = f" Note: {payload['note']}." if payload.get("note") else ""
+        command = COMMANDS[name]
+        if name == "loader" and payload["args"].get("scaling"):
+            command += " --scaling"
         parts.append(
-            f"#### `{COMMANDS[name]}`\n\n{machine_line(payload)}{note}\n\n{section(payload)}\n\nTargets:\n\n{checks_table(payload)}"
+            f"#### `{command}`\n\n{machine_line(payload)}{note}\n\n{section(payload)}\n\nTargets:\n\n{checks_table(payload)}"
         )
     return "\n\n".join(parts) + "\n"
 
