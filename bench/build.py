@@ -439,11 +439,7 @@ def print_tables(payload: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds (CI)")
-    parser.add_argument("--out", type=Path, help=f"results JSON (default bench/results/{NAME}.json)")
+    parser = common.bench_parser(NAME, __doc__)
     parser.add_argument("--rows", type=int, default=2000, help="synthetic rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-proc", default="1,2", help="comma-separated num_proc values")
@@ -464,14 +460,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--keep-float32", action="store_true", help="keep the float32 builds (data/bench/builds)"
     )
-    parser.add_argument("--data-dir", type=Path, help="generated sets and builds (default data/bench)")
-    parser.add_argument(
-        "--in-process",
-        action="store_true",
-        help="run the configurations in this process (implied by --smoke)",
-    )
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--child-result", help=argparse.SUPPRESS)
+    common.add_child_options(parser)
     args = parser.parse_args(argv)
     args.num_proc = [int(x) for x in str(args.num_proc).split(",") if x]
     args.baseline_num_proc = [

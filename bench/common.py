@@ -15,6 +15,7 @@ the memory of the child's whole process tree from ``/proc`` (no psutil):
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import importlib.metadata
 import json
@@ -364,6 +365,28 @@ def fmt_ratio(r: float | None) -> str:
 
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def bench_parser(
+    name: str, doc: str | None, smoke_help: str = "tiny sizes, a few seconds (CI)"
+) -> argparse.ArgumentParser:
+    """The options every benchmark has (``--smoke``, ``--out``), ready for the script's own."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    parser.add_argument("--out", type=Path, help=f"results JSON (default bench/results/{name}.json)")
+    return parser
+
+
+def add_child_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a benchmark that runs each configuration in a child process over generated data."""
+    parser.add_argument("--data-dir", type=Path, help="generated sets and builds (default data/bench)")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the configurations in this process (implied by --smoke)",
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-result", help=argparse.SUPPRESS)
 
 
 def bench_main(

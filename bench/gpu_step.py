@@ -626,11 +626,7 @@ def print_tables(payload: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny config, seconds (CI)")
-    parser.add_argument("--out", type=Path, help=f"results JSON (default bench/results/{NAME}.json)")
+    parser = common.bench_parser(NAME, __doc__, smoke_help="CPU, tiny config, seconds (CI)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument(
         "--image-side", type=int, default=448, help="square image side in pixels (multiple of 28)"

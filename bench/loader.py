@@ -385,11 +385,7 @@ def print_tables(payload: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds (CI)")
-    parser.add_argument("--out", type=Path, help=f"results JSON (default bench/results/{NAME}.json)")
+    parser = common.bench_parser(NAME, __doc__)
     parser.add_argument("--rows", type=int, default=2000, help="synthetic rows (full pass)")
     parser.add_argument("--measure-rows", type=int, default=300, help="rows read by the throughput runs")
     parser.add_argument("--seed", type=int, default=0)
@@ -399,14 +395,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scaling", action="store_true", help="also a full pass over --scaling-rows")
     parser.add_argument("--scaling-rows", type=int, default=20000)
     parser.add_argument("--no-full-pass", action="store_true", help="skip the full-pass memory runs")
-    parser.add_argument("--data-dir", type=Path, help="generated sets and builds (default data/bench)")
-    parser.add_argument(
-        "--in-process",
-        action="store_true",
-        help="run the configurations in this process (implied by --smoke)",
-    )
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--child-result", help=argparse.SUPPRESS)
+    common.add_child_options(parser)
     args = parser.parse_args(argv)
     args.workers = [int(x) for x in str(args.workers).split(",") if x]
     if args.smoke:

@@ -318,11 +318,7 @@ def print_tables(payload: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds (CI)")
-    parser.add_argument("--out", type=Path, help=f"results JSON (default bench/results/{NAME}.json)")
+    parser = common.bench_parser(NAME, __doc__)
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per configuration")
     parser.add_argument("--warmup-steps", type=int, default=1, help="first steps not timed")
     parser.add_argument("--grad-accum", type=int, default=4)
@@ -334,14 +330,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workload", choices=["synthetic", "mllm_demo"], default="synthetic")
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
     parser.add_argument("--only", help="comma-separated loops to run (qvl, HF Trainer)")
-    parser.add_argument("--data-dir", type=Path, help="generated sets and builds (default data/bench)")
-    parser.add_argument(
-        "--in-process",
-        action="store_true",
-        help="run the configurations in this process (implied by --smoke)",
-    )
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--child-result", help=argparse.SUPPRESS)
+    common.add_child_options(parser)
     args = parser.parse_args(argv)
     args.only = [x for x in args.only.split(",") if x] if args.only else None
     if args.smoke:

@@ -86,11 +86,11 @@ def _list_array(values: list, value_type: pa.DataType, width: int | None = None)
 
 def rows_to_batch(rows: list, pixel_format: str) -> pa.RecordBatch:
     """EncodedRows -> one record batch with ``shard_schema(pixel_format)``."""
-    dim = PATCH_DIM[pixel_format]
-    empty_pixels = np.zeros((0, dim), dtype=PIXEL_TYPE[pixel_format].to_pandas_dtype())
     if pixel_format == "webp":
         pixels = pa.array([r.pixels or [] for r in rows], _pixel_column_type(pixel_format))
     else:
+        dim = PATCH_DIM[pixel_format]
+        empty_pixels = np.zeros((0, dim), dtype=PIXEL_TYPE[pixel_format].to_pandas_dtype())
         pixels = _list_array(
             [r.pixels if r.pixels is not None else empty_pixels for r in rows], PIXEL_TYPE[pixel_format], dim
         )
