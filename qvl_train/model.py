@@ -5,7 +5,8 @@
 * :func:`load_model` builds the trainable model: base weights frozen (bf16 on CUDA, fp32 on CPU), LoRA r/alpha/
   dropout on the decoder-layer linears of the *language model* (the vision tower's MLP uses the same names,
   see reference-semantics.md section 7, so targets are a regex anchored at ``language_model.layers``),
-  trainable weights in fp32, non-reentrant gradient checkpointing with input gradients enabled.
+  trainable weights in fp32, non-reentrant gradient checkpointing, and no input-gradient hooks (they would
+  make the frozen vision tower run a backward pass; non-reentrant checkpointing does not need them).
 * :func:`meta_model` does the same on the meta device from the config alone (the dry run: no weights).
 * :func:`tiny_model_dir` builds and caches the tiny random Qwen2.5-VL of section 7 for CPU runs.
 """
@@ -226,10 +227,49 @@ def add_lora(model: Any, cfg: TrainConfig) -> PeftModel:
     with warnings.catch_warnings():  # transformers 5 deprecates an alias that peft still calls
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, lora_config(cfg))
+    drop_input_grad_hooks(peft_model)
     for param in peft_model.parameters():
         if param.requires_grad:
             param.data = param.data.float()  # LoRA weights (and their optimizer state) in fp32
     return peft_model
+
+
+#: The forward hooks that ``enable_input_require_grads`` (transformers, called again by peft) registers.
+_INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
+
+
+def drop_input_grad_hooks(model: torch.nn.Module) -> int:
+    """Remove every input-embedding hook that forces ``requires_grad`` on embedding outputs; returns how many.
+
+    transformers' checkpointing and peft's ``get_peft_model`` each hook the input embeddings of *every*
+    sub-model, the vision tower's ``patch_embed`` included, so the frozen vision blocks were recomputed and
+    back-propagated for nothing. They exist for reentrant checkpointing; with the non-reentrant kind we use,
+    LoRA weights inside checkpointed layers get their gradients without them. ``disable_input_require_grads``
+    cannot do this: each ``enable`` call overwrites the list of handles of the previous one.
+    """
+    removed = 0
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", "") in _INPUT_GRAD_HOOKS:
+                del module._forward_hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
+                removed += 1
+    return removed
+
+
+def check_attn_implementation(name: str) -> None:
+    """One line naming the missing package, rather than a failure deep inside ``from_pretrained``."""
+    import importlib.util
+
+    packages = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+    module = packages.get(name)
+    if module and importlib.util.find_spec(module) is None:
+        package = "flash-attn" if module == "flash_attn" else "flash-attn 3 (flash_attn_interface)"
+        raise QvlError(
+            f"--attn-implementation {name} needs the {package} package, which is not installed "
+            "(pip install flash-attn --no-build-isolation, or use --attn-implementation sdpa)"
+        )
 
 
 def model_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -247,6 +287,7 @@ def load_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Pe
     path = resolve_model_path(cfg.model)
     if Path(path).is_file():
         raise QvlError(f"{path}: a config file holds no weights; it is only usable with --dry-run")
+    check_attn_implementation(cfg.attn_implementation)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
     if device.type == "cuda":
         kwargs["device_map"] = {"": device}
@@ -263,8 +304,7 @@ def load_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Pe
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
-        model.enable_input_require_grads()
-    return add_lora(model, cfg)
+    return add_lora(model, cfg)  # which also drops the input-gradient hooks that checkpointing added
 
 
 def meta_model(cfg: TrainConfig, config: Qwen2_5_VLConfig) -> PeftModel:

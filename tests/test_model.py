@@ -120,6 +120,84 @@ def test_tiny_model_trainable_parameters_and_gradients():
     assert all(p.grad is None for p in frozen)
 
 
+PROCESSOR = {
+    "image_mean": [0.5] * 3,
+    "image_std": [0.5] * 3,
+    "rescale_factor": 1 / 255,
+    "temporal_patch_size": 2,
+}
+
+
+def _image_row() -> dict:
+    """One chat row with a 4x4-patch image (4 image tokens) and a 4-token trained answer."""
+    g = torch.Generator().manual_seed(0)
+    ids = [151644, 872, 198, 151652, *[151655] * 4, 151653, 151645, 198, 151644, 77091, 198, 9707, 13, 151645]
+    return {
+        "row": 0,
+        "source": "t",
+        "index": 0,
+        "input_ids": torch.tensor(ids),
+        "labels": torch.tensor([-100] * 13 + ids[13:]),
+        "image_grid_thw": torch.tensor([[1, 4, 4]]),
+        "pixels": torch.randint(0, 256, (16, 588), dtype=torch.uint8, generator=g),
+    }
+
+
+def test_frozen_vision_tower_runs_no_backward():
+    # Input-embedding hooks (transformers' checkpointing, peft) made patch_embed's output require grad, so
+    # the frozen vision blocks joined the autograd graph: recomputed and back-propagated for nothing.
+    from qvl_train.data import to_device
+
+    torch.manual_seed(0)
+    model = load_model(TrainConfig(model="tiny", lora_dropout=0.0), torch.device("cpu"), torch.float32)
+    assert model.base_model.model.model.language_model.gradient_checkpointing
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    in_graph: list[bool] = []  # per vision block call: does its output carry an autograd graph?
+    for block in model.base_model.model.model.visual.blocks:
+        block.register_forward_hook(lambda m, i, out: in_graph.append(bool(out.requires_grad)))
+    batch = collate([_image_row()])
+    inputs = to_device(batch, torch.device("cpu"), torch.float32, PROCESSOR)
+    model.train()
+
+    def lora_grads() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        token_loss_sum(model, inputs, batch["labels"]).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    grads = lora_grads()
+    assert len(in_graph) == 2 and not any(in_graph)  # 2 blocks ran forward, none in the backward graph
+    assert all(g.abs().sum() > 0 for g in grads.values())
+
+    # the old behaviour, for comparison: the hooks put the vision blocks in the graph; same LoRA gradients
+    model.base_model.model.enable_input_require_grads()
+    in_graph.clear()
+    hooked = lora_grads()
+    assert in_graph and all(in_graph)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, hooked[name], rtol=1e-5, atol=1e-7)
+
+
+def test_flash_attention_without_the_package_is_one_line(monkeypatch):
+    import importlib.util
+
+    from qvl_train.model import check_attn_implementation
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name)
+    )
+    with pytest.raises(QvlError, match="flash_attention_2 needs the flash-attn package") as info:
+        load_model(
+            TrainConfig(model="tiny", attn_implementation="flash_attention_2"),
+            torch.device("cpu"),
+            torch.float32,
+        )
+    assert "\n" not in str(info.value)
+    check_attn_implementation("sdpa")  # the default needs nothing
+
+
 def test_incompatible_models_are_refused(tmp_path):
     check_compatible(tiny_config(), MANIFEST, "tiny")
     with pytest.raises(QvlError, match="160000-token"):
