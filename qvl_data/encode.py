@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from qvl_data import vision
 from qvl_data.processor import IMAGE_PAD_ID, VISION_END_ID, VISION_START_ID
-from qvl_data.schema import IMAGE_PLACEHOLDER, Record, Rejection
+from qvl_data.schema import IMAGE_PLACEHOLDER, Record, Rejection, row_location
 from qvl_data.shards import PIXEL_FORMATS
 from qvl_data.template import IGNORE_INDEX, encode_conversation
 
@@ -88,13 +89,23 @@ def _image_spans_intact(input_ids: list[int], n_images: int, n_image_tokens: int
     )
 
 
-def encode_record(
-    record: Record, tokenizer, image_processor, options: EncodeOptions
-) -> EncodedRow | Rejection:
-    """Load and process the images, expand placeholders, template, mask and truncate."""
+def _plain(message: str) -> str:
+    """PIL names files by their handle's repr (``<_io.BufferedReader name='x.png'>``): keep only the name."""
+    message = re.sub(r"<_io\.\w+ name=(.+?)>", r"\1", message)
+    return re.sub(r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "the file", message)
 
-    def reject(reason: str, message: str, file: str = "") -> Rejection:
-        where = f"{record['source']} row {record['index']}"
+
+def encode_record(
+    record: Record, tokenizer, image_processor, options: EncodeOptions, file: str = ""
+) -> EncodedRow | Rejection:
+    """Load and process the images, expand placeholders, template, mask and truncate.
+
+    ``file`` is the dataset file the record came from: rejections name it like every other rejection
+    (``row_location``); without it they fall back to the source name.
+    """
+
+    def reject(reason: str, message: str) -> Rejection:
+        where = row_location(file, record["index"]) if file else f"{record['source']} row {record['index']}"
         return Rejection(record["source"], record["index"], reason, f"{where}: {message}", file)
 
     grids, sizes, pixels, token_counts = [], [], [], []
@@ -109,7 +120,7 @@ def encode_record(
                 options.image_min_pixels,
             )
         except vision.ImageError as e:
-            return reject(e.code, f"images[{k}]: {e.message}", path)
+            return reject(e.code, f"field images[{k}] {path!r}: {_plain(e.message)}")
         grids.append(tuple(int(x) for x in processed.grid_thw))
         sizes.append((*processed.original_size, *processed.resized_size))
         if options.pixel_format == "webp":

@@ -8,6 +8,7 @@ validate against) and as ``UNIFIED_ARROW_SCHEMA`` below (how ``qvl-data convert`
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import PurePath
 from typing import TypedDict
 
 import pyarrow as pa
@@ -59,6 +60,8 @@ REASONS: dict[str, str] = {
     "missing_field": "a required column is absent or null",
     "invalid_type": "a field has the wrong type (e.g. non-string content, images not a list of strings)",
     "empty_content": "a user or assistant message is empty or whitespace only",
+    "invalid_text": "a text field is not valid Unicode (e.g. a lone surrogate such as the JSON escape \\ud800)",
+    "control_token": "a text field contains one of the model's control tokens (e.g. <|im_start|>, <|image_pad|>)",
     "invalid_role": "a message has a role tag the dataset's tags do not define",
     "unsupported_role": "tool-use roles (observation / function_call) are not supported yet",
     "role_order": "turns do not alternate user, assistant, ... or the conversation does not end with an answer",
@@ -81,8 +84,8 @@ class Rejection:
     source: str
     index: int
     reason: str
-    message: str
-    file: str = ""
+    message: str  # starts with row_location(file, index), then the field path in the user's column names
+    file: str = ""  # the dataset file the row comes from (never an image: image paths are in the message)
 
     def __post_init__(self) -> None:
         if self.reason not in REASONS:
@@ -90,6 +93,14 @@ class Rejection:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def row_location(file: str, index: int) -> str:
+    """How every message names a row: the data file's name and the row's 0-based index in it.
+
+    The index is the ``index`` column of the shards; in a JSON Lines file it counts rows, not blank lines.
+    """
+    return f"{PurePath(file).name} row {index}"
 
 
 def records_to_table(records: list[Record]) -> pa.Table:

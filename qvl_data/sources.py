@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qvl_data.errors import QvlError
-from qvl_data.schema import IMAGE_PLACEHOLDER, UNSUPPORTED_PLACEHOLDERS, Message, Record, Rejection
+from qvl_data.processor import ADDED_TOKENS
+from qvl_data.schema import (
+    IMAGE_PLACEHOLDER,
+    UNSUPPORTED_PLACEHOLDERS,
+    Message,
+    Record,
+    Rejection,
+    row_location,
+)
 
 # LLaMA-Factory's defaults for columns and sharegpt tags (DatasetAttr in its data/parser.py).
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None}
@@ -137,71 +146,111 @@ class _Reject(Exception):
         self.reason = reason
 
 
-def _string_or_none(row: dict, column: str | None, what: str) -> str | None:
+# Every added token of the Qwen2.5-VL tokenizer. The tokenizer turns their text into the token itself,
+# so a row quoting one would carry a stray <|im_start|> or <|image_pad|> that breaks the template or the
+# image-feature alignment in training; such rows are rejected instead (docs/semantics.md section 2).
+_CONTROL_TOKENS = re.compile("|".join(re.escape(content) for _, content, _ in ADDED_TOKENS))
+
+
+def _check_text(text: str, where: str, role: str) -> None:
+    """Reject text the encoder would mis-read; ``where`` is the field path in the user's column names."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # A lone surrogate (JSON "\ud800") decodes from JSON but is not text: the tokenizer would crash.
+        raise _Reject(
+            "invalid_text", f"{where} is not valid Unicode ({text[e.start]!r} at character {e.start})"
+        ) from None
+    token = _CONTROL_TOKENS.search(text)
+    if token:
+        raise _Reject(
+            "control_token", f"{where} contains the model's control token {token.group()} (remove it)"
+        )
+    if role == "system":
+        return
+    if role == "assistant" and IMAGE_PLACEHOLDER in text:
+        raise _Reject("image_in_answer", f"{where} (an answer) contains {IMAGE_PLACEHOLDER}")
+    for placeholder in UNSUPPORTED_PLACEHOLDERS:
+        if placeholder in text:
+            raise _Reject("unsupported_media", f"{where} contains {placeholder}")
+
+
+def _string_or_none(row: dict, column: str | None, what: str, role: str) -> str | None:
     if not column or row.get(column) is None:
         return None
     value = row[column]
     if not isinstance(value, str):
-        raise _Reject(
-            "invalid_type", f"field {column!r} ({what}) must be a string, got {type(value).__name__}"
-        )
+        raise _Reject("invalid_type", f"field {column} ({what}) must be a string, got {type(value).__name__}")
+    _check_text(value, f"field {column}", role)
     return value
 
 
-def _alpaca_messages(row: dict, cols: dict[str, str | None]) -> list[Message]:
+def _alpaca_messages(row: dict, cols: dict[str, str | None]) -> tuple[list[Message], list[str]]:
+    """The messages and, for each, the field it came from (for messages in the user's column names)."""
     messages: list[Message] = []
+    fields: list[str] = []
     history_col = cols.get("history")
     history = row.get(history_col) if history_col else None
     if history is not None:
         if not isinstance(history, list):
-            raise _Reject("invalid_type", f"field {history_col!r} must be a list of [user, assistant] pairs")
+            raise _Reject("invalid_type", f"field {history_col} must be a list of [user, assistant] pairs")
         for i, pair in enumerate(history):
             if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
                 raise _Reject(
-                    "invalid_type", f"field {history_col!r}[{i}] must be a [user, assistant] string pair"
+                    "invalid_type", f"field {history_col}[{i}] must be a [user, assistant] string pair"
                 )
+            _check_text(pair[0], f"field {history_col}[{i}][0]", "user")
+            _check_text(pair[1], f"field {history_col}[{i}][1]", "assistant")
             messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+            fields += [f"field {history_col}[{i}][0]", f"field {history_col}[{i}][1]"]
+    prompt_col, query_col = cols.get("prompt"), cols.get("query")
     parts = [
-        _string_or_none(row, cols.get("prompt"), "instruction"),
-        _string_or_none(row, cols.get("query"), "input"),
+        _string_or_none(row, prompt_col, "instruction", "user"),
+        _string_or_none(row, query_col, "input", "user"),
     ]
     # LLaMA-Factory joins the non-empty values of instruction and input with a newline.
     user = "\n".join(p for p in parts if p)
     response_col = cols.get("response")
-    answer = _string_or_none(row, response_col, "answer")
+    answer = _string_or_none(row, response_col, "answer", "assistant")
     if answer is None:
-        raise _Reject("missing_field", f"field {response_col!r} (the answer) is missing")
+        raise _Reject("missing_field", f"field {response_col} (the answer) is missing")
     messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-    return messages
+    user_fields = " and ".join(c for c in (prompt_col, query_col) if c)
+    fields += [f"fields {user_fields}" if " and " in user_fields else f"field {user_fields}"]
+    fields += [f"field {response_col}"]
+    return messages, fields
 
 
 def _sharegpt_messages(row: dict, cols: dict[str, str | None], tags: dict[str, str | None]) -> tuple:
+    """(system, messages, the field path of each message)."""
     col = cols["messages"]
     raw = row.get(col)
     if raw is None:
-        raise _Reject("missing_field", f"field {col!r} (the messages) is missing")
+        raise _Reject("missing_field", f"field {col} (the messages) is missing")
     if not isinstance(raw, list):
-        raise _Reject("invalid_type", f"field {col!r} must be a list of messages, got {type(raw).__name__}")
+        raise _Reject("invalid_type", f"field {col} must be a list of messages, got {type(raw).__name__}")
     role_tag, content_tag = tags["role_tag"], tags["content_tag"]
     system = None
     for i, m in enumerate(raw):
         if not isinstance(m, dict) or role_tag not in m or content_tag not in m:
             raise _Reject(
-                "invalid_type", f"{col}[{i}] must be an object with {role_tag!r} and {content_tag!r}"
+                "invalid_type", f"field {col}[{i}] must be an object with {role_tag!r} and {content_tag!r}"
             )
         if not isinstance(m[content_tag], str):
             got = type(m[content_tag]).__name__
-            raise _Reject("invalid_type", f"{col}[{i}].{content_tag} must be a string, got {got}")
+            raise _Reject("invalid_type", f"field {col}[{i}].{content_tag} must be a string, got {got}")
     if raw and tags.get("system_tag") and raw[0][role_tag] == tags["system_tag"]:
         system, raw, offset = raw[0][content_tag], raw[1:], 1
+        _check_text(system, f"field {col}[0].{content_tag}", "system")
     else:
-        system, offset = _string_or_none(row, cols.get("system"), "system prompt"), 0
+        system, offset = _string_or_none(row, cols.get("system"), "system prompt", "system"), 0
     roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant"}
     unsupported = {tags.get("observation_tag"), tags.get("function_tag")} - {None}
     messages: list[Message] = []
+    fields: list[str] = []
     for i, m in enumerate(raw):
         tag = m[role_tag]
-        where = f"{col}[{i + offset}].{role_tag}"
+        where = f"field {col}[{i + offset}].{role_tag}"
         if tag in unsupported:
             raise _Reject("unsupported_role", f"{where} is {tag!r}: tool-use turns are not supported yet")
         if tag not in roles:
@@ -212,12 +261,12 @@ def _sharegpt_messages(row: dict, cols: dict[str, str | None], tags: dict[str, s
         expected = "user" if i % 2 == 0 else "assistant"
         if roles[tag] != expected:
             raise _Reject("role_order", f"{where} is {tag!r} but turn {i} must be the {expected}")
+        fields.append(f"field {col}[{i + offset}].{content_tag}")
+        _check_text(m[content_tag], fields[-1], roles[tag])
         messages.append({"role": roles[tag], "content": m[content_tag]})
     if len(messages) < 2 or len(messages) % 2:
-        raise _Reject(
-            "role_order", f"field {col!r} must end with an assistant answer ({len(messages)} turns)"
-        )
-    return system, messages
+        raise _Reject("role_order", f"field {col} must end with an assistant answer ({len(messages)} turns)")
+    return system, messages, fields
 
 
 def _image_list(row: dict, column: str | None) -> list[str]:
@@ -227,32 +276,34 @@ def _image_list(row: dict, column: str | None) -> list[str]:
     if isinstance(value, str):  # LLaMA-Factory accepts a single path too
         value = [value]
     if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
-        raise _Reject("invalid_type", f"field {column!r} must be a list of image paths")
+        raise _Reject("invalid_type", f"field {column} must be a list of image paths")
     return value
 
 
 def _resolve_image(path: str, column: str, i: int, options: ReadOptions) -> str:
     media_dir = Path(options.media_dir or options.dataset_dir)
     resolved = Path(os.path.realpath(media_dir / path))
-    where = f"{column}[{i}] {path!r}"
+    where = f"field {column}[{i}] {path!r}"
     if not options.allow_outside_images:
-        root = Path(os.path.realpath(options.dataset_dir))
-        if not resolved.is_relative_to(root):
-            raise _Reject("image_outside_dataset", f"{where} resolves outside the dataset directory {root}")
+        # The folders the user named: the dataset directory and, if given, --media-dir.
+        roots = {Path(os.path.realpath(d)) for d in (options.dataset_dir, options.media_dir) if d}
+        if not any(resolved.is_relative_to(root) for root in roots):
+            allowed = " or ".join(sorted(map(str, roots)))
+            raise _Reject(
+                "image_outside_dataset",
+                f"{where} resolves to {resolved}, outside {allowed}; to use it pass --allow-outside-images, "
+                "or --media-dir with the folder that holds the images",
+            )
     if not resolved.is_file():
         raise _Reject("image_missing", f"{where}: file {resolved} does not exist")
     return str(resolved)
 
 
-def _check_contents(messages: list[Message]) -> None:
-    for i, m in enumerate(messages):
+def _check_contents(messages: list[Message], fields: list[str]) -> None:
+    """Checks on whole messages (the per-field text checks ran while reading them)."""
+    for m, where in zip(messages, fields, strict=True):
         if not m["content"].strip():
-            raise _Reject("empty_content", f"message {i} ({m['role']}) is empty")
-        if m["role"] == "assistant" and IMAGE_PLACEHOLDER in m["content"]:
-            raise _Reject("image_in_answer", f"message {i} (assistant) contains {IMAGE_PLACEHOLDER}")
-        for token in UNSUPPORTED_PLACEHOLDERS:
-            if token in m["content"]:
-                raise _Reject("unsupported_media", f"message {i} ({m['role']}) contains {token}")
+            raise _Reject("empty_content", f"{where} ({m['role']} message) is empty")
 
 
 def _substitute(text: str | None, set_vars: tuple[tuple[str, str], ...]) -> str | None:
@@ -266,7 +317,7 @@ def _substitute(text: str | None, set_vars: tuple[tuple[str, str], ...]) -> str 
 def convert_row(spec: DatasetSpec, index: int, row: Any, options: ReadOptions) -> Record | Rejection:
     """One raw row -> a validated unified record, or the reason it cannot be one."""
     file = str(spec.path)
-    where = f"{spec.path.name} row {index}"
+    where = row_location(file, index)
     try:
         if isinstance(row, json.JSONDecodeError):
             raise _Reject("invalid_row", f"line is not valid JSON: {row.msg}")
@@ -275,13 +326,13 @@ def convert_row(spec: DatasetSpec, index: int, row: Any, options: ReadOptions) -
         cols = spec.columns
         for media in ("videos", "audios"):
             if cols.get(media) and row.get(cols[media]):
-                raise _Reject("unsupported_media", f"field {cols[media]!r}: {media} are not supported yet")
+                raise _Reject("unsupported_media", f"field {cols[media]}: {media} are not supported yet")
         if spec.formatting == "alpaca":
-            messages = _alpaca_messages(row, cols)
-            system = _string_or_none(row, cols.get("system"), "system prompt")
+            messages, fields = _alpaca_messages(row, cols)
+            system = _string_or_none(row, cols.get("system"), "system prompt", "system")
         else:
-            system, messages = _sharegpt_messages(row, cols, spec.tags)
-        _check_contents(messages)
+            system, messages, fields = _sharegpt_messages(row, cols, spec.tags)
+        _check_contents(messages, fields)
         if options.set_vars:
             system = _substitute(system, options.set_vars)
             messages = [

@@ -78,3 +78,18 @@ def test_placeholders_expand_in_order_across_messages():
     out = expand_image_placeholders(messages, [1, 2, 3])
     span = lambda n: "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>"  # noqa: E731
     assert [m["content"] for m in out] == [span(1) + "a" + span(2), "x", "b" + span(3), "y"]
+
+
+def test_image_rejections_name_the_dataset_file_and_no_object_reprs(
+    record, tokenizer, image_processor, tmp_path
+):
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"not an image" * 10)
+    bad = dict(record, index=3, images=[str(garbage)])
+    result = encode_record(bad, tokenizer, image_processor, EncodeOptions(), file="/data/mine.jsonl")
+    assert isinstance(result, Rejection) and result.reason == "image_unreadable"
+    # `file` means the dataset file for every reason; the image is named in the message.
+    assert result.file == "/data/mine.jsonl"
+    assert result.message.startswith("mine.jsonl row 3: field images[0] ")
+    assert "garbage.jpg" in result.message
+    assert "<_io." not in result.message and " object at 0x" not in result.message

@@ -70,6 +70,8 @@ SHAREGPT_CASES = [
         "image_truncated",
     ),
     ({"messages": [{"role": "system", "content": "Be brief."}, *chat("hi", "hey")]}, None),
+    ({"messages": chat("see <|image_pad|> here", "ok")}, "control_token"),
+    ({"messages": chat("lone \ud800 surrogate", "ok")}, "invalid_text"),
 ]
 
 ALPACA_CASES = [
@@ -159,11 +161,27 @@ def test_rejection_messages_name_file_row_and_field(bad_build: Path):
     r = rejected[("bad_sharegpt", 14)]
     assert "images[0] 'nope.png'" in r["message"] and "does not exist" in r["message"]
     r = rejected[("bad_sharegpt", 16)]
-    assert r["file"].endswith("bomb.png") and "12000x12000" in r["message"]
+    assert "bomb.png" in r["message"] and "12000x12000" in r["message"]
     r = rejected[("bad_alpaca", 1)]
-    assert "'output'" in r["message"]
+    assert "field output (the answer) is missing" in r["message"]
+    r = rejected[("bad_alpaca", 4)]
+    assert "fields instruction and input" in r["message"] and "message 0" not in r["message"]
+    r = rejected[("bad_sharegpt", 12)]
+    assert "field messages[1].content (an answer) contains <image>" in r["message"]
+    r = rejected[("bad_sharegpt", 13)]
+    assert "--allow-outside-images" in r["message"] and "--media-dir" in r["message"]
+    r = rejected[("bad_sharegpt", 23)]
+    assert "field messages[0].content" in r["message"] and "<|image_pad|>" in r["message"]
+    r = rejected[("bad_sharegpt", 24)]
+    assert "field messages[0].content is not valid Unicode" in r["message"]
     r = rejected[("lines", 1)]
     assert "not valid JSON" in r["message"]
+    assert r["message"].startswith("lines.jsonl row 1:")
+    for r in rejected.values():  # one convention: the data file's name and the 0-based row
+        assert " object at 0x" not in r["message"] and "<_io." not in r["message"]
+        if r["reason"] not in ("image_missing", "image_unreadable", "image_too_large", "image_truncated"):
+            assert r["file"].endswith(f"{r['source']}.json" if r["source"] != "lines" else "lines.jsonl")
+            assert r["message"].startswith(f"{Path(r['file']).name} row {r['index']}: ")
 
 
 def test_image_rows_that_fit_are_written_with_their_spans(bad_build: Path):
