@@ -8,7 +8,8 @@
 * :class:`RankBatchSampler` is ``DistributedSampler`` (seeded permutation per epoch, padded by wrapping
   around, ``indices[rank::world]``) plus a start position, so a resumed run continues with exactly the next
   batch. The data loader deals its batches out to the workers.
-* :func:`collate` pads to a multiple of 8; :func:`to_device` expands uint8 pixels on the training device.
+* :func:`collate` pads to a multiple of 8; :func:`to_device` expands uint8 pixels on the training device and
+  drops the attention mask of right-padded batches (causal attention: padding changes no trained token).
 """
 
 from __future__ import annotations
@@ -238,6 +239,20 @@ def collate(rows: list[dict[str, Any]], pad_id: int = PAD_ID, multiple: int = PA
     }
 
 
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is its tokens then only padding (what :func:`collate` builds), checked on the CPU.
+
+    Then the mask is not passed to the model: with causal attention a real token never attends to a later
+    padding position, and the 3-D RoPE positions of the real tokens do not depend on what follows them, so
+    every trained token's output is the same with or without it. Without a mask transformers keeps the fast
+    causal SDPA / flash path; with one (zeros in almost every batch, as rows are padded to a multiple of 8) it
+    builds a 4-D mask, which rules out the flash SDPA kernel and repeats K/V for grouped-query attention.
+    """
+    lengths = attention_mask.sum(dim=1, keepdim=True)
+    positions = torch.arange(attention_mask.shape[1])
+    return bool(torch.equal(attention_mask.bool(), positions < lengths))
+
+
 def to_device(
     batch: dict[str, Any],
     device: torch.device,
@@ -245,14 +260,14 @@ def to_device(
     processor: dict[str, Any],
 ) -> dict[str, Any]:
     """The model's keyword arguments on ``device``: uint8 patches become the processor's float32
-    ``pixel_values`` there (a lookup-table gather, bit-identical to the HF processor), then ``dtype``."""
+    ``pixel_values`` there (a lookup-table gather, bit-identical to the HF processor), then ``dtype``. No
+    ``attention_mask`` for right-padded batches (:func:`is_right_padded`)."""
     from qvl_data.vision import pixel_values_from_uint8_torch
 
     non_blocking = device.type == "cuda"
-    inputs: dict[str, Any] = {
-        "input_ids": batch["input_ids"].to(device, non_blocking=non_blocking),
-        "attention_mask": batch["attention_mask"].to(device, non_blocking=non_blocking),
-    }
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device, non_blocking=non_blocking)}
+    if not is_right_padded(batch["attention_mask"]):
+        inputs["attention_mask"] = batch["attention_mask"].to(device, non_blocking=non_blocking)
     if batch["pixels"] is not None:
         pixels = batch["pixels"].to(device, non_blocking=non_blocking)
         if pixels.dtype == torch.uint8:  # uint8 and webp shards

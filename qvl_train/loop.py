@@ -112,9 +112,17 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
 
 
 def wrap_ddp(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
-    """DistributedDataParallel over the trainable (LoRA) weights; buffers (rotary tables) are never synced."""
+    """DistributedDataParallel over the trainable (LoRA) weights; buffers (rotary tables) are never synced.
+
+    DDP's start-up broadcast from rank 0 covers only the trainable weights: every rank loaded the same frozen
+    base weights from the same files, so broadcasting them (16.6 GB for the 7B model) would change nothing.
+    """
     from torch.nn.parallel import DistributedDataParallel
 
+    frozen = [name for name, param in model.named_parameters() if not param.requires_grad]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, frozen + [name for name, _ in model.named_buffers()]
+    )
     no_buffer_sync = {"broadcast_buffers": False}
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
         no_buffer_sync = {"forward_sync_buffers": False}  # torch >= 2.12 spelling
@@ -147,15 +155,24 @@ def token_loss_sum(model: torch.nn.Module, inputs: dict[str, Any], labels: torch
 
     Logits are computed only at the positions whose next token is trained in some row of the batch
     (``logits_to_keep``): the 152k-wide vocabulary projection of the prompt tokens is never materialised.
+    ``labels`` are the batch's labels on the CPU: the kept positions (a data-dependent ``nonzero``) are found
+    there, so no micro-batch waits for the GPU to report them; only the index and the targets are copied over.
     """
+    if labels.device.type != "cpu":
+        raise ValueError("token_loss_sum takes the CPU labels (finding the kept positions on a GPU syncs)")
+    device = inputs["input_ids"].device
     targets = labels[:, 1:]
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
     if keep.numel() == 0:  # nothing trained here: still run forward/backward so DDP's ranks stay in step
-        keep = torch.zeros(1, dtype=torch.long, device=labels.device)
-    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (batch, kept, vocab)
+        keep = torch.zeros(1, dtype=torch.long)
+    kept_targets = targets[:, keep].reshape(-1)
+    if device.type == "cuda":  # a copy from pageable memory would wait for the queued GPU work
+        keep, kept_targets = keep.pin_memory(), kept_targets.pin_memory()
+    kept_targets = kept_targets.to(device, non_blocking=True)
+    logits = model(**inputs, logits_to_keep=keep.to(device, non_blocking=True), use_cache=False).logits
     return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        targets[:, keep].reshape(-1),
+        logits.float().reshape(-1, logits.shape[-1]),  # (batch * kept, vocab)
+        kept_targets,
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
@@ -179,7 +196,7 @@ def run_window(
         with sync:
             inputs = to_inputs(batch)
             with autocast():
-                ce = token_loss_sum(model, inputs, batch["labels"].to(dist.device))
+                ce = token_loss_sum(model, inputs, batch["labels"])  # CPU labels: no device sync
             (ce * scale).backward()
         loss_sum += ce.detach().double()
     return float(dist.sum(loss_sum).item()) / max(tokens, 1), tokens

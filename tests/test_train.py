@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from qvl_train.__main__ import main
 from qvl_train.config import TrainConfig
 from qvl_train.data import ShardDataset, collate, to_device
-from qvl_train.loop import Dist, lr_factor, run_window, train, wrap_ddp
+from qvl_train.loop import Dist, lr_factor, run_window, token_loss_sum, train, wrap_ddp
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "examples" / "qwen2_5vl_lora_sft.yaml"
@@ -138,6 +138,116 @@ def test_loss_normalisation_1x8_equals_2_ranks_x4_and_batch_2x4(demo_build, tmp_
         assert (padded[name] - grad).abs().max().item() < 1e-6, name
     assert abs(ranks[0]["loss"] - single_loss) < 1e-6 and abs(padded_loss - single_loss) < 1e-6
     assert 10 < single_loss < 13  # mean token loss of a random model over a ~152k vocabulary (ln = 11.9)
+
+
+def _tiny_lora(gradient_checkpointing: bool = False):
+    """The tiny model with LoRA (no dropout) and non-zero B, so every LoRA weight gets a gradient."""
+    from qvl_train.model import load_model
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(model="tiny", lora_dropout=0.0, gradient_checkpointing=gradient_checkpointing)
+    model = load_model(cfg, CPU, torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.05
+    return model
+
+
+def _image_and_text_rows(shards: Path) -> tuple[dict, dict]:
+    ds = ShardDataset(shards, max_rows=8)
+    rows = [ds[i] for i in range(8)]
+    return next(r for r in rows if r["pixels"] is not None), next(r for r in rows if r["pixels"] is None)
+
+
+def test_token_loss_sum_equals_the_models_own_loss_from_full_logits(demo_build):
+    # An independent reference: transformers' own shifted cross-entropy over the full logits (labels=),
+    # which is a mean over the trained tokens. Catches an off-by-one in logits_to_keep or in the targets.
+    model = _tiny_lora()
+    model.eval()
+    image_row, text_row = _image_and_text_rows(demo_build)
+    processor = ShardDataset(demo_build).processor
+    for rows in ([image_row], [text_row], [image_row, text_row], [text_row, image_row]):
+        batch = collate(rows)
+        inputs = to_device(batch, CPU, torch.float32, processor)
+        with torch.no_grad():
+            ours = token_loss_sum(model, inputs, batch["labels"])
+            full = model(
+                **{**inputs, "attention_mask": batch["attention_mask"]},
+                labels=batch["labels"],
+                use_cache=False,
+            )
+        assert full.logits.shape[1] == batch["input_ids"].shape[1]  # the reference saw every position
+        reference = full.loss.double() * batch["trained_tokens"]
+        assert abs(ours.item() - reference.item()) < 1e-5 * reference.item(), (len(rows), ours, reference)
+
+
+def test_right_padded_batches_train_without_a_mask_with_identical_loss_and_grads(demo_build):
+    # The mask made transformers build a 4-D mask (no flash SDPA kernel); for right padding it changes nothing.
+    model = _tiny_lora(gradient_checkpointing=True)
+    model.train()
+    image_row, text_row = _image_and_text_rows(demo_build)
+    batch = collate([image_row, text_row])
+    assert (batch["attention_mask"] == 0).any()  # really padded
+    inputs = to_device(batch, CPU, torch.float32, ShardDataset(demo_build).processor)
+    assert "attention_mask" not in inputs
+
+    def loss_and_grads(kwargs: dict) -> tuple[float, dict]:
+        model.zero_grad(set_to_none=True)
+        loss = token_loss_sum(model, kwargs, batch["labels"])
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = loss_and_grads(inputs)
+    masked_loss, masked_grads = loss_and_grads({**inputs, "attention_mask": batch["attention_mask"]})
+    assert abs(loss - masked_loss) < 1e-6 * loss
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0
+        # equal up to float rounding: the masked and the causal SDPA paths sum in a different order
+        torch.testing.assert_close(grad, masked_grads[name], rtol=1e-5, atol=1e-6 * grad.abs().max().item())
+
+    # a mask that is not plain right padding still goes to the model
+    left = {**batch, "attention_mask": batch["attention_mask"].flip(1)}
+    assert "attention_mask" in to_device(left, CPU, torch.float32, ShardDataset(demo_build).processor)
+
+
+def test_token_loss_sum_finds_kept_positions_on_the_cpu():
+    # Device labels would need nonzero() there (a host sync per micro-batch). Here the "device" is meta: it
+    # holds no data, so any data-dependent op on it fails; the kept positions must come from the CPU labels.
+    seen = {}
+
+    def model(input_ids, logits_to_keep, use_cache):
+        seen["keep"] = logits_to_keep
+        return type(
+            "Out", (), {"logits": torch.zeros(input_ids.shape[0], len(logits_to_keep), 11, device="meta")}
+        )
+
+    labels = torch.tensor([[-100, -100, 3, 4, -100, -100], [-100, -100, -100, 5, 6, -100]])
+    loss = token_loss_sum(model, {"input_ids": torch.zeros(2, 6, dtype=torch.long, device="meta")}, labels)
+    assert loss.device.type == "meta" and seen["keep"].device.type == "meta" and seen["keep"].shape == (3,)
+    with pytest.raises(ValueError, match="CPU labels"):
+        token_loss_sum(model, {"input_ids": labels.to("meta")}, labels.to("meta"))
+
+
+def test_ddp_broadcasts_only_the_trainable_weights(tmp_path, monkeypatch):
+    import torch.distributed as torch_dist
+    import torch.distributed.utils as dist_utils
+
+    model = _tiny_lora()
+    broadcast: list[torch.Tensor] = []
+    real = dist_utils._sync_params_and_buffers
+    monkeypatch.setattr(
+        dist_utils,
+        "_sync_params_and_buffers",
+        lambda pg, states, *a: (broadcast.extend(states), real(pg, states, *a)),
+    )
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        wrap_ddp(model, Dist())
+    finally:
+        torch_dist.destroy_process_group()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(t.numel() for t in broadcast) == trainable == 32_768  # not the 39 M frozen weights
 
 
 # ------------------------------------------------------------------------------------------ exact resume
