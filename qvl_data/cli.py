@@ -87,6 +87,15 @@ def _config(config_path: str | None, **overrides) -> BuildConfig:
     return load_config(BuildConfig, config_path, overrides)
 
 
+def _encode_config(config_path: str | None, **overrides) -> BuildConfig:
+    """The config of a command that loads the processor: a bad --model fails here, in one line."""
+    from qvl_data.processor import check_model_source
+
+    config = _config(config_path, **overrides)
+    check_model_source(config.model)
+    return config
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qvl")
 def main() -> None:
@@ -132,7 +141,7 @@ def build(config_path: str | None, **overrides) -> None:
     from qvl_data.build import build as run_build
     from qvl_data.report import print_build_summary
 
-    config = _config(config_path, **overrides)
+    config = _encode_config(config_path, **overrides)
     result = run_build(config)
     if result.skipped:
         click.echo(
@@ -154,18 +163,20 @@ def validate(config_path: str | None, report: str | None, **overrides) -> None:
     """Run every check the build runs (images decoded, rows encoded) and report each bad row.
 
     Nothing is written except --report. Exit code 0 when every row is valid, 1 when some are rejected.
+    With --quiet only the rejected rows are printed.
     """
     from qvl_data.build import run_pipeline
     from qvl_data.report import print_build_summary, print_rejections
 
-    config = _config(config_path, **overrides)
+    config = _encode_config(config_path, **overrides)
     rejections = []
     result = run_pipeline(config, write=False, on_rejection=rejections.append, label="validating")
     if report:
         with open(report, "w", encoding="utf-8") as f:
             for r in rejections:
                 f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-    print_build_summary(result, title="validation")
+    if not config.quiet:  # --quiet: only the rejected rows (the report), no progress bar or table
+        print_build_summary(result, title="validation")
     print_rejections(rejections)
     sys.exit(1 if rejections else 0)
 

@@ -6,14 +6,16 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
 from qvl_data.errors import QvlError
+from qvl_data.processor import CONTROL_TOKENS
 from qvl_data.shards import PIXEL_FORMATS
 
 DEMO_DATASETS = "mllm_demo,identity,alpaca_en_demo"
+MIN_IMAGE_PIXELS = 28 * 28  # the smallest image the Qwen2-VL processor produces (one merged patch)
 
 T = TypeVar("T")
 
@@ -55,16 +57,40 @@ class BuildConfig:
     quiet: bool = False
     """No progress bar or summary."""
 
+    # YAML keys are the long option names with "_"; these options' field names differ from them.
+    YAML_ALIASES: ClassVar[dict[str, str]] = {"set_var": "set_vars"}
+
     def __post_init__(self) -> None:
+        # YAML spellings: `dataset: [a, b]` and `set_var: {name: x}` are natural there.
+        if isinstance(self.dataset, (list, tuple)):
+            self.dataset = ",".join(str(name) for name in self.dataset)
+        if isinstance(self.set_vars, dict):
+            self.set_vars = [f"{key}={value}" for key, value in self.set_vars.items()]
+        elif isinstance(self.set_vars, (str, tuple)):
+            self.set_vars = [self.set_vars] if isinstance(self.set_vars, str) else list(self.set_vars)
+        check_types(self)
         if self.pixel_format not in PIXEL_FORMATS:
             raise QvlError(
-                f"pixel_format must be one of {', '.join(PIXEL_FORMATS)}, got {self.pixel_format!r}"
+                f"--pixel-format must be one of {', '.join(PIXEL_FORMATS)}, got {self.pixel_format!r}"
             )
-        if self.num_proc < 0:
-            raise QvlError("num_proc must be >= 0")
+        at_least = {"num_proc": 0, "cutoff_len": 1, "image_min_pixels": 0, "shard_size_mb": 1}
+        # The processor's smallest image is 28x28: a lower bound only makes images degenerate.
+        at_least["image_max_pixels"] = max(MIN_IMAGE_PIXELS, self.image_min_pixels)
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                bound = "--image-min-pixels" if name == "image_max_pixels" and low > MIN_IMAGE_PIXELS else low
+                raise QvlError(f"{option_name(name)} must be >= {bound}, got {getattr(self, name)}")
         for item in self.set_vars:
-            if "=" not in item:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
                 raise QvlError(f"--set-var expects KEY=VALUE, got {item!r}")
+            token = CONTROL_TOKENS.search(value)
+            if token:
+                raise QvlError(
+                    f"--set-var {key}: the value contains the model's control token {token.group()}"
+                )
+        if not self.dataset_names:
+            raise QvlError("--dataset names no dataset")
 
     @property
     def dataset_names(self) -> list[str]:
@@ -73,6 +99,32 @@ class BuildConfig:
     @property
     def workers(self) -> int:
         return self.num_proc or os.cpu_count() or 1
+
+
+def option_name(field_name: str) -> str:
+    """The command-line spelling of a config field, for messages (``cutoff_len`` -> ``--cutoff-len``)."""
+    aliases = {v: k for k, v in BuildConfig.YAML_ALIASES.items()}
+    return "--" + aliases.get(field_name, field_name).replace("_", "-")
+
+
+def check_types(config: Any) -> None:
+    """One line naming the option when a value (typically from YAML) has the wrong type."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind in ("str", "str | None"):
+            ok = isinstance(value, str) or (value is None and kind == "str | None")
+        elif kind == "list[str]":
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        else:
+            continue
+        if not ok:
+            expected = {"list[str]": "a list of strings", "str | None": "a string"}.get(kind, f"a {kind}")
+            raise QvlError(f"{option_name(f.name)} must be {expected}, got {value!r}")
 
 
 def load_config(cls: type[T], yaml_path: str | None, overrides: dict[str, Any]) -> T:
@@ -88,7 +140,9 @@ def load_config(cls: type[T], yaml_path: str | None, overrides: dict[str, Any]) 
             raise QvlError(f"{path}: invalid YAML ({e})") from None
         if not isinstance(loaded, dict):
             raise QvlError(f"{path}: expected a mapping of option names to values")
-        values.update(loaded)
+        aliases = getattr(cls, "YAML_ALIASES", {})
+        for key, value in loaded.items():
+            values[aliases.get(key, key)] = value
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)

@@ -19,12 +19,15 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from qvl_data.errors import QvlError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
@@ -33,6 +36,7 @@ __all__ = [
     "ADDED_TOKENS",
     "BUILD_VERSION",
     "CHAT_TEMPLATE",
+    "CONTROL_TOKENS",
     "EOS_TOKEN",
     "IMAGE_PAD_ID",
     "IMAGE_PAD_TOKEN",
@@ -53,6 +57,7 @@ __all__ = [
     "VISION_START_TOKEN",
     "build_embedded_processor",
     "cache_dir",
+    "check_model_source",
     "embedded_processor_dir",
     "load_image_processor",
     "load_tokenizer",
@@ -118,6 +123,10 @@ ADDED_TOKENS: tuple[tuple[int, str, bool], ...] = tuple(
     (NUM_RANKS + i, content, i < len(_SPECIAL_TOKENS))
     for i, content in enumerate(_SPECIAL_TOKENS + _NON_SPECIAL_TOKENS)
 )
+
+#: Matches the text of any added token. The tokenizer reads such text as the token itself, so data
+#: containing it is rejected (``control_token``) rather than encoded with stray control tokens.
+CONTROL_TOKENS = re.compile("|".join(re.escape(content) for _, content, _ in ADDED_TOKENS))
 
 #: The Qwen2.5-VL-Instruct chat template (chat_template.json of the released checkpoints).
 CHAT_TEMPLATE = (
@@ -511,6 +520,55 @@ def _remove_stale_tmp_dirs(out_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------- load
 
 
+# A Hugging Face hub id: "name" or "owner/name", nothing that reads as a filesystem path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    return bool(_HUB_ID.fullmatch(model)) and not model.endswith((".json", ".yaml", ".yml"))
+
+
+def check_model_source(model: str | None) -> None:
+    """Fail fast, in one line, on a ``--model`` that cannot be a Qwen2.5-VL processor source.
+
+    Cheap (a few ``stat`` calls, no transformers import, no network): ``None`` (the embedded processor)
+    and hub ids pass; a local directory must hold ``preprocessor_config.json`` and a tokenizer
+    (``tokenizer.json``, or ``vocab.json`` + ``merges.txt``). Anything else raises :class:`QvlError`.
+    """
+    if model is None:
+        return
+    if not isinstance(model, str) or not model.strip():
+        raise QvlError(f"--model must be a checkpoint directory or a hub id, got {model!r}")
+    path = Path(model).expanduser()
+    if path.is_dir():
+        missing = []
+        if not (path / "preprocessor_config.json").is_file():
+            missing.append("preprocessor_config.json")
+        if not (path / "tokenizer.json").is_file() and not (
+            (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
+        ):
+            missing.append("tokenizer.json (or vocab.json + merges.txt)")
+        if missing:
+            what = "is empty" if not any(path.iterdir()) else f"has no {' and no '.join(missing)}"
+            raise QvlError(
+                f"--model {model}: {what}; expected a Qwen2.5-VL checkpoint directory "
+                "(its tokenizer and image processor files)"
+            )
+        return
+    if path.exists():
+        raise QvlError(f"--model {model}: is a file; expected a checkpoint directory or a hub id")
+    if not _looks_like_hub_id(model):
+        raise QvlError(f"--model {model}: directory does not exist (and it is not a hub id)")
+
+
+def _load_failed(what: str, model: str | None, error: Exception) -> QvlError:
+    """One line for any loading failure (transformers' errors span many lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = lines[0] if lines else type(error).__name__
+    source = "the embedded processor" if model is None else f"--model {model}"
+    return QvlError(f"cannot load the {what} of {source}: {detail}")
+
+
 def _model_dir(model: str | None) -> str:
     """``None`` -> the embedded directory; otherwise the path or hub id as given."""
     return str(embedded_processor_dir()) if model is None else str(model)
@@ -528,7 +586,10 @@ def _resolve_file(model: str | None, filename: str) -> Path | None:
         return path if path.is_file() else None
     from transformers.utils import cached_file
 
-    resolved = cached_file(source, filename, _raise_exceptions_for_missing_entries=False)
+    try:
+        resolved = cached_file(source, filename, _raise_exceptions_for_missing_entries=False)
+    except Exception as e:  # not on the hub, no network, gated...: one line, not a traceback
+        raise _load_failed("processor files", model, e) from None
     return Path(resolved) if resolved else None
 
 
@@ -538,9 +599,14 @@ def load_tokenizer(model: str | None = None) -> PreTrainedTokenizerFast:
     Both go through ``AutoTokenizer.from_pretrained(..., use_fast=True)``, so the embedded directory and
     a real Qwen2.5-VL checkpoint load through the same class and code path.
     """
-    from transformers import AutoTokenizer
+    try:
+        from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_model_dir(model), use_fast=True)
+        return AutoTokenizer.from_pretrained(_model_dir(model), use_fast=True)
+    except QvlError:
+        raise
+    except Exception as e:  # OSError, ValueError, hub errors...: the user's input, not a qvl bug
+        raise _load_failed("tokenizer", model, e) from None
 
 
 def load_image_processor(model: str | None = None) -> Qwen2VLImageProcessorPil:
@@ -549,11 +615,20 @@ def load_image_processor(model: str | None = None) -> Qwen2VLImageProcessorPil:
     ``min_pixels``/``max_pixels`` (or a ``size`` dict) from the file go through the constructor, which
     turns them into ``size={"shortest_edge": min_pixels, "longest_edge": max_pixels}``.
     """
+    try:
+        return _image_processor(model)
+    except QvlError:
+        raise
+    except Exception as e:
+        raise _load_failed("image processor", model, e) from None
+
+
+def _image_processor(model: str | None) -> Qwen2VLImageProcessorPil:
     from transformers import Qwen2VLImageProcessorPil
 
     path = _resolve_file(model, "preprocessor_config.json")
     if path is None:
-        raise FileNotFoundError(f"no preprocessor_config.json in {_model_dir(model)!r}")
+        raise QvlError(f"no preprocessor_config.json in {_model_dir(model)}")
     config = json.loads(path.read_text(encoding="utf-8"))
     for key in ("image_processor_type", "processor_class", "auto_map", "_processor_class"):
         config.pop(key, None)

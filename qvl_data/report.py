@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from qvl_data.schema import REASONS, Rejection
 
@@ -56,6 +57,8 @@ def print_build_summary(result, title: str = "build", console: Console | None = 
 def print_rejections(rejections: list[Rejection], limit: int = 50, console: Console | None = None) -> None:
     console = console or Console()
     for r in rejections[:limit]:
-        console.print(f"[red]{r.reason}[/red] {r.message}", highlight=False)
+        # One line per row whatever the width, so the output can be grepped; markup off: messages quote
+        # user text, which may contain [brackets].
+        console.print(Text.assemble((r.reason, "red"), " ", r.message), highlight=False, soft_wrap=True)
     if len(rejections) > limit:
         console.print(f"... and {len(rejections) - limit} more (use --report FILE for all)")

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qvl_data.errors import QvlError
-from qvl_data.processor import ADDED_TOKENS
+from qvl_data.processor import CONTROL_TOKENS
 from qvl_data.schema import (
     IMAGE_PLACEHOLDER,
     UNSUPPORTED_PLACEHOLDERS,
@@ -149,7 +148,6 @@ class _Reject(Exception):
 # Every added token of the Qwen2.5-VL tokenizer. The tokenizer turns their text into the token itself,
 # so a row quoting one would carry a stray <|im_start|> or <|image_pad|> that breaks the template or the
 # image-feature alignment in training; such rows are rejected instead (docs/semantics.md section 2).
-_CONTROL_TOKENS = re.compile("|".join(re.escape(content) for _, content, _ in ADDED_TOKENS))
 
 
 def _check_text(text: str, where: str, role: str) -> None:
@@ -161,7 +159,7 @@ def _check_text(text: str, where: str, role: str) -> None:
         raise _Reject(
             "invalid_text", f"{where} is not valid Unicode ({text[e.start]!r} at character {e.start})"
         ) from None
-    token = _CONTROL_TOKENS.search(text)
+    token = CONTROL_TOKENS.search(text)
     if token:
         raise _Reject(
             "control_token", f"{where} contains the model's control token {token.group()} (remove it)"
