@@ -31,7 +31,14 @@ class BuildConfig:
     out: str = "data/qvl-demo"
     """Output directory (manifest.json, rejected.jsonl, shards/)."""
     num_proc: int = 0
-    """Worker processes; 0 means one per CPU."""
+    """Worker processes of the local executor; 0 means one per CPU."""
+    executor: str = "local"
+    """Where the partition tasks run: local (a process pool of --num-proc workers) or ray (a Ray cluster)."""
+    ray_address: str | None = None
+    """With --executor ray: the address of a running cluster (e.g. ray://head:10001 or auto); default: start
+    a Ray on this machine for the build."""
+    partition_rows: int = 0
+    """Rows per partition (one task, its own shard files); 0 = auto: max(32, rows/1024) per dataset."""
     cutoff_len: int = 2048
     """Maximum tokens per row, truncated as LLaMA-Factory does (image spans are never cut)."""
     image_max_pixels: int = 262144
@@ -73,7 +80,15 @@ class BuildConfig:
             raise QvlError(
                 f"--pixel-format must be one of {', '.join(PIXEL_FORMATS)}, got {self.pixel_format!r}"
             )
-        at_least = {"num_proc": 0, "cutoff_len": 1, "image_min_pixels": 0, "shard_size_mb": 1}
+        if self.executor not in ("local", "ray"):
+            raise QvlError(f"--executor must be local or ray, got {self.executor!r}")
+        at_least = {
+            "num_proc": 0,
+            "partition_rows": 0,
+            "cutoff_len": 1,
+            "image_min_pixels": 0,
+            "shard_size_mb": 1,
+        }
         # The processor's smallest image is 28x28: a lower bound only makes images degenerate.
         at_least["image_max_pixels"] = max(MIN_IMAGE_PIXELS, self.image_min_pixels)
         for name, low in at_least.items():
