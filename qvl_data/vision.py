@@ -204,6 +204,11 @@ def preresize_image(
 
     if image.mode != "RGB":
         image = image.convert("RGB")
+    if "transparency" in image.info:
+        # convert("RGB") keeps a palette/RGB transparency key, and recent transformers' convert_to_rgb
+        # then composites those pixels onto white; the reference's processor saw the plain RGB pixels.
+        image = image.copy()  # rare; never edit the caller's image
+        del image.info["transparency"]
 
     # Qwen2VLPlugin: the vision tower needs at least one 28x28 merged patch per side.
     if min(image.width, image.height) < _QWEN_MIN_SIDE:
