@@ -11,6 +11,7 @@ import click
 
 from qvl_data.config import BuildConfig, load_config
 from qvl_data.errors import QvlError
+from qvl_data.schema import rejection_line
 from qvl_data.shards import PIXEL_FORMATS
 
 
@@ -173,8 +174,7 @@ def validate(config_path: str | None, report: str | None, **overrides) -> None:
     result = run_pipeline(config, write=False, on_rejection=rejections.append, label="validating")
     if report:
         with open(report, "w", encoding="utf-8") as f:
-            for r in rejections:
-                f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+            f.writelines(map(rejection_line, rejections))
     if not config.quiet:  # --quiet: only the rejected rows (the report), no progress bar or table
         print_build_summary(result, title="validation")
     print_rejections(rejections)
@@ -188,13 +188,18 @@ def validate(config_path: str | None, report: str | None, **overrides) -> None:
 def convert(config_path: str | None, out: str, **overrides) -> None:
     """Convert rows to the unified schema (schemas/unified_record.schema.json) as Parquet; no tokenization.
 
-    Rows failing the structural checks go to OUT's sibling `<name>.rejected.jsonl`.
+    Structural checks only: images must exist but are not decoded (build and validate decode them).
+    Rows failing the checks go to OUT's sibling `<name>.rejected.jsonl`. Both files are replaced only
+    when the run succeeds.
     """
     from qvl_data.convert import convert_to_parquet
 
     config = _config(config_path, **overrides)
-    written, rejected = convert_to_parquet(config, Path(out))
-    click.echo(f"wrote {written} rows to {out}; {rejected} rejected")
+    result = convert_to_parquet(config, Path(out))
+    click.echo(
+        f"wrote {result.written} rows to {out}; {result.rejected} rejected, listed in {result.rejected_path}\n"
+        "structural checks only: images were not decoded (qvl-data validate decodes them)"
+    )
 
 
 @main.command("inspect")

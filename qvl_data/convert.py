@@ -1,44 +1,69 @@
-"""``qvl-data convert``: rows -> unified records as Parquet (structural validation, no tokenization)."""
+"""``qvl-data convert``: rows -> unified records as Parquet (structural validation, no tokenization).
+
+Images are checked to exist (and to stay inside the dataset folder) but are not decoded: a corrupt image
+passes ``convert`` and is rejected by ``build`` / ``validate``.
+"""
 
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from qvl_data.build import read_options, resolve_dataset_dir
 from qvl_data.config import BuildConfig
-from qvl_data.schema import UNIFIED_ARROW_SCHEMA, Rejection, records_to_table
+from qvl_data.schema import UNIFIED_ARROW_SCHEMA, Rejection, records_to_table, rejection_line
 from qvl_data.sources import iter_records, resolve_datasets
 
 
-def convert_to_parquet(config: BuildConfig, out: Path, batch_rows: int = 1024) -> tuple[int, int]:
-    """Stream records into ``out`` (atomically) and rejections into ``<out stem>.rejected.jsonl``."""
+@dataclass(frozen=True)
+class ConvertResult:
+    written: int
+    rejected: int
+    rejected_path: Path  # the rows that failed the structural checks, one JSON object per line
+
+
+def rejected_path_for(out: Path) -> Path:
+    """Where ``convert`` lists the rejected rows of ``out``: ``<out stem>.rejected.jsonl`` beside it."""
+    return out.with_name(out.stem + ".rejected.jsonl")
+
+
+def convert_to_parquet(config: BuildConfig, out: Path, batch_rows: int = 1024) -> ConvertResult:
+    """Stream records into ``out`` and rejections into :func:`rejected_path_for`, both atomically.
+
+    Both files are written as ``*.tmp`` and renamed only when the whole run succeeded, so a failed run
+    (e.g. invalid JSON in the second dataset) leaves no ``*.tmp`` and keeps the previous output.
+    """
     dataset_dir = resolve_dataset_dir(config)
     specs = resolve_datasets(dataset_dir, config.dataset_names)
     options = read_options(config, dataset_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    rejected_path = out.with_name(out.stem + ".rejected.jsonl")
+    rejected_path = rejected_path_for(out)
+    tmp, rejected_tmp = out.with_name(out.name + ".tmp"), rejected_path.with_name(rejected_path.name + ".tmp")
     written = rejected = 0
     batch: list = []
-    with (
-        pq.ParquetWriter(tmp, UNIFIED_ARROW_SCHEMA) as writer,
-        open(rejected_path, "w", encoding="utf-8") as rej,
-    ):
-        for item in iter_records(specs, options):
-            if isinstance(item, Rejection):
-                rej.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
-                rejected += 1
-                continue
-            batch.append(item)
-            if len(batch) >= batch_rows:
+    try:
+        with (
+            pq.ParquetWriter(tmp, UNIFIED_ARROW_SCHEMA) as writer,
+            open(rejected_tmp, "w", encoding="utf-8") as rej,
+        ):
+            for item in iter_records(specs, options):
+                if isinstance(item, Rejection):
+                    rej.write(rejection_line(item))
+                    rejected += 1
+                    continue
+                batch.append(item)
+                if len(batch) >= batch_rows:
+                    writer.write_table(records_to_table(batch))
+                    written, batch = written + len(batch), []
+            if batch:
                 writer.write_table(records_to_table(batch))
-                written, batch = written + len(batch), []
-        if batch:
-            writer.write_table(records_to_table(batch))
-            written += len(batch)
-    os.replace(tmp, out)
-    return written, rejected
+                written += len(batch)
+        os.replace(tmp, out)
+        os.replace(rejected_tmp, rejected_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        rejected_tmp.unlink(missing_ok=True)
+    return ConvertResult(written, rejected, rejected_path)

@@ -7,6 +7,7 @@ validate against) and as ``UNIFIED_ARROW_SCHEMA`` below (how ``qvl-data convert`
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import PurePath
 from typing import TypedDict
@@ -93,6 +94,11 @@ class Rejection:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def rejection_line(rejection: Rejection) -> str:
+    """One ``rejected.jsonl`` line: the format every writer of rejected rows uses."""
+    return json.dumps(rejection.to_json(), ensure_ascii=False) + "\n"
 
 
 def row_location(file: str, index: int) -> str:
