@@ -302,8 +302,21 @@ def _table(title: str, columns: list[str], left: int = 1, wide: bool = True) -> 
 
 
 def _emit(console: Console, renderable) -> None:
+    if isinstance(renderable, Table):
+        _keep_cells_whole(renderable)
     console.print(renderable)
     console.print()
+
+
+def _keep_cells_whole(table: Table) -> None:
+    """On a narrow terminal rich squeezes no-wrap columns down to nothing (a count column vanished at 80
+    columns): give every no-wrap column its content's width, so only wrapping columns give way."""
+    for column in table.columns:
+        if column.no_wrap:
+            cells = [column.header, *column.cells]
+            column.min_width = max(
+                Text.from_markup(c).cell_len if isinstance(c, str) else len(c) for c in cells
+            )
 
 
 def render_stats(stats: dict, console: Console | None = None) -> None:
@@ -311,6 +324,8 @@ def render_stats(stats: dict, console: Console | None = None) -> None:
     console = console or Console(highlight=False)
     cols = ["source", "rows", "tokens", "trained", "ratio", "image tok", "images", "truncated", "rejected"]
     table = _table(f"qvl-data stats: {stats['shards_dir']}", cols, wide=False)
+    table.columns[0].no_wrap = False  # a long source name folds; the counts (rejected last) always show
+    table.columns[0].overflow = "fold"
     keys = ("rows", "tokens", "trained_tokens")
     for name, s in [*stats["sources"].items(), ("total", stats["totals"])]:
         cells = [f"{s[k]:,}" for k in keys] + [f"{s['trained_ratio']:.1%}"]
@@ -351,6 +366,7 @@ def render_stats(stats: dict, console: Console | None = None) -> None:
             f"rejected rows by reason ({stats['rejected']['total']:,})", ["reason", "rows", "meaning"]
         )
         table.columns[2].justify = "left"
+        table.columns[2].no_wrap = False  # the explanation wraps; reason and count always show
         for reason, n in by_reason.items():
             table.add_row(reason, f"{n:,}", REASONS.get(reason, ""))
         _emit(console, table)

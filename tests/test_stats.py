@@ -195,3 +195,44 @@ def test_stats_never_reads_pixels(tmp_path: Path) -> None:
     # Reading the pixels costs about their size in resident memory; stats costs (almost) nothing.
     assert measured["read"] > 0.8 * pixel_bytes, measured
     assert measured["stats"] < 0.1 * pixel_bytes, measured
+
+
+def _synthetic_stats(source: str) -> dict:
+    totals = {
+        "rows": 999,
+        "tokens": 184208,
+        "trained_tokens": 146830,
+        "trained_ratio": 0.797,
+        "image_tokens": 0,
+        "images": 0,
+        "truncated": 0,
+        "rejected": 12345,
+    }
+    storage = {"shards": 1, "bytes": 1000, "bytes_per_row": 1, "pixel_bytes": 0, "pixel_bytes_per_image": 0}
+    return {
+        "shards_dir": "data/qvl-demo",
+        "sources": {source: totals},
+        "totals": totals,
+        "lengths": {},
+        "length_histogram": {"bin_width": 50, "bins": []},
+        "images_per_row": [],
+        "grids": [],
+        "rejected": {"total": 12345, "by_reason": {"image_outside_dataset": 12000, "control_token": 345}},
+        "storage": {**storage, "pixel_format": "uint8"},
+        "warnings": [],
+    }
+
+
+@pytest.mark.parametrize("source", ["alpaca_en_demo", "a_rather_long_dataset_name_for_80_columns"])
+def test_rejection_counts_survive_80_columns(source: str) -> None:
+    from rich.console import Console
+
+    from qvl_data.stats import render_stats
+
+    console = Console(width=80, record=True, highlight=False)
+    render_stats(_synthetic_stats(source), console)
+    lines = [line.split() for line in console.export_text().splitlines()]
+    assert all(len(line) <= 80 for line in console.export_text().splitlines())
+    assert any(line[:4] == ["image_outside_dataset", "12,000", "an", "image"] for line in lines)
+    assert any(line[:2] == ["control_token", "345"] for line in lines)
+    assert ["total", "999", "184,208", "146,830", "79.7%", "0", "0", "0", "12,345"] in lines
