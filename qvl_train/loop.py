@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -73,6 +74,14 @@ class Dist:
     def barrier(self) -> None:
         if self.world_size > 1:
             torch_dist.barrier()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` (picklable) on every rank: for decisions that must not differ between ranks."""
+        if self.world_size == 1:
+            return obj
+        holder = [obj]
+        torch_dist.broadcast_object_list(holder, src=0)
+        return holder[0]
 
     def sum(self, value: torch.Tensor | float) -> torch.Tensor:
         """Sum over ranks (a float64 scalar on the training device, so token counts stay exact)."""
@@ -282,9 +291,12 @@ def save_checkpoint(
     final = out_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = out_dir / f"{CHECKPOINT_PREFIX}{step}.tmp"
     if dist.main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save
         tmp.mkdir(parents=True)
     dist.barrier()
+    # every rank creates it too (a no-op on a shared output_dir): a rank that does not see rank 0's
+    # directory writes its RNG state into its own rather than failing with FileNotFoundError
+    tmp.mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), tmp / f"rng_state_{dist.rank}.pt")
     dist.barrier()
     if dist.main:
@@ -309,16 +321,12 @@ def save_checkpoint(
 def load_checkpoint(
     path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, dist: Dist
 ) -> dict:
-    """Restore adapter, optimizer, scheduler and this rank's RNG; return the trainer state."""
+    """Restore adapter, optimizer, scheduler and this rank's RNG; return the trainer state (which
+    :func:`check_resume` has already found to belong to this run)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    if state["world_size"] != dist.world_size:
-        raise QvlError(
-            f"{path}: saved by {state['world_size']} ranks, resumed with {dist.world_size}; the data split "
-            "would differ (resume with the same number of processes)"
-        )
+    state = read_state(path)
     weights = load_file(str(path / "adapter_model.safetensors"), device=str(dist.device))
     result = set_peft_model_state_dict(model, weights)
     unexpected = getattr(result, "unexpected_keys", [])
@@ -336,9 +344,46 @@ def load_checkpoint(
 _ARTEFACTS = (LOG_FILE, PLAN_FILE, PLOT_FILE, *ADAPTER_FILES)
 
 
-def prepare_output_dir(cfg: TrainConfig, dist: Dist) -> Path | None:
-    """Decide where to start: a checkpoint to resume from, or afresh (refusing to mix with an old run
-    unless overwrite_output_dir, which deletes that run's files). Returns the checkpoint or None."""
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    try:
+        return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise QvlError(f"{checkpoint / STATE_FILE}: cannot read the trainer state ({e})") from None
+
+
+def _ranks(n: int) -> str:
+    return f"{n} rank" if n == 1 else f"{n} ranks"
+
+
+def check_resume(checkpoint: Path, plan: Plan, cfg: TrainConfig, world_size: int) -> None:
+    """QvlError unless ``checkpoint`` belongs to this run (same ranks, plan, seed and data position).
+    Called before anything is written, so a refused resume leaves the output directory as it was."""
+    state = read_state(checkpoint)
+    try:
+        if state["world_size"] != world_size:
+            raise QvlError(
+                f"{checkpoint}: saved by {_ranks(state['world_size'])}, resumed with {world_size}; the data "
+                "split would differ (resume with the same number of processes)"
+            )
+        for key in ("rows", "total_steps", "steps_per_epoch", "grad_accum", "batch_size"):
+            if state["plan"][key] != getattr(plan, key):
+                raise QvlError(
+                    f"{checkpoint}: {key} was {state['plan'][key]}, now {getattr(plan, key)}; not the same run"
+                )
+        if state["seed"] != cfg.seed:
+            raise QvlError(f"{checkpoint}: seed was {state['seed']}, now {cfg.seed}; not the same run")
+        epoch, first, _ = plan.micro_batches(state["step"])
+        if (state["data"]["epoch"], state["data"]["batches_done"]) != (epoch, first):
+            raise QvlError(
+                f"{checkpoint}: data-loader state {state['data']} does not match step {state['step']}"
+            )
+    except KeyError as e:
+        raise QvlError(f"{checkpoint / STATE_FILE}: no {e} (not a qvl-train checkpoint)") from None
+
+
+def find_start(cfg: TrainConfig, plan: Plan, world_size: int) -> tuple[Path | None, bool]:
+    """This process's view of where to start: ``(checkpoint to resume or None, clear the old run)``.
+    Refuses to mix with an old run unless overwrite_output_dir, which deletes that run's files."""
     out = Path(cfg.output_dir)
     resume: Path | None = None
     if cfg.resume == "auto":
@@ -348,8 +393,10 @@ def prepare_output_dir(cfg: TrainConfig, dist: Dist) -> Path | None:
         resume = Path(cfg.resume)
         if not is_complete_checkpoint(resume):
             raise QvlError(f"{resume}: not a complete checkpoint (expected checkpoint-N/ with {STATE_FILE})")
-    clear = False
-    if resume is None and out.is_dir() and any(out.iterdir()):
+    if resume is not None:
+        check_resume(resume, plan, cfg, world_size)
+        return resume, False
+    if out.is_dir() and any(out.iterdir()):
         if not cfg.overwrite_output_dir:
             if cfg.resume == "auto":
                 problem, hint = "is not empty and holds no complete checkpoint", ""
@@ -358,7 +405,59 @@ def prepare_output_dir(cfg: TrainConfig, dist: Dist) -> Path | None:
             raise QvlError(
                 f"{out}: output directory {problem}; pass --overwrite-output-dir true to start afresh{hint}"
             )
-        clear = True
+        return None, True
+    return None, False
+
+
+def decide_start(cfg: TrainConfig, plan: Plan, dist: Dist) -> tuple[Path | None, bool]:
+    """Rank 0 decides (:func:`find_start`) and every rank follows: ranks that each picked "the latest
+    checkpoint" from their own view of the directory could resume at different steps and hang. A refusal
+    is raised on every rank, with rank 0's message."""
+    decision: dict[str, Any] = {"resume": None, "clear": False, "error": None}
+    if dist.main:
+        try:
+            resume, clear = find_start(cfg, plan, dist.world_size)
+            decision = {"resume": None if resume is None else str(resume), "clear": clear, "error": None}
+        except QvlError as e:
+            decision["error"] = str(e)
+    decision = dist.broadcast_object(decision)
+    if decision["error"]:
+        raise QvlError(decision["error"])
+    return (Path(decision["resume"]) if decision["resume"] else None), decision["clear"]
+
+
+def check_shared_output_dir(out: Path, dist: Dist) -> None:
+    """Every rank must see what rank 0 writes in output_dir (checkpoints hold every rank's RNG state and
+    are read back by every rank on resume): rank 0 writes a file with a random token, each rank looks for
+    it, and all ranks fail with one line if any does not see it."""
+    if dist.world_size == 1:
+        return
+    token = dist.broadcast_object(secrets.token_hex(8) if dist.main else None)
+    marker = out / f".qvl-shared-check-{token}"
+    if dist.main:
+        marker.write_text(token, encoding="utf-8")
+    dist.barrier()
+    try:
+        seen = marker.read_text(encoding="utf-8") == token
+    except OSError:
+        seen = False
+    blind = int(dist.sum(0.0 if seen else 1.0).item())
+    dist.barrier()  # everyone has looked before the file goes
+    if dist.main:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise QvlError(
+            f"{out}: output_dir must be a directory that every rank sees (on multi-node runs a filesystem "
+            f"shared by all nodes); {_ranks(blind)} of {dist.world_size} do not see the file rank 0 wrote there"
+        )
+
+
+def prepare_output_dir(cfg: TrainConfig, plan: Plan, dist: Dist) -> Path | None:
+    """Decide where to start (:func:`decide_start`), clear an old run if asked, create output_dir and check
+    that every rank sees it. Returns the checkpoint to resume from, or None. Nothing is written before
+    the decision, so a refused start leaves the directory as it was."""
+    out = Path(cfg.output_dir)
+    resume, clear = decide_start(cfg, plan, dist)
     dist.barrier()  # every rank has decided before anything is deleted
     if dist.main:
         if clear:
@@ -370,6 +469,7 @@ def prepare_output_dir(cfg: TrainConfig, dist: Dist) -> Path | None:
                         path.unlink()
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
+    check_shared_output_dir(out, dist)
     return resume
 
 
@@ -496,7 +596,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
 
     # ---- output dir, seed, model
     out = Path(cfg.output_dir)
-    resume = prepare_output_dir(cfg, dist)
+    resume = prepare_output_dir(cfg, plan, dist)  # a refused resume raises here, before any write
     if cfg.model == TINY:  # build the cached tiny model once per machine, before the other ranks read it
         if dist.local_rank == 0:
             tiny_model_dir()
@@ -506,8 +606,6 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     model = load_model(cfg, device, dtype)
     params = param_report(model)
     console.print(plan_table(plan, params, cfg))
-    if dist.main:
-        _write_json(out / PLAN_FILE, {"plan": plan.to_dict(), "params": params, "config": to_dict(cfg)})
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -527,23 +625,17 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     step, elapsed_before = 0, 0.0
     pending = {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "seconds": 0.0}
     if resume is not None:
-        state = load_checkpoint(resume, model, optimizer, scheduler, dist)
-        for key in ("rows", "total_steps", "steps_per_epoch", "grad_accum", "batch_size"):
-            if state["plan"][key] != getattr(plan, key):
-                raise QvlError(
-                    f"{resume}: {key} was {state['plan'][key]}, now {getattr(plan, key)}; not the same run"
-                )
-        if state["seed"] != cfg.seed:
-            raise QvlError(f"{resume}: seed was {state['seed']}, now {cfg.seed}; not the same run")
+        state = load_checkpoint(resume, model, optimizer, scheduler, dist)  # check_resume passed
         step, elapsed_before, pending = state["step"], state["elapsed_s"], state["pending"]
         epoch, first, _ = plan.micro_batches(step)
-        if (state["data"]["epoch"], state["data"]["batches_done"]) != (epoch, first):
-            raise QvlError(f"{resume}: data-loader state {state['data']} does not match step {step}")
         if dist.main:
             _truncate_jsonl(out / LOG_FILE, step)
             console.print(f"resumed from {resume} at step {step} (epoch {epoch}, batch {first})")
         if cfg.log_samples:
             _truncate_jsonl(out / f"samples-rank{dist.rank}.jsonl", step)
+
+    if dist.main:  # after the resume loaded: a refused resume leaves the old plan.json in place
+        _write_json(out / PLAN_FILE, {"plan": plan.to_dict(), "params": params, "config": to_dict(cfg)})
 
     # ---- data
     sampler = RankBatchSampler(

@@ -292,6 +292,49 @@ def test_resume_is_exact(demo_build, tmp_path):
         torch.load(resumed / "checkpoint-6" / name, weights_only=True)
 
 
+def _snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_refused_resume_changes_nothing_in_the_output_dir(demo_build, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--model", "tiny", "--data", str(demo_build), "--max-rows", "8", "--output-dir", str(out)]
+    common += ["--gradient-accumulation-steps", "4", "--save-steps", "0", "--dataloader-num-workers", "0"]
+    main([*common, "--max-steps", "2", "--stop-at-step", "1"])
+    before = _snapshot(out)
+    assert "plan.json" in before and "checkpoint-1/trainer_state.json" in before
+    capsys.readouterr()
+    assert "total_steps was 2, now 3" in _fails([*common, "--max-steps", "3", "--resume", "auto"], capsys)
+    assert "seed was 42, now 7" in _fails(
+        [*common, "--max-steps", "2", "--seed", "7", "--resume", "auto"], capsys
+    )
+    assert _snapshot(out) == before  # plan.json included
+
+
+def test_resume_with_another_world_size_says_rank_in_the_singular(tmp_path):
+    from qvl_data.errors import QvlError
+    from qvl_train.data import make_plan
+    from qvl_train.loop import check_resume
+
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    plan = make_plan(8, 2, 1, 4, 1.0)
+    state = {
+        "world_size": 1,
+        "plan": plan.to_dict(),
+        "seed": 42,
+        "step": 1,
+        "data": {"epoch": 0, "batches_done": 4},
+    }
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(QvlError, match=r"saved by 1 rank, resumed with 2;"):
+        check_resume(checkpoint, plan, TrainConfig(), world_size=2)
+
+
 # --------------------------------------------------------------------------------- torchrun, two ranks
 
 
