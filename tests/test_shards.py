@@ -93,7 +93,7 @@ def test_reader_rejects_missing_and_foreign_directories(tmp_path: Path, demo_bui
     manifest = json.loads((demo_build / "manifest.json").read_text())
     manifest["format_version"] = 99
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(QvlError, match="shard format version 99 but this qvl reads version 1"):
+    with pytest.raises(QvlError, match="shard format version 99 but this qvl reads version 2"):
         ShardSet(tmp_path)
 
 

@@ -84,7 +84,8 @@ def test_json_lengths_images_storage(demo_stats: dict) -> None:
     ]
     assert demo_stats["rejected"] == {"total": 0, "by_reason": {}}
     storage = demo_stats["storage"]
-    assert storage["shards"] == 1 and storage["pixel_format"] == "uint8"
+    # one shard per partition: mllm_demo 1, identity 3 and alpaca_en_demo 32 partitions of 32 rows (auto)
+    assert storage["shards"] == 36 and storage["pixel_format"] == "uint8"
     assert storage["pixel_bytes"] == (6 * 12 * 22 + 2 * 14 * 22) * 588  # patches x 588 bytes
     assert storage["pixel_bytes_per_image"] == storage["pixel_bytes"] / 8
     assert storage["bytes_per_row"] == round(storage["bytes"] / 1096, 1)
