@@ -1,46 +1,64 @@
-"""The build pipeline: read -> validate -> unify -> encode (parallel) -> shard, with fingerprint and progress.
+"""The build driver: plan -> dispatch -> commit.
 
-Rows flow through in input order and are never all held in memory: the main process streams records
-to a pool of workers (processor loaded once per worker), takes results back in order and hands them to
-the ``ShardWriter``; rejections go to ``rejected.jsonl`` as they come.
+1. **Plan.** Fingerprint the inputs and options, index every dataset (one task each, see
+   ``qvl_data/partition.py``) and cut the rows into partitions: a pure function of the inputs and the
+   output-changing options, never of ``--num-proc`` or the executor.
+2. **Dispatch.** One task per partition (``qvl_data/task.py``) on the chosen executor
+   (``qvl_data/executors.py``); each writes its own shard files, rejected rows and completion record.
+3. **Commit.** From the small completion records: ``rejected.jsonl`` (the partitions' rejected rows in
+   order) and, last, ``manifest.json``.
+
+The driver reads no image, tokenizes nothing and never holds pixels: per row it does nothing at all, so it
+can feed as many workers as a machine or a Ray cluster has. A build killed at any point and re-run with the
+same inputs and options redoes only the partitions without a valid completion record (the work directory
+``<out>/.qvl-build`` keeps them), and ends byte-identical to a clean build.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
+import tempfile
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from qvl_data import __version__, shards, template
 from qvl_data.config import BuildConfig
-from qvl_data.encode import EncodedRow, EncodeOptions, encode_record
+from qvl_data.encode import EncodeOptions
 from qvl_data.errors import QvlError
+from qvl_data.executors import InProcess, open_executor
+from qvl_data.format import (
+    FORMAT_VERSION,
+    BuildOptions,
+    Manifest,
+    PartitionEntry,
+    ProcessorSummary,
+    Rejected,
+    SourceTotals,
+)
+from qvl_data.partition import DatasetIndex, Partition, data_files, make_plan
 from qvl_data.schema import Rejection
-from qvl_data.sources import DatasetSpec, ReadOptions, iter_records, resolve_datasets
+from qvl_data.sources import DatasetSpec, ReadOptions, resolve_datasets
+from qvl_data.task import (
+    PARTS_DIR,
+    BuildContext,
+    TaskResult,
+    index_task,
+    partition_task,
+    processor_task,
+    rejected_path,
+)
 
-# Workers are forked after the tokenizer is loaded: keep its Rust thread pool out of the children.
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-@dataclass
-class SourceTotals:
-    rows: int = 0
-    tokens: int = 0
-    trained_tokens: int = 0
-    image_tokens: int = 0
-    images: int = 0
-    max_length: int = 0
-    truncated: int = 0
-    rejected: int = 0
+WORK_DIR = ".qvl-build"  # in the output directory: staged inputs, indexes, completion records
+#: Libraries whose versions change the bytes of a build: the resize (Pillow), the processor and
+#: tokenizer code (transformers, tokenizers), array maths (numpy). A new version rebuilds.
+BYTE_DECIDING_LIBRARIES = ("pillow", "transformers", "tokenizers", "numpy")
 
 
 @dataclass
@@ -50,79 +68,10 @@ class BuildResult:
     skipped: bool = False  # True when the fingerprint matched and nothing was done
     seconds: float = 0.0
     sources: dict[str, SourceTotals] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- worker side
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(model: str | None, options: EncodeOptions) -> None:
-    """Load the processor once per process (inherited as is when the pool forks)."""
-    if _WORKER.get("key") != (model, options):
-        from qvl_data.processor import load_image_processor, load_tokenizer
-
-        _WORKER.update(
-            key=(model, options),
-            tokenizer=load_tokenizer(model),
-            image_processor=load_image_processor(model),
-            options=options,
-        )
-
-
-def _encode_items(items: list[dict | Rejection]) -> list[EncodedRow | Rejection]:
-    tok, proc, opts = _WORKER["tokenizer"], _WORKER["image_processor"], _WORKER["options"]
-    return [item if isinstance(item, Rejection) else encode_record(item, tok, proc, opts) for item in items]
-
-
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
-    chunk: list = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-@contextmanager
-def worker_pool(num_proc: int, initargs: tuple) -> Iterator[Any]:
-    """A process pool whose workers hold the processor, or None for ``num_proc <= 1`` (run in-process).
-
-    Create it before any thread (e.g. a progress bar) starts: fork shares the processor the parent
-    already loaded; where fork is unavailable the initializer loads it in each worker.
-    """
-    _init_worker(*initargs)
-    if num_proc <= 1:
-        yield None
-        return
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(num_proc, initializer=_init_worker, initargs=initargs) as pool:
-        yield pool
-
-
-def ordered_map(
-    pool: Any, fn: Callable[[list], list], items: Iterable, max_pending: int = 4, chunk_size: int = 8
-) -> Iterator:
-    """``fn`` over chunks of ``items`` (in ``pool`` if given); results in input order, bounded in flight.
-
-    At most ``max_pending`` chunks are outstanding, so memory stays flat however long the input is.
-    """
-    if pool is None:
-        for chunk in _chunks(items, chunk_size):
-            yield from fn(chunk)
-        return
-    pending: deque = deque()
-    for chunk in _chunks(items, chunk_size):
-        pending.append(pool.apply_async(fn, (chunk,)))
-        if len(pending) >= max_pending:
-            yield from pending.popleft().get()
-    while pending:
-        yield from pending.popleft().get()
-
-
-# ---------------------------------------------------------------- main side
+    partitions: int = 0
+    reused: int = 0  # partitions whose completion record was still valid
+    driver_cpu_seconds: float = 0.0  # CPU of this process, not counting tasks run in it
+    task_cpu_seconds: float = 0.0  # CPU of all the tasks, wherever they ran
 
 
 def encode_options(config: BuildConfig) -> EncodeOptions:
@@ -156,81 +105,61 @@ def resolve_dataset_dir(config: BuildConfig) -> Path:
     return fetch_demo_data()
 
 
-def fingerprint(
-    specs: list[DatasetSpec], dataset_dir: Path, image_paths: set[str], config: BuildConfig
-) -> str:
-    """Hash of everything the output depends on: inputs, processor, template, options, qvl version.
+def library_versions() -> dict[str, str]:
+    """Installed versions of :data:`BYTE_DECIDING_LIBRARIES` (read from metadata, nothing imported)."""
+    versions = {}
+    for name in BYTE_DECIDING_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
 
-    Dataset files are hashed by content; images by (path, size, mtime) so that deciding "nothing to do"
-    does not read every image twice.
-    """
+
+def build_options(config: BuildConfig) -> BuildOptions:
+    return BuildOptions(
+        cutoff_len=config.cutoff_len,
+        image_max_pixels=config.image_max_pixels,
+        image_min_pixels=config.image_min_pixels,
+        mask_history=config.mask_history,
+        pixel_format=config.pixel_format,
+        set_vars=list(config.set_vars),
+        partition_rows=config.partition_rows,
+    )
+
+
+def fingerprint(specs: list[DatasetSpec], dataset_dir: Path, config: BuildConfig, versions: dict) -> str:
+    """Hash of everything the output depends on except the images: data files by content, processor files,
+    template, output-changing options, library versions and qvl's version. Images are checked per
+    partition by their tasks (path, size, mtime), so deciding "nothing to do" reads no image."""
     from qvl_data.demo import sha256_file
     from qvl_data.processor import processor_files_digest
 
     h = hashlib.sha256()
-    h.update(f"qvl {__version__} format {shards.FORMAT_VERSION}\n".encode())
+    h.update(f"qvl {__version__} format {FORMAT_VERSION}\n".encode())
     h.update(sha256_file(dataset_dir / "dataset_info.json").encode())
     for spec in specs:
         h.update(
             f"{spec.name} {spec.formatting} {sorted(spec.columns.items(), key=str)} {sorted(spec.tags.items())}".encode()
         )
-        h.update(sha256_file(spec.path).encode())
-    for path in sorted(image_paths):
-        st = os.stat(path)
-        h.update(f"{path} {st.st_size} {st.st_mtime_ns}\n".encode())
+        for file in data_files(spec.path):
+            h.update(f"{file.name} {sha256_file(file)}\n".encode())
     h.update(processor_files_digest(config.model).encode())
     h.update(
         f"{template.SYSTEM_FORMAT}{template.USER_FORMAT}{template.ASSISTANT_FORMAT}{template.DEFAULT_SYSTEM}".encode()
     )
-    opts = {
-        k: v
-        for k, v in asdict(config).items()
-        if k not in ("out", "num_proc", "force", "quiet", "dataset_dir")
-    }
-    h.update(json.dumps(opts, sort_keys=True).encode())
+    h.update(json.dumps(asdict(build_options(config)), sort_keys=True).encode())
+    h.update(f"{config.media_dir} {config.allow_outside_images} {config.shard_size_mb}".encode())
+    h.update(json.dumps(versions, sort_keys=True).encode())
     return h.hexdigest()
 
 
-def _scan(specs: list[DatasetSpec], options: ReadOptions) -> tuple[int, set[str]]:
-    """First, cheap pass: row count (for the progress bar) and the image files the rows use."""
-    rows, images = 0, set()
-    for item in iter_records(specs, options):
-        rows += 1
-        if isinstance(item, dict):
-            images.update(item["images"])
-    return rows, images
-
-
-def _processor_summary(config: BuildConfig, tokenizer, image_processor) -> dict:
-    from qvl_data.processor import processor_files_digest
-
-    size = image_processor.size
-    return {
-        "model": config.model or "embedded",
-        "digest": processor_files_digest(config.model),
-        "vocab_size": len(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "image_mean": [float(x) for x in image_processor.image_mean],
-        "image_std": [float(x) for x in image_processor.image_std],
-        "rescale_factor": float(image_processor.rescale_factor),
-        "patch_size": int(image_processor.patch_size),
-        "temporal_patch_size": int(image_processor.temporal_patch_size),
-        "merge_size": int(image_processor.merge_size),
-        "min_pixels": int(size["shortest_edge"]),
-        "max_pixels": int(size["longest_edge"]),
-    }
-
-
-def _clean_output(out_dir: Path) -> None:
-    """Remove what an earlier (possibly killed) build left; the manifest first, so nothing reads a mix."""
-    for name in (shards.MANIFEST, shards.MANIFEST + ".tmp", shards.REJECTED, shards.REJECTED + ".tmp"):
-        (out_dir / name).unlink(missing_ok=True)
-    if (out_dir / shards.SHARD_DIR).is_dir():
-        shutil.rmtree(out_dir / shards.SHARD_DIR)
+# ------------------------------------------------------------------------------------------- progress
 
 
 def _progress(total: int, quiet: bool, label: str):
+    """A rich progress bar over input rows with rows/s and images/s since the start (not a short-window
+    estimate, which jumps when a whole partition lands at once)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -240,26 +169,93 @@ def _progress(total: int, quiet: bool, label: str):
         TimeRemainingColumn,
     )
 
-    class RowsPerSecond(TextColumn):
+    class Rates(TextColumn):
         def __init__(self) -> None:
             super().__init__("")
 
         def render(self, task):  # type: ignore[override]
-            speed = task.finished_speed or task.speed
-            return super().render(task) if speed is None else f"{speed:,.0f} rows/s"
+            elapsed = task.finished_time if task.finished else task.elapsed
+            if not elapsed or not task.completed:
+                return super().render(task)
+            images = task.fields.get("images", 0)
+            return f"{task.completed / elapsed:,.1f} rows/s {images / elapsed:,.1f} img/s"
 
     progress = Progress(
         TextColumn(f"[bold]{label}"),
         BarColumn(),
         MofNCompleteColumn(),
-        RowsPerSecond(),
+        Rates(),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
         disable=quiet,
         transient=False,
     )
-    return progress, progress.add_task(label, total=total)
+    return progress, progress.add_task(label, total=total, images=0)
+
+
+# ------------------------------------------------------------------------------------------- the work dir
+
+
+def _wipe(out_dir: Path) -> None:
+    """Remove every output of an earlier build; the manifest first, so nothing reads a mix."""
+    for name in (shards.MANIFEST, shards.MANIFEST + ".tmp", shards.REJECTED, shards.REJECTED + ".tmp"):
+        (out_dir / name).unlink(missing_ok=True)
+    for name in (shards.SHARD_DIR, WORK_DIR):
+        if (out_dir / name).is_dir():
+            shutil.rmtree(out_dir / name)
+
+
+def _prepare_out_dir(out_dir: Path, fp: str, force: bool) -> None:
+    """Keep what an earlier run of the same build left (to resume it); anything else goes."""
+    state = out_dir / WORK_DIR / "build.json"
+    try:
+        same = not force and json.loads(state.read_text())["fingerprint"] == fp
+    except (OSError, ValueError, KeyError):
+        same = False
+    if not same:
+        _wipe(out_dir)
+    else:  # a killed run may have left half-written files; no task runs now
+        for tmp in [*(out_dir / shards.SHARD_DIR).glob("*.tmp"), *(out_dir / WORK_DIR).rglob("*.tmp")]:
+            tmp.unlink()
+    (out_dir / WORK_DIR / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    (out_dir / shards.SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    shards.write_json_atomic(state, {"fingerprint": fp})
+
+
+def _load_manifest_dict(out_dir: Path) -> dict | None:
+    try:
+        return shards.load_manifest(out_dir)
+    except QvlError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------- the driver
+
+
+def _index(
+    ctx: BuildContext, executor: Any, specs: list[DatasetSpec], config: BuildConfig, need_processor: bool
+):
+    """Phase 1: every dataset's index (cached in the work directory) and, if needed, the processor facts."""
+    cache = Path(ctx.work_dir) / "index"
+    cache.mkdir(parents=True, exist_ok=True)
+    indexes: dict[str, DatasetIndex] = {}
+    for spec in specs:
+        path = cache / f"{spec.name}.json"
+        if ctx.write and path.is_file():
+            indexes[spec.name] = DatasetIndex(**json.loads(path.read_text()))
+    calls: list = [(index_task, (ctx, s.name, config.partition_rows)) for s in specs if s.name not in indexes]
+    if need_processor:
+        calls.append((processor_task, (config.model,)))
+    summary = None
+    for result in executor.map_unordered(calls):
+        if isinstance(result, DatasetIndex):
+            indexes[result.source] = result
+            if ctx.write:
+                shards.write_json_atomic(cache / f"{result.source}.json", asdict(result))
+        else:
+            summary = result
+    return [indexes[s.name] for s in specs], summary
 
 
 def run_pipeline(
@@ -268,96 +264,141 @@ def run_pipeline(
     on_rejection: Callable[[Rejection], None] | None = None,
     label: str = "building",
 ) -> BuildResult:
-    """Encode every row; with ``write`` produce shards + manifest, else only validate and report."""
-    started = time.perf_counter()
+    """Build (``write``) or only validate every row; returns the manifest and the run's figures."""
+    from qvl_data.processor import check_model_source
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    check_model_source(config.model)
     dataset_dir = resolve_dataset_dir(config)
     specs = resolve_datasets(dataset_dir, config.dataset_names)
-    ropts = read_options(config, dataset_dir)
-    eopts = encode_options(config)
-    total_rows, image_paths = _scan(specs, ropts)
-
+    versions = library_versions()
+    fp = fingerprint(specs, dataset_dir, config, versions)
     out_dir = Path(config.out)
-    fp = fingerprint(specs, dataset_dir, image_paths, config)
-    if write and not config.force and (out_dir / shards.MANIFEST).is_file():
-        try:
-            existing = shards.load_manifest(out_dir)
-        except QvlError:
-            existing = {}
-        if existing.get("fingerprint") == fp:
-            return BuildResult(out_dir=out_dir, manifest=existing, skipped=True)
-
-    sources = {spec.name: SourceTotals() for spec in specs}
-    reasons: Counter[str] = Counter()
-    writer = rejected_file = None
+    existing = _load_manifest_dict(out_dir) if write and not config.force else None
+    if existing is not None and existing.get("fingerprint") != fp:
+        existing = None
+    scratch = None
     if write:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _clean_output(out_dir)
-        writer = shards.ShardWriter(out_dir, config.pixel_format, max_shard_bytes=config.shard_size_mb << 20)
-        rejected_file = open(out_dir / (shards.REJECTED + ".tmp"), "w", encoding="utf-8")
-
-    progress, task = _progress(total_rows, config.quiet, label)
+        _prepare_out_dir(out_dir, fp, config.force)
+        work_dir = out_dir / WORK_DIR
+    else:
+        scratch = tempfile.TemporaryDirectory(prefix="qvl-validate-")
+        work_dir = Path(scratch.name)
+    ctx = BuildContext(
+        out_dir=str(out_dir),
+        work_dir=str(work_dir),
+        fingerprint=fp,
+        model=config.model,
+        encode=encode_options(config),
+        read=read_options(config, dataset_dir),
+        specs=tuple(specs),
+        shard_bytes=config.shard_size_mb << 20,
+        write=write,
+    )
     try:
-        # The pool loads the processor in this process first (the manifest reads it; forks inherit it).
-        with worker_pool(config.workers, (config.model, eopts)) as pool, progress:
-            for result in ordered_map(pool, _encode_items, iter_records(specs, ropts), 2 * config.workers):
-                progress.advance(task)
-                if isinstance(result, Rejection):
-                    sources[result.source].rejected += 1
-                    reasons[result.reason] += 1
-                    if rejected_file:
-                        rejected_file.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
-                    if on_rejection:
-                        on_rejection(result)
-                    continue
-                totals = sources[result.source]
-                totals.rows += 1
-                totals.tokens += len(result.input_ids)
-                totals.trained_tokens += result.trained_tokens
-                totals.image_tokens += result.image_tokens
-                totals.images += len(result.image_paths)
-                totals.max_length = max(totals.max_length, len(result.input_ids))
-                totals.truncated += result.truncated
-                if writer:
-                    writer.write(result)
+        with open_executor(config.executor, config.workers, config.ray_address) as executor:
+            indexes, summary = _index(ctx, executor, specs, config, need_processor=existing is None)
+            plan = make_plan(indexes)
+            if existing is not None and _all_reusable(executor, ctx, plan):
+                return BuildResult(out_dir=out_dir, manifest=existing, skipped=True, partitions=len(plan))
+            if write:
+                (out_dir / shards.MANIFEST).unlink(missing_ok=True)  # shards are about to change
+            results = _dispatch(executor, ctx, plan, sum(i.rows for i in indexes), config.quiet, label)
+            in_process_cpu = sum(r.cpu_seconds for r in results) if isinstance(executor, InProcess) else 0.0
     finally:
-        if rejected_file:
-            rejected_file.close()
+        if scratch is not None:
+            scratch.cleanup()
 
-    manifest = {
-        "format": shards.FORMAT_NAME,
-        "format_version": shards.FORMAT_VERSION,
-        "qvl_version": __version__,
-        "fingerprint": fp,
-        "dataset_dir": str(dataset_dir),
-        "datasets": config.dataset_names,
-        "options": {
-            "cutoff_len": config.cutoff_len,
-            "image_max_pixels": config.image_max_pixels,
-            "image_min_pixels": config.image_min_pixels,
-            "mask_history": config.mask_history,
-            "pixel_format": config.pixel_format,
-            "set_vars": list(config.set_vars),
-            "template": "qwen2_vl",
-        },
-        "processor": _processor_summary(config, _WORKER["tokenizer"], _WORKER["image_processor"]),
-        "input_rows": total_rows,
-        "totals": _sum_totals(sources),
-        "sources": {name: asdict(t) for name, t in sources.items()},
-        "rejected": {"total": sum(reasons.values()), "by_reason": dict(sorted(reasons.items()))},
-        "shards": [],
-    }
+    entries = [r.entry for r in results]
+    processor = ProcessorSummary(**(summary or existing["processor"]))  # type: ignore[index]
+    manifest = _manifest(config, fp, dataset_dir, versions, processor, indexes, entries).to_dict()
     if write:
-        manifest["shards"] = [asdict(s) for s in writer.close()]
-        os.replace(out_dir / (shards.REJECTED + ".tmp"), out_dir / shards.REJECTED)
-        shards.write_json_atomic(out_dir / shards.MANIFEST, manifest)  # last: marks the build complete
-    return BuildResult(out_dir, manifest, seconds=time.perf_counter() - started, sources=sources)
+        _commit(out_dir, ctx, manifest, plan)
+    elif on_rejection is not None:
+        for result in results:
+            for rejection in result.rejections:
+                on_rejection(rejection)
+    return BuildResult(
+        out_dir=out_dir,
+        manifest=manifest,
+        seconds=time.perf_counter() - started,
+        sources={name: _totals(entries, name) for name in config.dataset_names},
+        partitions=len(plan),
+        reused=sum(r.reused for r in results),
+        driver_cpu_seconds=time.process_time() - cpu_started - in_process_cpu,
+        task_cpu_seconds=sum(r.cpu_seconds for r in results),
+    )
 
 
-def _sum_totals(sources: dict[str, SourceTotals]) -> dict[str, int]:
-    keys = ("rows", "tokens", "trained_tokens", "image_tokens", "images", "truncated", "rejected")
-    totals = {k: sum(getattr(t, k) for t in sources.values()) for k in keys}
-    totals["max_length"] = max((t.max_length for t in sources.values()), default=0)
+def _all_reusable(executor: Any, ctx: BuildContext, plan: list[Partition]) -> bool:
+    """Whether every partition's completion record still holds (its tasks check, reading no image)."""
+    calls = [(partition_task, (ctx, p, True)) for p in plan]
+    return all(result.reused for result in executor.map_unordered(calls))
+
+
+def _dispatch(
+    executor: Any, ctx: BuildContext, plan: list[Partition], rows: int, quiet: bool, label: str
+) -> list[TaskResult]:
+    """Phase 2: run every partition task; results in partition order."""
+    results: list[TaskResult | None] = [None] * len(plan)
+    progress, bar = _progress(rows, quiet, label)
+    images = 0
+    with progress:
+        for result in executor.map_unordered([(partition_task, (ctx, p)) for p in plan]):
+            results[result.entry.index] = result
+            images += result.entry.totals.images
+            progress.update(bar, advance=result.entry.rows, images=images)
+    return results  # type: ignore[return-value]
+
+
+def _totals(entries: list[PartitionEntry], source: str | None = None) -> SourceTotals:
+    totals = SourceTotals()
+    for entry in entries:
+        if source is None or entry.source == source:
+            totals.add(entry.totals)
     return totals
+
+
+def _manifest(
+    config: BuildConfig,
+    fp: str,
+    dataset_dir: Path,
+    versions: dict[str, str],
+    processor: ProcessorSummary,
+    indexes: list[DatasetIndex],
+    entries: list[PartitionEntry],
+) -> Manifest:
+    reasons: dict[str, int] = {}
+    for entry in entries:
+        for reason, n in entry.rejected_by_reason.items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    totals = _totals(entries)
+    return Manifest(
+        fingerprint=fp,
+        qvl_version=__version__,
+        dataset_dir=str(dataset_dir),
+        datasets=config.dataset_names,
+        options=build_options(config),
+        processor=processor,
+        versions=versions,
+        input_rows=sum(i.rows for i in indexes),
+        totals=totals,
+        sources={name: _totals(entries, name) for name in config.dataset_names},
+        rejected=Rejected(total=totals.rejected, by_reason=dict(sorted(reasons.items()))),
+        shards=[shard for entry in entries for shard in entry.shards],
+        partitions=entries,
+    )
+
+
+def _commit(out_dir: Path, ctx: BuildContext, manifest: dict, plan: list[Partition]) -> None:
+    """rejected.jsonl (the partitions' files, in order, copied byte for byte), then the manifest, last."""
+    tmp = out_dir / (shards.REJECTED + ".tmp")
+    with open(tmp, "wb") as out:
+        for partition in plan:
+            with open(rejected_path(ctx, partition.index), "rb") as part:
+                shutil.copyfileobj(part, out)
+    os.replace(tmp, out_dir / shards.REJECTED)
+    shards.write_json_atomic(out_dir / shards.MANIFEST, manifest)  # last: marks the build complete
 
 
 def build(config: BuildConfig) -> BuildResult:

@@ -13,11 +13,11 @@ the trainer can use it on a slim GPU image.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +25,13 @@ import numpy as np
 import pyarrow as pa
 
 from qvl_data.errors import QvlError
+from qvl_data.format import FORMAT_NAME, FORMAT_VERSION, PATCH_DIM, PIXEL_FORMATS, ShardEntry
 
-FORMAT_NAME = "qvl-shards"
-FORMAT_VERSION = 1
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "PATCH_DIM", "PIXEL_FORMATS", "ShardWriter", "ShardSet"]
+
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
 SHARD_DIR = "shards"
-#: How the ``pixels`` column stores a row's images:
-#:   uint8    list<fixed_size_list<uint8, 588>>     patches before rescale/normalize (one temporal copy)
-#:   float32  list<fixed_size_list<float32, 1176>>  the processor's pixel_values, as is
-#:   webp     list<binary>                          one lossless WebP per image, of the uint8 patches' image
-PIXEL_FORMATS = ("uint8", "float32", "webp")
-PATCH_DIM = {"uint8": 588, "float32": 1176, "webp": 588}  # values per patch as read (webp: once decoded)
 PIXEL_TYPE = {"uint8": pa.uint8(), "float32": pa.float32(), "webp": pa.uint8()}
 
 
@@ -111,35 +106,38 @@ def rows_to_batch(rows: list, pixel_format: str) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(columns, schema=shard_schema(pixel_format))
 
 
-@dataclass
-class ShardInfo:
-    file: str  # relative to the output directory
-    rows: int
-    tokens: int
-    trained_tokens: int
-    image_tokens: int
-    images: int
-    bytes: int
-    pixel_bytes: int = 0  # stored bytes of the pixels column's values (what --pixel-format changes)
+ShardInfo = ShardEntry  # what the writer reports per shard file
 
 
-def _fsync_and_rename(tmp: Path, final: Path) -> None:
+def _fsync_and_rename(tmp: Path, final: Path) -> str:
+    """Make ``tmp`` durable, then visible as ``final``; returns its sha256 (read back from the page cache)."""
+    digest = hashlib.sha256()
     with open(tmp, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
         os.fsync(f.fileno())
     os.replace(tmp, final)
+    return digest.hexdigest()
 
 
 class ShardWriter:
     """Appends encoded rows to size-bounded shards; a shard becomes visible only once complete.
 
     Shard boundaries depend only on the rows (never on timing or worker count), so the same input gives
-    byte-identical shards whatever ``--num-proc`` was.
+    byte-identical shards whatever ``--num-proc`` was. Files are named ``shards/<prefix>-NNN.arrow``; a
+    build's partition task uses its partition number as the prefix.
     """
 
     def __init__(
-        self, out_dir: Path, pixel_format: str, max_shard_bytes: int = 256 << 20, batch_rows: int = 64
+        self,
+        out_dir: Path,
+        pixel_format: str,
+        max_shard_bytes: int = 256 << 20,
+        batch_rows: int = 64,
+        prefix: str = "part",
     ):
         self.out_dir = Path(out_dir)
+        self.prefix = prefix
         self.pixel_format = pixel_format
         self.max_shard_bytes = max_shard_bytes
         self.batch_rows = batch_rows
@@ -160,7 +158,7 @@ class ShardWriter:
             self._flush()
 
     def _open_shard(self) -> None:
-        name = f"{SHARD_DIR}/part-{len(self.shards):05d}.arrow"
+        name = f"{SHARD_DIR}/{self.prefix}-{len(self.shards):03d}.arrow"
         self._sink = pa.OSFile(str(self.out_dir / (name + ".tmp")), "wb")
         self._writer = pa.ipc.new_stream(self._sink, self.schema)
         self._info = ShardInfo(
@@ -190,7 +188,7 @@ class ShardWriter:
         self._writer.close()
         self._sink.close()
         final = self.out_dir / self._info.file
-        _fsync_and_rename(Path(str(final) + ".tmp"), final)
+        self._info.sha256 = _fsync_and_rename(Path(str(final) + ".tmp"), final)
         self._info.bytes = final.stat().st_size
         self.shards.append(self._info)
         self._writer = self._sink = self._info = None

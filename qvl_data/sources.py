@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from qvl_data.errors import QvlError
+from qvl_data.partition import Partition, data_files, index_dataset, make_plan, partition_rows, record_id
 from qvl_data.processor import CONTROL_TOKENS
 from qvl_data.schema import (
     IMAGE_PLACEHOLDER,
@@ -105,36 +107,11 @@ def resolve_datasets(dataset_dir: Path, names: list[str]) -> list[DatasetSpec]:
         columns.update(entry.get("columns") or {})
         tags = {**SHAREGPT_TAGS, **(entry.get("tags") or {})} if formatting == "sharegpt" else {}
         path = Path(dataset_dir) / entry["file_name"]
-        if not path.is_file():
+        if not path.exists():
             raise QvlError(f"{path}: data file of dataset {name!r} does not exist")
+        data_files(path)  # a folder must hold data files
         specs.append(DatasetSpec(name=name, path=path, formatting=formatting, columns=columns, tags=tags))
     return specs
-
-
-def read_rows(spec: DatasetSpec) -> Iterator[tuple[int, Any]]:
-    """Yield (index, raw row) in file order. A JSONL line that is not JSON is yielded as a JSONDecodeError."""
-    if spec.path.suffix == ".jsonl":
-        with open(spec.path, encoding="utf-8") as f:
-            index = 0
-            for line in f:
-                if not line.strip():
-                    continue  # blank lines are not rows
-                try:
-                    yield index, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield index, e
-                index += 1
-        return
-    try:
-        with open(spec.path, encoding="utf-8") as f:
-            rows = json.load(f)
-    except json.JSONDecodeError as e:
-        raise QvlError(f"{spec.path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise QvlError(f"{spec.path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not isinstance(rows, list):
-        raise QvlError(f"{spec.path}: expected a JSON list of rows, got {type(rows).__name__}")
-    yield from enumerate(rows)
 
 
 class _Reject(Exception):
@@ -347,22 +324,32 @@ def convert_row(spec: DatasetSpec, index: int, row: Any, options: ReadOptions) -
         images = [_resolve_image(p, image_col, i, options) for i, p in enumerate(paths)]
     except _Reject as r:
         return Rejection(source=spec.name, index=index, reason=r.reason, message=f"{where}: {r}", file=file)
-    row_id = row.get("id")
-    record_id = f"{spec.name}:{row_id}" if isinstance(row_id, (str, int)) else f"{spec.name}:{index}"
+    row_id = record_id(spec.name, index, row)
     return Record(
-        id=record_id, source=spec.name, index=index, system=system, messages=messages, images=images
+        id=row_id, source=spec.name, index=index, system=system, messages=messages, images=images
     )
 
 
+def convert_partition(
+    spec: DatasetSpec, partition: Partition, options: ReadOptions
+) -> Iterator[Record | Rejection]:
+    """The rows of one partition as records or rejections, ids settled by the dataset's index."""
+    spec = replace(spec, path=Path(partition.file))  # messages name the data file the row is in
+    duplicates = dict(partition.duplicates)
+    for index, row in partition_rows(partition):
+        item = convert_row(spec, index, row, options)
+        if isinstance(item, dict) and index in duplicates:
+            first = duplicates[index]
+            msg = f"{spec.path.name} row {index}: id {item['id']!r} already used by row {first}"
+            item = Rejection(spec.name, index, "duplicate_id", msg, str(spec.path))
+        yield item
+
+
 def iter_records(specs: list[DatasetSpec], options: ReadOptions) -> Iterator[Record | Rejection]:
-    """All rows of all datasets, in the order given then file order, as records or rejections."""
-    seen_ids: dict[str, int] = {}
-    for spec in specs:
-        for index, row in read_rows(spec):
-            item = convert_row(spec, index, row, options)
-            if isinstance(item, dict):
-                first = seen_ids.setdefault(item["id"], index)
-                if first != index:
-                    msg = f"{spec.path.name} row {index}: id {item['id']!r} already used by row {first}"
-                    item = Rejection(spec.name, index, "duplicate_id", msg, str(spec.path))
-            yield item
+    """All rows of all datasets, in the order given then file order, as records or rejections: the
+    build's reading and validation, in one process (for ``qvl-data convert``)."""
+    with tempfile.TemporaryDirectory(prefix="qvl-stage-") as stage_dir:
+        for spec in specs:
+            index = index_dataset(spec.name, str(spec.path), 0, stage_dir)
+            for partition in make_plan([index]):
+                yield from convert_partition(spec, partition, options)

@@ -53,6 +53,7 @@ __all__ = [
     "pixel_values_from_uint8_torch",
     "preresize_image",
     "process_image",
+    "processor_resize_target",
 ]
 
 #: Decompression-bomb limit (width * height) checked from the header before decoding. Same value as
@@ -267,6 +268,24 @@ def _patch_geometry(image_processor: Any) -> tuple[int, int, int]:
     )
 
 
+def processor_resize_target(image_processor: Any, width: int, height: int) -> tuple[int, int]:
+    """``(width, height)`` the Qwen2-VL processor resizes a ``width x height`` RGB image to: its own
+    ``smart_resize`` (multiples of ``patch_size * merge_size``, pixel count within the processor's
+    ``size`` bounds), the function ``Qwen2VLImageProcessorPil.resize`` calls."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    patch_size, _, merge_size = _patch_geometry(image_processor)
+    size = image_processor.size
+    h, w = smart_resize(
+        height,
+        width,
+        factor=patch_size * merge_size,
+        min_pixels=int(size["shortest_edge"]),
+        max_pixels=int(size["longest_edge"]),
+    )
+    return w, h
+
+
 def process_image(
     image: Image.Image,
     image_processor: Any,
@@ -274,13 +293,16 @@ def process_image(
     image_max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS,
     image_min_pixels: int = DEFAULT_IMAGE_MIN_PIXELS,
 ) -> ProcessedImage:
-    """Pre-resize ``image`` like the reference, run the Qwen2-VL processor and pack the pixels.
+    """Pre-resize ``image`` like the reference, then do what the Qwen2-VL processor does, in uint8.
 
-    For ``"uint8"`` the *same* processor is called with ``do_rescale=False, do_normalize=False``: its resize
-    runs on the uint8 image either way (rescale happens after resize), so the values are bit-identical to
-    what the float path would have normalized. Per patch the processor's layout is ``(C=3, T=2, 14, 14)``
-    (see ``Qwen2VLImageProcessorPil.patchify``); we keep ``T=0`` and check the copies agree and are exact
-    integers in 0..255.
+    The processor (``Qwen2VLImageProcessorPil``) converts to RGB, resizes the uint8 image with PIL to its
+    ``smart_resize`` target (:func:`processor_resize_target`, with the processor's ``resample``), and only
+    then rescales, normalizes and patchifies. So we make that same PIL resize call and patchify the uint8
+    result with a reshape (:func:`image_to_patches`): the uint8 patches are the processor's un-normalized
+    values exactly, without its float round trip (float32 conversion, the duplicated temporal copy and the
+    check back to uint8, which cost more than the resize). ``"float32"`` is then the processor's
+    rescale+normalize applied through :func:`pixel_values_from_uint8`, bit-identical to the processor.
+    ``tests/test_vision.py`` compares both against the processor over image modes and sizes.
 
     Passing an image that was already pre-resized is harmless (the pre-resize is idempotent, pixels
     included); ``original_size`` is then simply that image's size.
@@ -297,40 +319,27 @@ def process_image(
 
     original_size = (image.width, image.height)
     resized = preresize_image(image, image_max_pixels=image_max_pixels, image_min_pixels=image_min_pixels)
-    patch_size, temporal, _ = _patch_geometry(image_processor)
-
+    patch_size, temporal, merge_size = _patch_geometry(image_processor)
+    target = processor_resize_target(image_processor, resized.width, resized.height)
+    # PIL returns a plain copy when the size already matches, as the processor's call does.
+    processed = resized.resize(target, resample=image_processor.resample)
+    pixels = image_to_patches(np.asarray(processed), merge_size=merge_size, patch_size=patch_size)
+    grid_thw = (1, target[1] // patch_size, target[0] // patch_size)
     if pixel_format == "float32":
-        out = image_processor(images=[resized], return_tensors="np")
-    else:
-        out = image_processor(images=[resized], do_rescale=False, do_normalize=False, return_tensors="np")
-
-    pixel_values = np.asarray(out["pixel_values"])
-    grid = np.asarray(out["image_grid_thw"])
-    if grid.shape != (1, 3):
-        raise ValueError(f"expected one image grid, got image_grid_thw of shape {grid.shape}")
-    grid_thw = (int(grid[0, 0]), int(grid[0, 1]), int(grid[0, 2]))
-    processed_size = (grid_thw[2] * patch_size, grid_thw[1] * patch_size)
-
-    if pixel_format == "float32":
-        pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
-    else:
-        n = pixel_values.shape[0]
-        per_t = pixel_values.reshape(n, _CHANNELS, temporal, patch_size * patch_size)
-        first = per_t[:, :, 0, :]
-        # Guard the storage invariant: a still image repeats in time, and un-normalized values are integers.
-        if not all(np.array_equal(first, per_t[:, :, k, :]) for k in range(1, temporal)):
-            raise ValueError("temporal copies differ; uint8 storage only supports still images")
-        if first.size and (first.min() < 0 or first.max() > 255 or not np.array_equal(first, np.rint(first))):
-            raise ValueError("un-normalized pixel values are not exact integers in 0..255")
-        pixels = np.ascontiguousarray(first.reshape(n, _CHANNELS * patch_size * patch_size).astype(np.uint8))
-
+        pixels = pixel_values_from_uint8(
+            pixels,
+            image_processor.image_mean,
+            image_processor.image_std,
+            float(image_processor.rescale_factor),
+            temporal,
+        )
     return ProcessedImage(
         grid_thw=grid_thw,
         pixels=pixels,
         pixel_format=pixel_format,
         original_size=original_size,
         resized_size=(resized.width, resized.height),
-        processed_size=processed_size,
+        processed_size=target,
     )
 
 

@@ -156,7 +156,7 @@ def test_killed_build_leaves_nothing_readable_and_rerun_completes(
     cmd = [sys.executable, "-m", "qvl_data.cli", "build", "--dataset-dir", str(demo_dir), "--out", str(out)]
     cmd += ["--num-proc", "1", "--shard-size-mb", "1", "--quiet"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first_shard = out / "shards" / "part-00000.arrow"
+    first_shard = out / "shards" / "part-00000-000.arrow"
     deadline = time.time() + 60
     while not first_shard.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)

@@ -1,0 +1,236 @@
+"""The build's tasks. Each runs wherever an executor puts it (this process, a pool worker, a Ray node) and
+touches only its own files; the driver (``qvl_data/build.py``) only plans, dispatches and commits.
+
+* :func:`index_task`: index one dataset (``qvl_data/partition.py``).
+* :func:`partition_task`: all the per-row work of one partition: read its rows, validate them (images
+  included), decode and process images, tokenize, write its shard file(s) and its rejected rows, then its
+  completion record, last and atomically. A partition whose record matches (same fingerprint, same rows,
+  same image files, its files present) is reused as is.
+* :func:`processor_task`: the processor facts the manifest records.
+
+The processor is loaded once per process (:func:`processor`), on first use: a worker that only reuses
+partitions never loads it, and a Ray worker keeps it across the tasks it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qvl_data.encode import EncodedRow, EncodeOptions, encode_record
+from qvl_data.format import PartitionEntry, SourceTotals
+from qvl_data.partition import DatasetIndex, Partition, index_dataset
+from qvl_data.schema import Rejection
+from qvl_data.shards import SHARD_DIR, ShardWriter, write_json_atomic
+from qvl_data.sources import DatasetSpec, ReadOptions, convert_partition
+
+# Workers may be forked from a process that used the tokenizer: keep its Rust thread pool out of them.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PARTS_DIR = "parts"  # completion records and rejected rows, per partition, in the work directory
+STAGED_DIR = "staged"  # JSON arrays staged as JSON Lines
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """Everything a task needs besides its partition; the same for every task of a build."""
+
+    out_dir: str
+    work_dir: str
+    fingerprint: str
+    model: str | None
+    encode: EncodeOptions
+    read: ReadOptions
+    specs: tuple[DatasetSpec, ...]
+    shard_bytes: int
+    write: bool = True  # False: validate only; rejections come back in the result, nothing is written
+
+    def spec(self, source: str) -> DatasetSpec:
+        return next(s for s in self.specs if s.name == source)
+
+
+@dataclass
+class TaskResult:
+    entry: PartitionEntry
+    reused: bool = False
+    cpu_seconds: float = 0.0  # this task's CPU time (not part of any written byte)
+    rejections: list[Rejection] = field(default_factory=list)  # validate mode only
+
+
+_PROCESSOR: dict[str, Any] = {}
+
+
+def processor(model: str | None) -> tuple[Any, Any]:
+    """(tokenizer, image processor) for ``model``, loaded once per process."""
+    if _PROCESSOR.get("model", ()) != model:
+        from qvl_data.processor import load_image_processor, load_tokenizer
+
+        _PROCESSOR.update(model=model, tokenizer=load_tokenizer(model), image=load_image_processor(model))
+    return _PROCESSOR["tokenizer"], _PROCESSOR["image"]
+
+
+def processor_task(model: str | None) -> dict[str, Any]:
+    """The processor facts the manifest records (vocabulary, special ids, normalization, geometry)."""
+    from qvl_data.processor import processor_files_digest
+
+    tokenizer, image_processor = processor(model)
+    size = image_processor.size
+    return {
+        "model": model or "embedded",
+        "digest": processor_files_digest(model),
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "image_mean": [float(x) for x in image_processor.image_mean],
+        "image_std": [float(x) for x in image_processor.image_std],
+        "rescale_factor": float(image_processor.rescale_factor),
+        "patch_size": int(image_processor.patch_size),
+        "temporal_patch_size": int(image_processor.temporal_patch_size),
+        "merge_size": int(image_processor.merge_size),
+        "min_pixels": int(size["shortest_edge"]),
+        "max_pixels": int(size["longest_edge"]),
+    }
+
+
+def index_task(ctx: BuildContext, source: str, partition_rows_option: int) -> DatasetIndex:
+    stage_dir = Path(ctx.work_dir) / STAGED_DIR
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    return index_dataset(source, str(ctx.spec(source).path), partition_rows_option, str(stage_dir))
+
+
+def record_path(ctx: BuildContext, index: int) -> Path:
+    return Path(ctx.work_dir) / PARTS_DIR / f"{index:05d}.json"
+
+
+def rejected_path(ctx: BuildContext, index: int) -> Path:
+    return Path(ctx.work_dir) / PARTS_DIR / f"{index:05d}.rejected.jsonl"
+
+
+def _convert(ctx: BuildContext, partition: Partition) -> tuple[list, str]:
+    """The partition's rows as records or rejections (structural checks, image paths resolved), and a
+    digest of that outcome together with each image's (path, size, mtime): equal digests mean the
+    encoded output would be equal too."""
+    items, digest = [], hashlib.sha256()
+    for item in convert_partition(ctx.spec(partition.source), partition, ctx.read):
+        if isinstance(item, Rejection):
+            digest.update(f"{item.index} rejected {item.reason} {item.message}\n".encode("utf-8", "replace"))
+        else:
+            for path in item["images"]:
+                st = os.stat(path)
+                line = f"{item['index']} {path} {st.st_size} {st.st_mtime_ns}\n"
+                digest.update(line.encode("utf-8", "replace"))
+        items.append(item)
+    return items, digest.hexdigest()
+
+
+def _reusable(ctx: BuildContext, partition: Partition, image_digest: str) -> PartitionEntry | None:
+    """The partition's completion record if it still describes what this task would write."""
+    path = record_path(ctx, partition.index)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if record.get("fingerprint") != ctx.fingerprint or record.get("partition") != _partition_json(partition):
+        return None
+    entry = PartitionEntry.from_dict(record["entry"])
+    if entry.image_digest != image_digest or not rejected_path(ctx, partition.index).is_file():
+        return None
+    for shard in entry.shards:
+        file = Path(ctx.out_dir) / shard.file
+        if not file.is_file() or file.stat().st_size != shard.bytes:
+            return None
+    return entry
+
+
+def _partition_json(partition: Partition) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(partition)))  # tuples as lists, as read back from the record
+
+
+def _remove_outputs(ctx: BuildContext, index: int) -> None:
+    """Whatever an earlier run of this partition left: its record first, then its shards."""
+    record_path(ctx, index).unlink(missing_ok=True)
+    for file in (Path(ctx.out_dir) / SHARD_DIR).glob(f"part-{index:05d}-*.arrow*"):
+        file.unlink()
+
+
+def partition_task(ctx: BuildContext, partition: Partition, check_only: bool = False) -> TaskResult:
+    """Encode and write one partition, or reuse its valid completion record. With ``check_only`` nothing
+    is written: the result only says whether the record is still valid (``reused``)."""
+    started = time.process_time()
+    items, image_digest = _convert(ctx, partition)
+    if ctx.write or check_only:
+        entry = _reusable(ctx, partition, image_digest)
+        if entry is not None:
+            return TaskResult(entry, reused=True, cpu_seconds=time.process_time() - started)
+        if check_only:
+            return TaskResult(_entry(partition, image_digest, SourceTotals(), {}, []))
+        _remove_outputs(ctx, partition.index)
+
+    totals, reasons, rejections = SourceTotals(), {}, []
+    writer = None
+    if ctx.write:
+        writer = ShardWriter(
+            Path(ctx.out_dir), ctx.encode.pixel_format, ctx.shard_bytes, prefix=f"part-{partition.index:05d}"
+        )
+    tokenizer = image_processor = None
+    for item in items:
+        if isinstance(item, dict):
+            if tokenizer is None:
+                tokenizer, image_processor = processor(ctx.model)
+            item = encode_record(item, tokenizer, image_processor, ctx.encode)
+        if isinstance(item, Rejection):
+            rejections.append(item)
+            reasons[item.reason] = reasons.get(item.reason, 0) + 1
+            totals.rejected += 1
+            continue
+        _count(totals, item)
+        if writer:
+            writer.write(item)
+
+    entry = _entry(partition, image_digest, totals, reasons, writer.close() if writer else [])
+    if not ctx.write:
+        return TaskResult(entry, cpu_seconds=time.process_time() - started, rejections=rejections)
+    _write_rejected(rejected_path(ctx, partition.index), rejections)
+    record = {"fingerprint": ctx.fingerprint, "partition": _partition_json(partition), "entry": asdict(entry)}
+    write_json_atomic(record_path(ctx, partition.index), record)  # last: marks the partition done
+    return TaskResult(entry, cpu_seconds=time.process_time() - started)
+
+
+def _entry(
+    partition: Partition, image_digest: str, totals: SourceTotals, reasons: dict, shards: list
+) -> PartitionEntry:
+    return PartitionEntry(
+        index=partition.index,
+        source=partition.source,
+        file=partition.file,
+        first_row=partition.first_row,
+        rows=partition.rows,
+        image_digest=image_digest,
+        totals=totals,
+        rejected_by_reason=dict(sorted(reasons.items())),
+        shards=shards,
+    )
+
+
+def _count(totals: SourceTotals, row: EncodedRow) -> None:
+    totals.rows += 1
+    totals.tokens += len(row.input_ids)
+    totals.trained_tokens += row.trained_tokens
+    totals.image_tokens += row.image_tokens
+    totals.images += len(row.image_paths)
+    totals.max_length = max(totals.max_length, len(row.input_ids))
+    totals.truncated += row.truncated
+
+
+def _write_rejected(path: Path, rejections: list[Rejection]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rejections:
+            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
