@@ -28,10 +28,7 @@ def built(tmp_path_factory: pytest.TempPathFactory):
     cache = tmp_path_factory.mktemp("qvl_cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QVL_CACHE", str(cache))
-        started = time.perf_counter()
-        out_dir = proc.embedded_processor_dir()
-        seconds = time.perf_counter() - started
-        yield {"cache": cache, "dir": out_dir, "build_seconds": seconds}
+        yield {"cache": cache, "dir": proc.embedded_processor_dir()}
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +73,10 @@ def test_embedded_dir_layout(built) -> None:
     assert [p.name for p in out_dir.parent.iterdir()] == [out_dir.name]
 
 
-def test_build_is_fast(built) -> None:
-    assert built["build_seconds"] < 30  # about 4 s on 2 cores; generous bound for slow CI
-
-
 def test_second_call_reuses(built) -> None:
     out_dir: Path = built["dir"]
     mtimes = {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()}
-    started = time.perf_counter()
     assert proc.embedded_processor_dir() == out_dir
-    assert time.perf_counter() - started < 1.0
     assert {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()} == mtimes
 
 
@@ -304,7 +295,8 @@ def _varied_strings() -> list[str]:
 
 
 def test_matches_tiktoken(tokenizer) -> None:
-    tiktoken = pytest.importorskip("tiktoken")
+    import tiktoken  # a declared test dependency ([dev]): this test must run, never skip
+
     ranks = {token: rank for rank, token in enumerate(proc._read_ranks(proc._tiktoken_file()))}
     encoding = tiktoken.Encoding(
         name="qwen2-qvl-test", pat_str=proc.PRETOKENIZE_REGEX, mergeable_ranks=ranks, special_tokens={}
