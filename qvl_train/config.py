@@ -34,7 +34,8 @@ class TrainConfig:
     """Where the adapter, checkpoints, plan, log and loss plot go."""
     overwrite_output_dir: bool = False
     """Start afresh in an output_dir that already holds a run (its checkpoints, adapter, log and plot are
-    deleted). Without it such a directory is an error, unless resuming."""
+    deleted). Without it such a directory is an error, unless resuming. Command line only: a config file
+    that sets it true is refused, so re-running a recipe never deletes checkpoints by default."""
     resume: str = ""
     """``auto``: continue from the latest complete checkpoint in output_dir (start afresh if there is none);
     a path: continue from that checkpoint dir; empty: start afresh."""
@@ -270,7 +271,13 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """TrainConfig from ``--config`` YAML plus the command-line overrides; QvlError on any problem."""
     args = vars(build_parser().parse_args(argv))
     yaml_path = args.pop("config")
-    return load_config(TrainConfig, yaml_path, args)
+    config = load_config(TrainConfig, yaml_path, args)
+    if config.overwrite_output_dir and args["overwrite_output_dir"] is None:  # it came from the file
+        raise QvlError(
+            f"{yaml_path}: overwrite_output_dir deletes the earlier run's checkpoints, so it is a command-line "
+            "choice only; remove it from the config file and pass --overwrite-output-dir when you mean it"
+        )
+    return config
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:

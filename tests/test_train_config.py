@@ -22,7 +22,8 @@ def test_recipe_is_the_seed_recipe():
     assert (cfg.lr_scheduler_type, cfg.warmup_ratio, cfg.num_train_epochs) == ("cosine", 0.1, 3.0)
     assert cfg.bf16 and cfg.gradient_checkpointing and cfg.attn_implementation == "sdpa"
     assert (cfg.logging_steps, cfg.save_steps, cfg.plot_loss) == (10, 500, True)
-    assert cfg.output_dir == "saves/qwen2_5vl-7b/lora/sft" and cfg.overwrite_output_dir
+    assert cfg.output_dir == "saves/qwen2_5vl-7b/lora/sft" and not cfg.overwrite_output_dir
+    assert "overwrite_output_dir:" not in RECIPE.read_text()  # deleting checkpoints is never a recipe default
     assert cfg.model == "Qwen/Qwen2.5-VL-7B-Instruct"
 
 
@@ -79,3 +80,16 @@ def test_yaml_errors(tmp_path):
     bad.write_text("learning_rate: fast\n")
     with pytest.raises(QvlError, match="learning_rate: expected float"):
         parse_config(["--config", str(bad)])
+
+
+def test_overwrite_output_dir_is_a_command_line_choice_only(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: tiny\noverwrite_output_dir: true\n")
+    with pytest.raises(QvlError, match="overwrite_output_dir deletes the earlier run's checkpoints") as info:
+        parse_config(["--config", str(recipe)])
+    assert "\n" not in str(info.value)
+    assert parse_config(["--config", str(recipe), "--overwrite-output-dir"]).overwrite_output_dir
+    assert not parse_config(["--config", str(recipe), "--overwrite-output-dir", "false"]).overwrite_output_dir
+    recipe.write_text("model: tiny\noverwrite_output_dir: false\n")
+    assert not parse_config(["--config", str(recipe)]).overwrite_output_dir
+    assert parse_config(["--overwrite-output-dir"]).overwrite_output_dir
