@@ -66,7 +66,20 @@ def _encode_options(fn):
         click.option(
             "--model", help="Checkpoint dir or hub id for tokenizer + image processor. Default: embedded."
         ),
-        click.option("--num-proc", type=int, help="Worker processes (default: one per CPU)."),
+        click.option(
+            "--num-proc", type=int, help="Worker processes of the local executor (default: one per CPU)."
+        ),
+        click.option(
+            "--executor",
+            type=click.Choice(["local", "ray"]),
+            help="Where tasks run: local (default; a process pool of --num-proc workers) or ray (a Ray "
+            'cluster; pip install -e ".[ray]"). The output is byte-identical either way.',
+        ),
+        click.option(
+            "--ray-address",
+            help="With --executor ray: a running cluster's address (e.g. auto); default: start Ray here. "
+            "Every node must see the datasets, images and --out at the same paths.",
+        ),
         click.option("--cutoff-len", type=int, help="Max tokens per row (default 2048)."),
         click.option(
             "--image-max-pixels", type=int, help="Pre-resize images above this many pixels (262144)."
@@ -131,13 +144,21 @@ def demo_data() -> None:
     "on photos, decoded in the loader), float32 (the processor's pixel_values).",
 )
 @click.option("--shard-size-mb", type=int, help="Shard size bound in MiB (default 256).")
+@click.option(
+    "--partition-rows",
+    type=int,
+    help="Rows per partition, the unit of work (one task, its own shard files, resumed as a whole). "
+    "Default 0 = auto: max(32, rows/1024) per dataset.",
+)
 @click.option("--force", is_flag=True, default=None, help="Rebuild even if the output is up to date.")
 @_fail_cleanly
 def build(config_path: str | None, **overrides) -> None:
     """Validate, encode and shard datasets. Bad rows go to rejected.jsonl, never silently dropped.
 
-    Re-running with unchanged inputs, processor and options does nothing (the manifest's fingerprint
-    matches); --force rebuilds.
+    The rows are cut into partitions; each is one task (on --num-proc local workers or a Ray cluster)
+    that writes its own shard files. Re-running with unchanged inputs, processor and options does
+    nothing (the manifest's fingerprint matches); a killed build re-run with the same command redoes
+    only the unfinished partitions; --force rebuilds everything.
     """
     from qvl_data.build import build as run_build
     from qvl_data.report import print_build_summary
@@ -149,6 +170,8 @@ def build(config_path: str | None, **overrides) -> None:
             f"{config.out} is up to date (fingerprint {result.manifest['fingerprint'][:12]}); nothing to do."
         )
         return
+    if result.reused:
+        click.echo(f"resumed: reused {result.reused} of {result.partitions} partitions already built")
     if not config.quiet:
         print_build_summary(result)
 
@@ -226,6 +249,27 @@ def inspect_command(shards_dir: str, color: bool | None, **options) -> None:
     from qvl_data.inspect import inspect_rows, make_console
 
     inspect_rows(shards_dir, console=make_console(color), **options)
+
+
+@main.command("notebook")
+@click.argument("shards_dir", required=False, default=BuildConfig.out)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    help="Executed notebook to write (default: ./dataset_qa-<build folder name>.ipynb).",
+)
+@click.option(
+    "--timeout", type=click.IntRange(min=1), default=600, show_default=True, help="Seconds per cell."
+)
+@_fail_cleanly
+def notebook_command(shards_dir: str, out: str | None, timeout: int) -> None:
+    """Run notebooks/dataset_qa.ipynb on SHARDS_DIR (default data/qvl-demo) and keep its outputs.
+
+    Needs the [dev] extra (nbclient, ipykernel), not Jupyter; open the result in any notebook viewer.
+    """
+    from qvl_data.qa_notebook import run_notebook
+
+    click.echo(f"wrote {run_notebook(shards_dir, out, timeout=timeout)}")
 
 
 @main.command("stats")

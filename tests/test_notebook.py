@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import nbformat
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
+from qvl_data.cli import main
 from qvl_data.shards import ShardSet
 from qvl_data.vision import open_image, preresize_image
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "dataset_qa.ipynb"
-KERNEL = "qvl-test-python"
-INLINE = "module://matplotlib_inline.backend_inline"  # figures as outputs, whatever MPLBACKEND says
 
 
 def test_notebook_is_committed_without_outputs() -> None:
@@ -26,37 +24,21 @@ def test_notebook_is_committed_without_outputs() -> None:
     assert code and all(c.outputs == [] and c.execution_count is None for c in code)
 
 
-@pytest.fixture()
-def kernel_manager(tmp_path: Path, demo_build: Path):
-    """A kernel running *this* interpreter (whatever kernels the machine has registered), with the
-    notebook's parameters in its environment."""
-    from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import KernelManager
-
-    images_out = tmp_path / "images"
-    spec_dir = tmp_path / "kernels" / KERNEL
-    spec_dir.mkdir(parents=True)
-    spec = {
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "qvl test",
-        "language": "python",
-        "env": {"QVL_SHARDS": str(demo_build), "QVL_QA_OUT": str(images_out), "MPLBACKEND": INLINE},
-    }
-    (spec_dir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
-    specs = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")], ensure_native_kernel=False)
-    return KernelManager(kernel_name=KERNEL, kernel_spec_manager=specs), images_out
-
-
-def test_notebook_runs_and_reconstructs_the_source_image(
-    kernel_manager, tmp_path: Path, demo_build: Path
+def test_notebook_command_runs_it_on_a_build_and_keeps_the_outputs(
+    tmp_path: Path, demo_build: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nbclient import NotebookClient
-
-    km, images_out = kernel_manager
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    work = tmp_path / "cwd"
-    work.mkdir()
-    NotebookClient(nb, km=km, timeout=120, resources={"metadata": {"path": str(work)}}).execute()
+    """The documented command (`qvl-data notebook BUILD --out FILE`) runs the committed notebook on a
+    build with a kernel of this interpreter, and the written notebook holds every output."""
+    images_out = tmp_path / "images"
+    monkeypatch.setenv("QVL_QA_OUT", str(images_out))  # the kernel inherits the environment
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "qa" / "dataset_qa.ipynb"
+    out.parent.mkdir()
+    result = CliRunner().invoke(main, ["notebook", str(demo_build), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"wrote {out}"
+    nb = nbformat.read(out, as_version=4)
+    assert nb.cells[0].source == nbformat.read(NOTEBOOK, as_version=4).cells[0].source
 
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
@@ -80,3 +62,9 @@ def test_notebook_runs_and_reconstructs_the_source_image(
     rebuilt = np.asarray(Image.open(images_out / "mllm_demo-0-image1.png").convert("RGB"), dtype=np.int16)
     assert rebuilt.shape == expected.shape == (168, 308, 3)
     assert np.abs(rebuilt - expected).max() <= 1
+
+
+def test_notebook_command_fails_in_one_line_without_a_build(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["notebook", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "no manifest.json" in result.output
+    assert len(result.output.strip().splitlines()) == 1
