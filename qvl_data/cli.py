@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from qvl_data.config import BuildConfig, load_config
+from qvl_data.config import DEMO_DATASETS, BuildConfig, load_config
 from qvl_data.errors import QvlError
 from qvl_data.schema import rejection_line
 from qvl_data.shards import PIXEL_FORMATS
@@ -38,9 +38,7 @@ def _dataset_options(fn):
             "--dataset-dir",
             help="Folder with dataset_info.json and the data files. Default: the LLaMA-Factory demo data.",
         ),
-        click.option(
-            "--dataset", help="Comma-separated dataset names. Default: mllm_demo,identity,alpaca_en_demo."
-        ),
+        click.option("--dataset", help=f"Comma-separated dataset names. Default: {DEMO_DATASETS}."),
         click.option("--media-dir", help="Folder image paths are relative to. Default: the dataset dir."),
         click.option(
             "--allow-outside-images",

@@ -10,11 +10,13 @@ from typing import Any, ClassVar, TypeVar
 
 import yaml
 
+from qvl_data.demo import DEMO_DATASETS as DEMO_DATASET_NAMES
 from qvl_data.errors import QvlError
 from qvl_data.processor import CONTROL_TOKENS
 from qvl_data.shards import PIXEL_FORMATS
 
-DEMO_DATASETS = "mllm_demo,identity,alpaca_en_demo"
+# The --dataset default: the demo sets of qvl_data/demo.py (their one home), as the option spells them.
+DEMO_DATASETS = ",".join(DEMO_DATASET_NAMES)
 MIN_IMAGE_PIXELS = 28 * 28  # the smallest image the Qwen2-VL processor produces (one merged patch)
 
 T = TypeVar("T")

@@ -8,12 +8,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qvl_data import vision
-from qvl_data.processor import IMAGE_PAD_ID, VISION_END_ID, VISION_START_ID
+from qvl_data.processor import (
+    IMAGE_PAD_ID,
+    IMAGE_PAD_TOKEN,
+    VISION_END_ID,
+    VISION_END_TOKEN,
+    VISION_START_ID,
+    VISION_START_TOKEN,
+)
 from qvl_data.schema import IMAGE_PLACEHOLDER, Record, Rejection, row_location
 from qvl_data.shards import PIXEL_FORMATS
 from qvl_data.template import IGNORE_INDEX, encode_conversation
-
-VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,7 @@ def expand_image_placeholders(messages: list[dict], token_counts: list[int]) -> 
         pieces = message["content"].split(IMAGE_PLACEHOLDER)
         content = pieces[0]
         for piece in pieces[1:]:
-            content += VISION_START + IMAGE_PAD * next(counts) + VISION_END + piece
+            content += VISION_START_TOKEN + IMAGE_PAD_TOKEN * next(counts) + VISION_END_TOKEN + piece
         expanded.append({"role": message["role"], "content": content})
     return expanded
 

@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,8 @@ __all__ = [
     "load_image_processor",
     "load_tokenizer",
     "processor_files_digest",
+    "publish_directory",
+    "staging_directory",
 ]
 
 #: Bump whenever the files written by :func:`build_embedded_processor` change: it is part of the
@@ -432,8 +435,6 @@ def build_embedded_processor(out_dir: Path) -> Path:
     other existing ``out_dir`` is replaced. Takes a few seconds; returns ``out_dir``.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp_dirs(out_dir)
     source = _tiktoken_file()
     source_hash = _source_hash(source)
     started = time.perf_counter()
@@ -452,8 +453,7 @@ def build_embedded_processor(out_dir: Path) -> Path:
     if len(vocab) != NUM_RANKS or len(merges) != NUM_MERGES:
         raise ValueError(f"unexpected sizes: {len(vocab)} tokens, {len(merges)} merges")
 
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; the finished directory is a shared cache
+    tmp_dir = staging_directory(out_dir)
     try:
         # Compact separators, no final newline: the released Qwen2 vocab.json byte for byte.
         _write_text(tmp_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False, separators=(",", ":")))
@@ -478,10 +478,30 @@ def build_embedded_processor(out_dir: Path) -> Path:
 
 
 def _move_into_place(tmp_dir: Path, out_dir: Path, source_hash: str) -> None:
-    """Rename a finished build onto ``out_dir`` (a directory rename is atomic on one filesystem).
+    """Publish a finished embedded-processor build (see :func:`publish_directory`)."""
+    publish_directory(tmp_dir, out_dir, lambda path: _is_complete_build(path, source_hash))
 
-    If ``out_dir`` already holds a complete build of the same source (a concurrent build won the race),
-    it is kept and ``tmp_dir`` is left for the caller to delete; anything else there is moved aside and
+
+def staging_directory(out_dir: Path) -> Path:
+    """A fresh, empty ``.<name>.tmp-*`` directory next to ``out_dir`` to build a cache entry in.
+
+    Stale staging directories of killed builders (over an hour old) are removed first. The directory is
+    world-readable like the finished cache entry will be; publish it with :func:`publish_directory`.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp_dirs(out_dir)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; the finished directory is a shared cache
+    return tmp_dir
+
+
+def publish_directory(tmp_dir: Path, out_dir: Path, is_complete: Callable[[Path], bool]) -> None:
+    """Rename a finished cache directory onto ``out_dir`` (a directory rename is atomic on one filesystem).
+
+    The one implementation of qvl's cache publishing (embedded processor, demo data, tiny model): readers
+    see either nothing or a complete directory. If ``out_dir`` already passes ``is_complete`` (a
+    concurrent builder won the race; builds are deterministic), it is kept and ``tmp_dir`` is left for
+    the caller to delete; anything else there (an incomplete earlier attempt, a file) is moved aside and
     replaced.
     """
     for _ in range(5):
@@ -491,8 +511,8 @@ def _move_into_place(tmp_dir: Path, out_dir: Path, source_hash: str) -> None:
         except OSError:
             if not os.path.lexists(out_dir):
                 raise
-        if _is_complete_build(out_dir, source_hash):
-            return  # its files equal ours: the build is deterministic
+        if out_dir.is_dir() and is_complete(out_dir):
+            return
         old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
         try:
             os.rename(out_dir, old)
@@ -502,7 +522,7 @@ def _move_into_place(tmp_dir: Path, out_dir: Path, source_hash: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
-    raise OSError(f"could not move the processor build into place at {out_dir}")
+    raise OSError(f"could not move {tmp_dir} into place at {out_dir}")
 
 
 def _remove_stale_tmp_dirs(out_dir: Path) -> None:
