@@ -325,9 +325,7 @@ def convert_row(spec: DatasetSpec, index: int, row: Any, options: ReadOptions) -
     except _Reject as r:
         return Rejection(source=spec.name, index=index, reason=r.reason, message=f"{where}: {r}", file=file)
     row_id = record_id(spec.name, index, row)
-    return Record(
-        id=row_id, source=spec.name, index=index, system=system, messages=messages, images=images
-    )
+    return Record(id=row_id, source=spec.name, index=index, system=system, messages=messages, images=images)
 
 
 def convert_partition(

@@ -71,6 +71,7 @@ def processor(model: str | None) -> tuple[Any, Any]:
         from qvl_data.processor import load_image_processor, load_tokenizer
 
         _PROCESSOR.update(model=model, tokenizer=load_tokenizer(model), image=load_image_processor(model))
+        _PROCESSOR["loads"] = _PROCESSOR.get("loads", 0) + 1  # how often this process loaded one
     return _PROCESSOR["tokenizer"], _PROCESSOR["image"]
 
 

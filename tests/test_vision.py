@@ -215,6 +215,39 @@ def test_pixels_match_processor(processor, tmp_path, mode, size_name) -> None:
     assert np.array_equal(rebuilt_t.numpy(), ref_pv)
 
 
+def test_fast_uint8_path_matches_processor_on_200_random_images(processor) -> None:
+    """process_image makes the processor's PIL resize itself and patchifies uint8 with a reshape; over 200
+    random sizes (below the min-pixel bound, around 28, above max pixels, extreme aspect ratios) and modes
+    it must equal the processor's own un-normalized output (first temporal copy) and normalized output."""
+    rng = np.random.default_rng(20261129)
+    for k in range(200):
+        mode = MODES[int(rng.integers(len(MODES)))]
+        kind = k % 4
+        if kind == 0:  # small: the upscale branch and the 28-pixel floor
+            w, h = int(rng.integers(1, 60)), int(rng.integers(1, 60))
+        elif kind == 1:  # around the image_max_pixels bound
+            w, h = int(rng.integers(300, 800)), int(rng.integers(300, 800))
+        elif kind == 2:  # long and thin
+            w, h = int(rng.integers(1, 12)), int(rng.integers(200, 2000))
+            w, h = (w, h) if rng.integers(2) else (h, w)
+        else:
+            w, h = int(rng.integers(28, 400)), int(rng.integers(28, 400))
+        image = _make_image(mode, w, h, seed=k)
+        try:
+            preresized = preresize_image(image)
+        except ImageError:
+            continue  # degenerate sizes are rejected before the processor (tested above)
+        raw = processor(images=[preresized], do_rescale=False, do_normalize=False, return_tensors="np")
+        n = raw["pixel_values"].shape[0]
+        first_frame = raw["pixel_values"].reshape(n, 3, 2, 196)[:, :, 0, :].reshape(n, 588)
+        as_u8 = process_image(image, processor, "uint8")
+        assert as_u8.grid_thw == tuple(int(x) for x in raw["image_grid_thw"][0]), (mode, w, h)
+        assert np.array_equal(as_u8.pixels, first_frame.astype(np.uint8)), (mode, w, h)
+        if k % 10 == 0:  # the float path through the processor's rescale + normalize, on a subset
+            ref = processor(images=[preresized], return_tensors="np")["pixel_values"]
+            assert np.array_equal(process_image(image, processor, "float32").pixels, ref), (mode, w, h)
+
+
 def test_torch_expansion_covers_every_pair_of_values(processor) -> None:
     """The torch path gathers two adjacent values at once (a 65536-entry pair table per channel): every
     (first, second) pair of uint8 values, in every channel, must give the numpy path's float32 bits."""
