@@ -8,17 +8,23 @@ Needs torch, transformers, peft, pyarrow, rich only (no datasets, no polars, no 
 * the Qwen2.5-VL-7B-Instruct architecture from its config dict (8,292,166,656 parameters, checked), built on
   the meta device and materialised with random bf16 weights on the GPU (``to_empty`` + ``init_weights``);
 * LoRA as reference-semantics section 7 (r 8, alpha 16, dropout 0.1, the 196 language-model linears,
-  20,185,088 trainable, fp32), non-reentrant gradient checkpointing, SDPA attention;
+  20,185,088 trainable, fp32), ``qvl_train.model.add_lora`` (which drops the input-embedding grad hooks, so
+  the frozen vision tower runs no backward), SDPA attention;
+* two configurations (``--checkpointing``): non-reentrant gradient checkpointing on (the trainer's default)
+  and off (activations kept: faster, and at seq 2048 the 7B LoRA step fits in 80 GB without it);
 * one row of ``--seq-len`` 2048 tokens holding one 448x448 image (grid 1x32x32: 1024 patches, 256 image
   tokens), the answer (``--trained-fraction`` of the text tokens) trained, micro-batch 1;
 * ``qvl``: ``qvl_train``'s own pieces (``collate``, ``to_device`` with the uint8 -> float expansion on the
   GPU, ``run_window`` = forward with ``logits_to_keep`` + sum-of-token loss + backward, clip, fused AdamW);
 * ``HF Trainer``: ``transformers.Trainer`` (bf16, fused AdamW, same clip) on the same model and row, float32
-  ``pixel_values`` from the collator, the model's own loss over full logits.
+  ``pixel_values`` from the collator, the model's own loss over full logits. Pinned to one GPU: on a host
+  with several visible GPUs the Trainer would wrap the model in ``DataParallel`` (other work, other memory);
+  the benchmark also makes only the first visible GPU visible before CUDA starts.
 
 Reported: seconds per optimizer step, tokens/s, model FLOPs utilisation and peak GPU memory. Model FLOPs
 (recomputation from gradient checkpointing is *not* counted; the vision tower is frozen and gets no
-backward because nothing before it needs a gradient)::
+backward: nothing in it is trained and no hook makes its input require a gradient, which
+``tests/test_model.py`` checks on the tiny model)::
 
     language model  (4 * N_frozen_linear + 6 * N_lora) * T  +  3 * 2 * L * T^2 * d   (causal attention)
     lm_head         4 * N_lm_head * K    (K = trained positions: the only logits the loss needs)
@@ -27,8 +33,10 @@ backward because nothing before it needs a gradient)::
 
     MFU = model FLOPs per step / (seconds per step * peak dense bf16 FLOP/s of the card)
 
-with peak 989 TFLOP/s for H100 SXM and H200, 835 for H100 NVL, 756 for H100 PCIe (``--peak-tflops``
-overrides).
+with peak 989 TFLOP/s for H100 SXM, H200 SXM and GH200, 835 for H100 NVL and H200 NVL, 756 for H100 PCIe
+(``--peak-tflops`` overrides).
+
+Not yet run on a GPU (no session of this project has had one); ``--smoke`` runs the same code on the CPU.
 """
 
 from __future__ import annotations
@@ -105,8 +113,9 @@ PEAK_BF16 = (
     ("H100 NVL", 835e12),
     ("H100 PCIe", 756e12),
     ("H100", 989e12),  # SXM ("H100 80GB HBM3")
-    ("H200", 989e12),
+    ("H200 NVL", 835e12),  # the PCIe card: lower clocks and power than the SXM H200
     ("GH200", 989e12),
+    ("H200", 989e12),  # SXM ("H200")
     ("A100", 312e12),
 )
 
@@ -179,14 +188,28 @@ def build_model(config, device, dtype, gradient_checkpointing: bool = True):
             model = cls._from_config(config, dtype=dtype, attn_implementation="sdpa")
         how = f"built under torch.device({str(device)!r}) (to_empty + init_weights left bad values)"
     model.config.use_cache = False
-    if gradient_checkpointing:  # as qvl_train.model.load_model does
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        model.enable_input_require_grads()
+    set_checkpointing(model, gradient_checkpointing)
     return model, meta_params, how
+
+
+def set_checkpointing(model, on: bool) -> None:
+    """Non-reentrant gradient checkpointing on or off, as ``qvl_train.model.load_model`` sets it, without the
+    input-embedding grad hooks that enabling it registers (they would put the vision tower in the backward)."""
+    from qvl_train.model import drop_input_grad_hooks
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if on:
+        kwargs = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        disable = (
+            getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+        )
+        disable()
+    drop_input_grad_hooks(model)
 
 
 def add_lora(model):
@@ -456,20 +479,42 @@ def run_hf(model, row, args, device, dtype) -> dict[str, Any]:
             disable_tqdm=True,
             dataloader_pin_memory=cuda,
         )
+        if cuda:
+            _ = targs.device  # sets up the devices (and n_gpu = every visible GPU) now, so that ...
+            targs._n_gpu = 1  # ... this sticks: no DataParallel over the other GPUs of the host
         trainer = Trainer(
             model=model, args=targs, train_dataset=[item] * total, data_collator=collator, callbacks=[Clock()]
         )
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         memory = _peak_memory(device)
+        wrapped = type(trainer.model_wrapped).__name__
         del trainer
-    return {"step_s": [b - a for a, b in zip(marks, marks[1:], strict=False)], "losses": losses, **memory}
+    if wrapped == "DataParallel":
+        raise SystemExit("HF Trainer wrapped the model in DataParallel: the baseline must run on one GPU")
+    return {
+        "step_s": [b - a for a, b in zip(marks, marks[1:], strict=False)],
+        "losses": losses,
+        "trainer_model": wrapped,
+        **memory,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- main
 
 
+def pin_one_gpu() -> None:
+    """Make only the first visible GPU visible (before CUDA starts): both loops run on one device."""
+    import os
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    first = visible.split(",")[0].strip() if visible else "0"
+    os.environ["CUDA_VISIBLE_DEVICES"] = first
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.smoke:
+        pin_one_gpu()
     import torch
 
     _ensure_pil()
@@ -505,27 +550,14 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     flops = model_flops(model, config, args.seq_len, patches, trained)
     peak = peak_flops(card, args.peak_tflops) if cuda or args.peak_tflops else None
     results = []
-    for name, fn in (("qvl", run_qvl), ("HF Trainer", run_hf)):
-        if args.only and name not in args.only:
-            continue
-        print(f"[gpu_step] {name} ...", flush=True)
-        r = fn(model, row, args, device, dtype)
-        measured = r["step_s"][args.warmup_steps :] or r["step_s"]
-        s = sum(measured) / len(measured)
-        r.update(
-            loop=name,
-            s_per_step=s,
-            tokens_per_s=args.seq_len * args.grad_accum / s,
-            trained_tokens_per_s=trained * args.grad_accum / s,
-            model_tflops_per_s=flops["total"] * args.grad_accum / s / 1e12,
-            mfu=flops["total"] * args.grad_accum / s / peak if peak else None,
-        )
-        print(
-            f"[gpu_step]   {s:.3f} s/step, {r['tokens_per_s']:,.0f} tok/s, MFU {fmt(100 * r['mfu'] if r['mfu'] else None)}%, "
-            f"peak {fmt_bytes(r['peak_allocated_bytes'])}",
-            flush=True,
-        )
-        results.append(r)
+    for checkpointing in args.checkpointing:
+        set_checkpointing(model, checkpointing)
+        for name, fn in (("qvl", run_qvl), ("HF Trainer", run_hf)):
+            if args.only and name not in args.only:
+                continue
+            results.append(
+                run_loop(name, fn, model, row, args, device, dtype, checkpointing, trained, flops, peak)
+            )
     return {
         "benchmark": NAME,
         "machine": info,
@@ -545,26 +577,61 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def run_loop(
+    name, fn, model, row, args, device, dtype, checkpointing, trained, flops, peak
+) -> dict[str, Any]:
+    """One loop in one configuration: its step times, throughput and MFU."""
+    label = f"{name}, checkpointing {'on' if checkpointing else 'off'}"
+    print(f"[gpu_step] {label} ...", flush=True)
+    r = fn(model, row, args, device, dtype)
+    measured = r["step_s"][args.warmup_steps :] or r["step_s"]
+    s = sum(measured) / len(measured)
+    r.update(
+        loop=name,
+        checkpointing=checkpointing,
+        s_per_step=s,
+        tokens_per_s=args.seq_len * args.grad_accum / s,
+        trained_tokens_per_s=trained * args.grad_accum / s,
+        model_tflops_per_s=flops["total"] * args.grad_accum / s / 1e12,
+        mfu=flops["total"] * args.grad_accum / s / peak if peak else None,
+    )
+    print(
+        f"[gpu_step]   {s:.3f} s/step, {r['tokens_per_s']:,.0f} tok/s, MFU {fmt(100 * r['mfu'] if r['mfu'] else None)}%, "
+        f"peak {fmt_bytes(r['peak_allocated_bytes'])}",
+        flush=True,
+    )
+    return r
+
+
 def summarize(payload: dict[str, Any]) -> dict[str, Any]:
+    """Per checkpointing configuration: qvl's MFU, and qvl's step time against the HF Trainer's."""
     results, checks = payload["results"], []
-    qvl = next((r for r in results if r["loop"] == "qvl"), None)
-    hf = next((r for r in results if r["loop"] == "HF Trainer"), None)
-    for r in results:
-        r["time_vs_qvl"] = ratio(r["s_per_step"], qvl["s_per_step"]) if qvl else None
-    if qvl and qvl["mfu"] is not None:
-        checks.append(
-            {
-                "target": "qvl MFU, 7B LoRA step",
-                "goal": f">= {TARGET_MFU:.0%}",
-                "measured": qvl["mfu"],
-                "met": qvl["mfu"] >= TARGET_MFU,
-            }
-        )
-    if qvl and hf:
-        x = ratio(qvl["s_per_step"], hf["s_per_step"])
-        checks.append(
-            {"target": "qvl s/step / HF Trainer s/step", "goal": "< 1x", "measured": x, "met": (x or 9) < 1}
-        )
+    for checkpointing in sorted({r["checkpointing"] for r in results}, reverse=True):
+        mine = [r for r in results if r["checkpointing"] == checkpointing]
+        qvl = next((r for r in mine if r["loop"] == "qvl"), None)
+        hf = next((r for r in mine if r["loop"] == "HF Trainer"), None)
+        suffix = f", checkpointing {'on' if checkpointing else 'off'}"
+        for r in mine:
+            r["time_vs_qvl"] = ratio(r["s_per_step"], qvl["s_per_step"]) if qvl else None
+        if qvl and qvl["mfu"] is not None:
+            checks.append(
+                {
+                    "target": "qvl MFU, 7B LoRA step" + suffix,
+                    "goal": f">= {TARGET_MFU:.0%}",
+                    "measured": qvl["mfu"],
+                    "met": qvl["mfu"] >= TARGET_MFU,
+                }
+            )
+        if qvl and hf:
+            x = ratio(qvl["s_per_step"], hf["s_per_step"])
+            checks.append(
+                {
+                    "target": "qvl s/step / HF Trainer s/step" + suffix,
+                    "goal": "< 1x",
+                    "measured": x,
+                    "met": (x or 9) < 1,
+                }
+            )
     payload["checks"] = checks
     return payload
 
@@ -574,6 +641,7 @@ def print_tables(payload: dict[str, Any]) -> None:
     rows = [
         [
             r["loop"],
+            "on" if r["checkpointing"] else "off",
             len(r["step_s"]) - a["warmup_steps"],
             fmt(r["s_per_step"], 3),
             fmt(r["tokens_per_s"], 0),
@@ -593,6 +661,7 @@ def print_tables(payload: dict[str, Any]) -> None:
         f"{row['seq_len']}, {row['patches']} patches, {row['trained_tokens']} trained, accumulation {a['grad_accum']}",
         [
             "loop",
+            "checkpointing",
             "steps",
             "s / step",
             "tok/s",
@@ -641,8 +710,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--peak-tflops", type=float, help="peak dense bf16 TFLOP/s of the card (default: by name)"
     )
     parser.add_argument("--only", help="comma-separated loops to run (qvl, HF Trainer)")
+    parser.add_argument(
+        "--checkpointing",
+        default="on,off",
+        help="comma-separated gradient-checkpointing configurations to run (on, off)",
+    )
     args = parser.parse_args(argv)
     args.only = [x for x in args.only.split(",") if x] if args.only else None
+    choices = {"on": True, "off": False}
+    wanted = [x.strip() for x in args.checkpointing.split(",") if x.strip()]
+    if not wanted or any(x not in choices for x in wanted):
+        parser.error(f"--checkpointing: expected on, off or on,off, got {args.checkpointing!r}")
+    args.checkpointing = [choices[x] for x in wanted]
     if args.smoke:
         args.seq_len, args.image_side, args.steps, args.warmup_steps = 96, 56, 1, 1
     return args
