@@ -7,7 +7,7 @@ Needs torch, transformers, peft, pyarrow, rich only (no datasets, no polars, no 
 
 * the Qwen2.5-VL-7B-Instruct architecture from its config dict (8,292,166,656 parameters, checked), built on
   the meta device and materialised with random bf16 weights on the GPU (``to_empty`` + ``init_weights``);
-* LoRA as reference-semantics section 7 (r 8, alpha 16, dropout 0.1, the 196 language-model linears,
+* LoRA as docs/semantics.md section 7 (r 8, alpha 16, dropout 0.1, the 196 language-model linears,
   20,185,088 trainable, fp32), ``qvl_train.model.add_lora`` (which drops the input-embedding grad hooks, so
   the frozen vision tower runs no backward), SDPA attention;
 * two configurations (``--checkpointing``): non-reentrant gradient checkpointing on (the trainer's default)
@@ -213,7 +213,7 @@ def set_checkpointing(model, on: bool) -> None:
 
 
 def add_lora(model):
-    """qvl_train's LoRA (section 7): the 196 language-model linears, r 8, alpha 16, dropout 0.1, fp32."""
+    """qvl_train's LoRA (docs/semantics.md section 7): 196 language-model linears, r 8, alpha 16, fp32."""
     from qvl_train.config import TrainConfig
     from qvl_train.model import add_lora
 

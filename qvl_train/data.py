@@ -1,7 +1,7 @@
 """Data for training: the step plan, a map-style dataset over the mapped shards, the rank split, the collate.
 
 * :func:`make_plan` is the one place where rows turn into batches, optimizer steps and warmup steps
-  (reference-semantics.md section 7); the dry run, the progress bar and the loop all use it.
+  (docs/semantics.md section 7); the dry run, the progress bar and the loop all use it.
 * :class:`ShardDataset` reads rows from the memory-mapped Arrow shards. It opens them lazily in whichever
   process reads (a data-loader worker maps the files itself rather than receiving a pickled mapping), so the
   resident memory stays flat whatever the dataset size.
@@ -73,7 +73,7 @@ def make_plan(
     warmup_ratio: float = 0.0,
     warmup_steps: int = 0,
 ) -> Plan:
-    """Rows -> steps as in section 7: per-rank batches = ceil(ceil(N / world) / batch); steps per epoch =
+    """Rows -> steps (docs/semantics.md section 7): per-rank batches = ceil(ceil(N / world) / batch); steps per epoch =
     ceil(per-rank batches / accumulation); total = max_steps or ceil(epochs * steps per epoch); warmup =
     warmup_steps or ceil(warmup_ratio * total). 1096 rows, 2 ranks, accumulation 8, 3 epochs -> 207, 21."""
     if rows < 1:

@@ -4,11 +4,11 @@
   :func:`check_compatible` refuses a model whose architecture or vocabulary does not fit the shards.
 * :func:`load_model` builds the trainable model: base weights frozen (bf16 on CUDA, fp32 on CPU), LoRA r/alpha/
   dropout on the decoder-layer linears of the *language model* (the vision tower's MLP uses the same names,
-  see reference-semantics.md section 7, so targets are a regex anchored at ``language_model.layers``),
+  see docs/semantics.md section 7, so targets are a regex anchored at ``language_model.layers``),
   trainable weights in fp32, non-reentrant gradient checkpointing, and no input-gradient hooks (they would
   make the frozen vision tower run a backward pass; non-reentrant checkpointing does not need them).
 * :func:`meta_model` does the same on the meta device from the config alone (the dry run: no weights).
-* :func:`tiny_model_dir` builds and caches the tiny random Qwen2.5-VL of section 7 for CPU runs.
+* :func:`tiny_model_dir` builds and caches the tiny random Qwen2.5-VL (docs/semantics.md section 7) for CPU.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ TINY_SEED = 0
 
 
 def tiny_config() -> Qwen2_5_VLConfig:
-    """The tiny random Qwen2.5-VL of section 7: text hidden 128, 2 layers, 4 heads, 2 kv heads,
+    """The tiny Qwen2.5-VL of docs/semantics.md section 7: text hidden 128, 2 layers, 4 heads, 2 kv heads,
     mrope_section [4, 6, 6] (= head_dim / 2), vocab 151936; vision depth 2, hidden 64. 39 M parameters,
     nearly all in the (untied) embedding and lm_head."""
     from transformers import Qwen2_5_VLConfig

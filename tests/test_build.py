@@ -1,4 +1,5 @@
-"""The demo build end to end: spec §5 figures, determinism across workers, no-op rebuilds, kill safety."""
+"""The demo build end to end: the docs/semantics.md section 5 figures,
+determinism across workers, no-op rebuilds, kill safety."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from qvl_data.config import BuildConfig
 from qvl_data.errors import QvlError
 from qvl_data.shards import ShardSet
 
-SPEC_TOTALS = {  # reference-semantics §5
+SPEC_TOTALS = {  # docs/semantics.md section 5
     "mllm_demo": {"rows": 6, "tokens": 1025, "trained_tokens": 245, "max_length": 195, "image_tokens": 550},
     "identity": {"rows": 91, "tokens": 4895, "trained_tokens": 2684, "max_length": 96, "image_tokens": 0},
     "alpaca_en_demo": {

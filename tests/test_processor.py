@@ -1,4 +1,5 @@
-"""Tests for qvl_data.processor: the offline Qwen2.5-VL tokenizer/image processor (spec sections 2, 3, 6)."""
+"""Tests for qvl_data.processor: the offline Qwen2.5-VL tokenizer/image processor
+(docs/semantics.md sections 2, 3, 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""qwen2_vl template, masking and truncation: exact ids (spec §2, §4)."""
+"""qwen2_vl template, masking and truncation: exact ids (docs/semantics.md sections 2 and 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Every bad-input class: the right reason code, and nothing else lost (spec §1, issue part 5)."""
+"""Every bad-input class: the right reason code, and nothing else lost
+(docs/semantics.md section 1, issue part 5)."""
 
 from __future__ import annotations
 
