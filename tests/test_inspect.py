@@ -239,8 +239,9 @@ def test_missing_or_incompatible_directory_is_one_line(
     broken = tmp_path / "broken"
     (broken / "shards").mkdir(parents=True)
     shutil.copy(demo_build / "manifest.json", broken)
-    shard = (demo_build / "shards" / "part-00000.arrow").read_bytes()
-    (broken / "shards" / "part-00000.arrow").write_bytes(shard[: len(shard) // 2])
+    first = manifest["shards"][0]["file"]  # the manifest names each shard file
+    shard = (demo_build / first).read_bytes()
+    (broken / first).write_bytes(shard[: len(shard) // 2])
     result = run(command, str(broken))
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "unreadable shard" in result.stderr
 
