@@ -420,7 +420,8 @@ def print_checks(checks: list[dict[str, Any]]) -> None:
         measured = c["measured"]
         ratio_like = measured is None or isinstance(measured, float)
         shown = c.get("display") or (fmt_ratio(measured) if ratio_like else measured)
-        row = [c["target"], c["goal"], shown, "met" if c["met"] else "MISSED"]
+        verdict = "-" if c["met"] is None else "met" if c["met"] else "MISSED"  # None: informational
+        row = [c["target"], c["goal"], shown, verdict]
         rows.append([c.get("workload", ""), *row] if with_workload else row)
     columns = ["target", "goal", "measured", ""]
     print_table("targets", ["workload", *columns] if with_workload else columns, rows)
