@@ -14,6 +14,11 @@ Sources, each with 0 and 2 data-loader workers, each configuration in a fresh pr
   TRL / axolotl style): every read opens the JPEGs, pre-resizes them, runs the transformers image processor
   and tokenizes the templated turns; float32 ``pixel_values`` come out of the collator.
 
+Both worker counts run in the same invocation, and a check says whether ``qvl-train``'s default
+``dataloader_num_workers`` (0) is the fastest measured for each qvl source: with workers, every batch
+crosses a process boundary (shared-memory files and a socket per tensor), which costs more than a qvl row
+takes to read, so the trainer loads in its own process by default.
+
 All sources read the same rows in the same order (the trainer's seeded permutation of the first
 ``--rows`` rows) and the first batch of every configuration is hashed: the tensors must be identical.
 Throughput runs start with their source's files in the page cache (read once, untimed, beforehand) and
@@ -131,8 +136,8 @@ def child_loader(cfg: dict[str, Any]) -> dict[str, Any]:
         times.append(now - t)
         fetch.append(got - t)
         t = now
-        if i == 0:
-            digest = _digest(inputs)
+        if i == 0:  # qvl's to_device passes no mask for right-padded batches: hash the collated one
+            digest = _digest({"attention_mask": batch.get("attention_mask"), **inputs})
         if i == cfg["warmup"]:
             memory_after_warmup = _tree_memory()
         if i + 1 in marks:
@@ -332,8 +337,34 @@ def summarize(payload: dict[str, Any]) -> dict[str, Any]:
                         "met": (r or 99) <= TARGET_RSS_GROWTH,
                     }
                 )
+    checks.extend(worker_checks(throughput))
     payload["checks"] = checks
     return payload
+
+
+def worker_checks(throughput: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per qvl source: is qvl-train's default worker count the fastest of those measured in this run?
+    (With workers each batch crosses a process boundary; the default is 0 because that costs more than a
+    qvl row takes to read. See ``dataloader_num_workers`` in ``qvl-train --help``.)"""
+    from qvl_train.config import TrainConfig
+
+    default = TrainConfig().dataloader_num_workers
+    checks = []
+    for source in sorted({r["source"] for r in throughput if r["source"].startswith("qvl")}):
+        rates = {r["workers"]: r["batches_per_s"] or 0.0 for r in throughput if r["source"] == source}
+        if default not in rates or len(rates) < 2:
+            continue
+        best = max(rates, key=lambda w: rates[w])
+        measured = ", ".join(f"{w} workers {rates[w]:.0f}/s" for w in sorted(rates))
+        checks.append(
+            {
+                "target": f"{source}: qvl-train's default ({default} workers) is the fastest",
+                "goal": f"{default} workers",
+                "measured": measured,
+                "met": rates[default] >= rates[best],
+            }
+        )
+    return checks
 
 
 def print_tables(payload: dict[str, Any]) -> None:

@@ -322,7 +322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per configuration")
     parser.add_argument("--warmup-steps", type=int, default=1, help="first steps not timed")
     parser.add_argument("--grad-accum", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=2, help="data-loader workers (qvl_train's default)")
+    parser.add_argument("--workers", type=int, default=0, help="data-loader workers (qvl_train's default, 0)")
     parser.add_argument("--seed", type=int, default=42, help="training seed (LoRA init, dropout, row order)")
     parser.add_argument(
         "--data-seed", type=int, default=0, help="seed of the synthetic set (as the other benchmarks)"

@@ -89,8 +89,12 @@ class TrainConfig:
     """Attention kernel passed to transformers (sdpa, eager, flash_attention_2)."""
     device: str = "auto"
     """``auto`` (CUDA if available, else CPU), ``cuda`` or ``cpu``."""
-    dataloader_num_workers: int = 2
-    """Data-loader worker processes per rank (0: load in the training process)."""
+    dataloader_num_workers: int = 0
+    """Data-loader worker processes per rank. 0 (the default) loads in the training process, which is the
+    faster path for qvl shards: a row is a few preads (plus the webp decode), while handing each batch from
+    a worker to the trainer costs milliseconds of shared-memory and socket traffic; bench/loader.py measured
+    uint8 shards at 146 batches/s with 0 workers against 96 with 2 (CPU, to_device included). Workers can
+    pay off only for webp shards on a host with idle cores; measure with bench/loader.py."""
     max_rows: int = 0
     """Train on the first N rows of the shards only (0: all); for smoke tests and demos."""
 
