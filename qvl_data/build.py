@@ -88,7 +88,7 @@ def read_options(config: BuildConfig, dataset_dir: Path) -> ReadOptions:
     set_vars = tuple(tuple(item.split("=", 1)) for item in config.set_vars)
     return ReadOptions(
         dataset_dir=dataset_dir,
-        media_dir=Path(config.media_dir) if config.media_dir else None,
+        media_dir=Path(config.media_dir).resolve() if config.media_dir else None,
         allow_outside_images=config.allow_outside_images,
         set_vars=set_vars,  # type: ignore[arg-type]
     )
@@ -269,11 +269,12 @@ def run_pipeline(
 
     started, cpu_started = time.perf_counter(), time.process_time()
     check_model_source(config.model)
-    dataset_dir = resolve_dataset_dir(config)
+    # Absolute paths: tasks may run in other processes, other working directories, other machines.
+    dataset_dir = resolve_dataset_dir(config).resolve()
     specs = resolve_datasets(dataset_dir, config.dataset_names)
     versions = library_versions()
     fp = fingerprint(specs, dataset_dir, config, versions)
-    out_dir = Path(config.out)
+    out_dir = Path(config.out).resolve()
     existing = _load_manifest_dict(out_dir) if write and not config.force else None
     if existing is not None and existing.get("fingerprint") != fp:
         existing = None
@@ -300,7 +301,7 @@ def run_pipeline(
             indexes, summary = _index(ctx, executor, specs, config, need_processor=existing is None)
             plan = make_plan(indexes)
             if existing is not None and _all_reusable(executor, ctx, plan):
-                return BuildResult(out_dir=out_dir, manifest=existing, skipped=True, partitions=len(plan))
+                return BuildResult(Path(config.out), existing, skipped=True, partitions=len(plan))
             if write:
                 (out_dir / shards.MANIFEST).unlink(missing_ok=True)  # shards are about to change
             results = _dispatch(executor, ctx, plan, sum(i.rows for i in indexes), config.quiet, label)
@@ -319,7 +320,7 @@ def run_pipeline(
             for rejection in result.rejections:
                 on_rejection(rejection)
     return BuildResult(
-        out_dir=out_dir,
+        out_dir=Path(config.out),
         manifest=manifest,
         seconds=time.perf_counter() - started,
         sources={name: _totals(entries, name) for name in config.dataset_names},

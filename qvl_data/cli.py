@@ -168,7 +168,7 @@ def build(config_path: str | None, **overrides) -> None:
             f"{config.out} is up to date (fingerprint {result.manifest['fingerprint'][:12]}); nothing to do."
         )
         return
-    if result.reused:
+    if result.reused and not config.quiet:
         click.echo(f"resumed: reused {result.reused} of {result.partitions} partitions already built")
     if not config.quiet:
         print_build_summary(result)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,9 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from helpers import chat, write_dataset, write_image
 
 from qvl_data.build import build, run_pipeline
+from qvl_data.cli import main
 from qvl_data.config import BuildConfig
 from qvl_data.partition import index_dataset, make_plan, partition_rows, partition_size
 
@@ -101,7 +104,11 @@ def test_plan_depends_on_inputs_not_on_workers(dataset_dir: Path, tmp_path: Path
         (p["source"], p["first_row"], p["rows"]) for p in b
     ]
     # chats: 6 partitions of 4 rows (the last 3); empty: none; plain: 2
-    assert [(p["source"], p["rows"]) for p in a] == [("chats", 4)] * 5 + [("chats", 3), ("plain", 4), ("plain", 1)]
+    assert [(p["source"], p["rows"]) for p in a] == [("chats", 4)] * 5 + [
+        ("chats", 3),
+        ("plain", 4),
+        ("plain", 1),
+    ]
 
 
 # ------------------------------------------------------------------------------------------ byte identity
@@ -128,7 +135,9 @@ def test_every_row_written_or_rejected_with_reason(reference: Path):
 
 
 @pytest.mark.parametrize("executor", ["local-2", "ray"])
-def test_outputs_byte_identical_across_executors(dataset_dir: Path, reference: Path, tmp_path: Path, executor):
+def test_outputs_byte_identical_across_executors(
+    dataset_dir: Path, reference: Path, tmp_path: Path, executor
+):
     if executor == "ray":
         build(_config(dataset_dir, tmp_path, executor="ray", num_proc=2))
     else:
@@ -176,8 +185,10 @@ def test_killed_build_resumes_only_unfinished_partitions(demo_dir: Path, demo_bu
     done = len(list(parts.glob("*.json")))
     assert done >= 8 and not (out / "manifest.json").exists()
 
-    result = build(BuildConfig(dataset_dir=str(demo_dir), out=str(out), num_proc=2, quiet=True))
-    assert result.partitions == 36 and done <= result.reused < 36
+    rerun = CliRunner().invoke(main, cmd[3:-3] + ["--num-proc", "2"])  # the same command, on a terminal
+    assert rerun.exit_code == 0, rerun.output
+    reused = int(re.search(r"resumed: reused (\d+) of 36 partitions already built", rerun.output)[1])
+    assert done <= reused < 36
     assert not list(out.rglob("*.tmp"))
     assert _outputs(out) == _outputs(demo_build)  # byte-identical to a clean build
 
