@@ -39,9 +39,9 @@ import pyarrow as pa
 
 from bench import common
 from bench.common import DATA_DIR, fmt, fmt_bytes, fmt_ratio, ratio
+from qvl_data.config import DEMO_DATASETS
 
 NAME = "build"
-DEMO_DATASETS = "mllm_demo,identity,alpaca_en_demo"
 TARGETS = {
     "num_proc_scaling": 1.9,  # rows/s at num_proc 2 over num_proc 1
     "vs_datasets_map": 2.5,  # rows/s over the hand-written datasets.map at the largest num_proc

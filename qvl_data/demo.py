@@ -9,7 +9,6 @@ cache complete and returns at once, offline.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from qvl_data.errors import QvlError
-from qvl_data.processor import cache_dir
+from qvl_data.processor import cache_dir, publish_directory, staging_directory
 
 LLAMAFACTORY_VERSION = "0.9.5"
 DEMO_DATASETS = ("mllm_demo", "identity", "alpaca_en_demo")
@@ -101,15 +100,14 @@ def fetch_demo_data(sdist: Path | None = None) -> Path:
     data_dir = demo_data_dir()
     if _cache_is_complete(data_dir):
         return data_dir
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=data_dir.parent, prefix=".fetch-") as tmp:
-        tmp_path = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="qvl-demo-") as tmp:
         if sdist is None:
-            sdist = _download_sdist(tmp_path)
-        staging = tmp_path / "data"
-        _extract_and_verify(Path(sdist), staging)
-        (staging / ".verified").write_text(f"llamafactory=={LLAMAFACTORY_VERSION}\n")
-        if data_dir.exists():  # an incomplete earlier attempt
-            shutil.rmtree(data_dir)
-        os.replace(staging, data_dir)  # atomic: the cache is either complete or absent
+            sdist = _download_sdist(Path(tmp))
+        staging = staging_directory(data_dir)
+        try:
+            _extract_and_verify(Path(sdist), staging)
+            (staging / ".verified").write_text(f"llamafactory=={LLAMAFACTORY_VERSION}\n")
+            publish_directory(staging, data_dir, _cache_is_complete)  # atomic: complete or absent
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # left only when another process published first
     return data_dir

@@ -25,7 +25,7 @@ from typing import Any
 from qvl_data.encode import EncodedRow, EncodeOptions, encode_record
 from qvl_data.format import PartitionEntry, SourceTotals
 from qvl_data.partition import DatasetIndex, Partition, index_dataset
-from qvl_data.schema import Rejection
+from qvl_data.schema import Rejection, rejection_line
 from qvl_data.shards import SHARD_DIR, ShardWriter, write_json_atomic
 from qvl_data.sources import DatasetSpec, ReadOptions, convert_partition
 
@@ -183,7 +183,7 @@ def partition_task(ctx: BuildContext, partition: Partition, check_only: bool = F
         if isinstance(item, dict):
             if tokenizer is None:
                 tokenizer, image_processor = processor(ctx.model)
-            item = encode_record(item, tokenizer, image_processor, ctx.encode)
+            item = encode_record(item, tokenizer, image_processor, ctx.encode, file=partition.file)
         if isinstance(item, Rejection):
             rejections.append(item)
             reasons[item.reason] = reasons.get(item.reason, 0) + 1
@@ -232,6 +232,5 @@ def _write_rejected(path: Path, rejections: list[Rejection]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for r in rejections:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+        f.writelines(rejection_line(r) for r in rejections)
     os.replace(tmp, path)

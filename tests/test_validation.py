@@ -180,9 +180,8 @@ def test_rejection_messages_name_file_row_and_field(bad_build: Path):
     assert r["message"].startswith("lines.jsonl row 1:")
     for r in rejected.values():  # one convention: the data file's name and the 0-based row
         assert " object at 0x" not in r["message"] and "<_io." not in r["message"]
-        if r["reason"] not in ("image_missing", "image_unreadable", "image_too_large", "image_truncated"):
-            assert r["file"].endswith(f"{r['source']}.json" if r["source"] != "lines" else "lines.jsonl")
-            assert r["message"].startswith(f"{Path(r['file']).name} row {r['index']}: ")
+        assert r["file"].endswith(f"{r['source']}.json" if r["source"] != "lines" else "lines.jsonl")
+        assert r["message"].startswith(f"{Path(r['file']).name} row {r['index']}: ")
 
 
 def test_image_rows_that_fit_are_written_with_their_spans(bad_build: Path):
