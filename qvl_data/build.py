@@ -157,7 +157,7 @@ def fingerprint(specs: list[DatasetSpec], dataset_dir: Path, config: BuildConfig
 # ------------------------------------------------------------------------------------------- progress
 
 
-def _progress(total: int, quiet: bool, label: str):
+def _progress(total: int, quiet: bool, label: str, get_time: Callable[[], float] | None = None):
     """A rich progress bar over input rows with rows/s and images/s since the start (not a short-window
     estimate, which jumps when a whole partition lands at once)."""
     from rich.progress import (
@@ -190,6 +190,7 @@ def _progress(total: int, quiet: bool, label: str):
         TimeRemainingColumn(),
         disable=quiet,
         transient=False,
+        get_time=get_time,
     )
     return progress, progress.add_task(label, total=total, images=0)
 
