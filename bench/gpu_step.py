@@ -271,15 +271,27 @@ def make_row(seq_len: int, image_side: int, trained_fraction: float, seed: int =
     }
 
 
-def processor_summary() -> dict[str, Any]:
+def processor_summary():
+    """The manifest's processor summary of a build with the embedded processor (what to_device needs)."""
+    from qvl_data.format import ProcessorSummary
+    from qvl_data.processor import IM_END_ID, PAD_ID
     from qvl_data.processor import PREPROCESSOR_CONFIG as P
 
-    return {
-        "image_mean": P["image_mean"],
-        "image_std": P["image_std"],
-        "rescale_factor": P["rescale_factor"],
-        "temporal_patch_size": P["temporal_patch_size"],
-    }
+    return ProcessorSummary(
+        model="embedded",
+        digest="",
+        vocab_size=151665,  # 151,643 ranks + 22 added tokens
+        pad_token_id=PAD_ID,
+        eos_token_id=IM_END_ID,
+        image_mean=P["image_mean"],
+        image_std=P["image_std"],
+        rescale_factor=P["rescale_factor"],
+        patch_size=P["patch_size"],
+        temporal_patch_size=P["temporal_patch_size"],
+        merge_size=P["merge_size"],
+        min_pixels=P["min_pixels"],
+        max_pixels=P["max_pixels"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------- flops
@@ -427,7 +439,7 @@ def run_hf(model, row, args, device, dtype) -> dict[str, Any]:
     _reset_memory(device)
     p = processor_summary()
     pixel_values = pixel_values_from_uint8_torch(
-        row["pixels"], p["image_mean"], p["image_std"], p["rescale_factor"], p["temporal_patch_size"]
+        row["pixels"], p.image_mean, p.image_std, p.rescale_factor, p.temporal_patch_size
     )
     mm_types = "mm_token_type_ids" in inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
     item = {

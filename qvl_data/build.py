@@ -64,7 +64,7 @@ BYTE_DECIDING_LIBRARIES = ("pillow", "transformers", "tokenizers", "numpy")
 @dataclass
 class BuildResult:
     out_dir: Path
-    manifest: dict
+    manifest: Manifest
     skipped: bool = False  # True when the fingerprint matched and nothing was done
     seconds: float = 0.0
     sources: dict[str, SourceTotals] = field(default_factory=dict)
@@ -224,7 +224,7 @@ def _prepare_out_dir(out_dir: Path, fp: str, force: bool) -> None:
     shards.write_json_atomic(state, {"fingerprint": fp})
 
 
-def _load_manifest_dict(out_dir: Path) -> dict | None:
+def _existing_manifest(out_dir: Path) -> Manifest | None:
     try:
         return shards.load_manifest(out_dir)
     except QvlError:
@@ -276,8 +276,8 @@ def run_pipeline(
     versions = library_versions()
     fp = fingerprint(specs, dataset_dir, config, versions)
     out_dir = Path(config.out).resolve()
-    existing = _load_manifest_dict(out_dir) if write and not config.force else None
-    if existing is not None and existing.get("fingerprint") != fp:
+    existing = _existing_manifest(out_dir) if write and not config.force else None
+    if existing is not None and existing.fingerprint != fp:
         existing = None
     scratch = None
     if write:
@@ -302,7 +302,8 @@ def run_pipeline(
             indexes, summary = _index(ctx, executor, specs, config, need_processor=existing is None)
             plan = make_plan(indexes)
             if existing is not None and _all_reusable(executor, ctx, plan):
-                return BuildResult(Path(config.out), existing, skipped=True, partitions=len(plan))
+                seconds = time.perf_counter() - started
+                return BuildResult(Path(config.out), existing, True, seconds, partitions=len(plan))
             if write:
                 (out_dir / shards.MANIFEST).unlink(missing_ok=True)  # shards are about to change
             results = _dispatch(executor, ctx, plan, sum(i.rows for i in indexes), config.quiet, label)
@@ -312,8 +313,8 @@ def run_pipeline(
             scratch.cleanup()
 
     entries = [r.entry for r in results]
-    processor = ProcessorSummary(**(summary or existing["processor"]))  # type: ignore[index]
-    manifest = _manifest(config, fp, dataset_dir, versions, processor, indexes, entries).to_dict()
+    processor = ProcessorSummary(**summary) if summary else existing.processor  # type: ignore[union-attr]
+    manifest = _manifest(config, fp, dataset_dir, versions, processor, indexes, entries)
     if write:
         _commit(out_dir, ctx, manifest, plan)
     elif on_rejection is not None:
@@ -392,7 +393,7 @@ def _manifest(
     )
 
 
-def _commit(out_dir: Path, ctx: BuildContext, manifest: dict, plan: list[Partition]) -> None:
+def _commit(out_dir: Path, ctx: BuildContext, manifest: Manifest, plan: list[Partition]) -> None:
     """rejected.jsonl (the partitions' files, in order, copied byte for byte), then the manifest, last."""
     tmp = out_dir / (shards.REJECTED + ".tmp")
     with open(tmp, "wb") as out:
@@ -400,7 +401,7 @@ def _commit(out_dir: Path, ctx: BuildContext, manifest: dict, plan: list[Partiti
             with open(rejected_path(ctx, partition.index), "rb") as part:
                 shutil.copyfileobj(part, out)
     os.replace(tmp, out_dir / shards.REJECTED)
-    shards.write_json_atomic(out_dir / shards.MANIFEST, manifest)  # last: marks the build complete
+    shards.write_json_atomic(out_dir / shards.MANIFEST, manifest.to_dict())  # last: marks the build complete
 
 
 def build(config: BuildConfig) -> BuildResult:

@@ -165,7 +165,7 @@ def build(config_path: str | None, **overrides) -> None:
     result = run_build(config)
     if result.skipped:
         click.echo(
-            f"{config.out} is up to date (fingerprint {result.manifest['fingerprint'][:12]}); nothing to do."
+            f"{config.out} is up to date (fingerprint {result.manifest.fingerprint[:12]}); nothing to do."
         )
         return
     if result.reused and not config.quiet:

@@ -29,6 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qvl_data.errors import QvlError
+from qvl_data.format import Manifest, ProcessorSummary
 from qvl_data.processor import IMAGE_PAD_ID, VISION_END_ID, VISION_START_ID
 from qvl_data.schema import REASONS
 from qvl_data.shards import REJECTED, ShardSet
@@ -71,9 +72,9 @@ def _load_tokenizer(model: str | None):
     return load_tokenizer(model)
 
 
-def manifest_tokenizer(manifest: dict):
+def manifest_tokenizer(manifest: Manifest):
     """The tokenizer the build used: the manifest's processor ``model`` ("embedded" -> the built-in one)."""
-    model = manifest.get("processor", {}).get("model", "embedded")
+    model = manifest.processor.model
     try:
         return _load_tokenizer(None if model in (None, "embedded") else str(model))
     except QvlError:
@@ -94,7 +95,7 @@ def parse_index(spec: str) -> tuple[str, int]:
 
 
 def _check_source(shards: ShardSet, source: str) -> None:
-    known = list(shards.manifest.get("sources", {}))
+    known = list(shards.manifest.sources)
     if source not in known:
         raise QvlError(f"unknown source {source!r}; this build has: {', '.join(known)}")
 
@@ -295,10 +296,9 @@ def _size(w: int, h: int) -> str:
     return f"{w}×{h}"
 
 
-def row_header(row: dict, row_number: int, total_rows: int, manifest: dict) -> RenderableType:
+def row_header(row: dict, row_number: int, total_rows: int, manifest: Manifest) -> RenderableType:
     """Length, trained tokens, truncation, then a small table of the images (grid, tokens, sizes)."""
-    proc = manifest.get("processor", {})
-    merge, patch = int(proc.get("merge_size", 2)), int(proc.get("patch_size", 14))
+    merge, patch = manifest.geometry.merge_size, manifest.geometry.patch_size
     length, trained = row["length"], row["trained_tokens"]
     ratio = trained / length if length else 0.0
     grids = row.get("image_grid_thw") or []
@@ -363,7 +363,7 @@ def token_table(
 def render_row(shards: ShardSet, i: int, tokenizer, tokens: bool = False) -> RenderableType:
     """One row as a panel (header, decoded conversation) plus, with ``tokens``, the per-token table."""
     row = shards.row(i)
-    merge = int(shards.manifest.get("processor", {}).get("merge_size", 2))
+    merge = shards.manifest.geometry.merge_size
     runs = conversation_runs(
         row["input_ids"],
         row["labels"],
@@ -436,14 +436,14 @@ def inspect_rows(
 # ---------------------------------------------------------------------------------------------- pixels
 
 
-def unnormalize_patches(patches: np.ndarray, processor: dict) -> np.ndarray:
+def unnormalize_patches(patches: np.ndarray, processor: ProcessorSummary) -> np.ndarray:
     """float32 ``pixel_values`` (n, 3·T·p·p) -> the uint8 values (n, 3·p·p) before rescale/normalize."""
-    temporal = int(processor.get("temporal_patch_size", 2))
+    temporal = processor.temporal_patch_size
     n, dim = patches.shape
     per_t = patches.reshape(n, 3, temporal, dim // (3 * temporal))[:, :, 0, :]
-    mean = np.asarray(processor["image_mean"], dtype=np.float64)[None, :, None]
-    std = np.asarray(processor["image_std"], dtype=np.float64)[None, :, None]
-    values = (per_t.astype(np.float64) * std + mean) / float(processor["rescale_factor"])
+    mean = np.asarray(processor.image_mean, dtype=np.float64)[None, :, None]
+    std = np.asarray(processor.image_std, dtype=np.float64)[None, :, None]
+    values = (per_t.astype(np.float64) * std + mean) / processor.rescale_factor
     return np.clip(np.rint(values), 0, 255).astype(np.uint8).reshape(n, -1)
 
 
@@ -453,11 +453,11 @@ def row_images(shards: ShardSet, i: int) -> list[np.ndarray]:
     grids = row["image_grid_thw"] or []
     if not grids:
         return []
-    proc = shards.manifest["processor"]
+    proc = shards.manifest.processor
     patches = shards.pixel_patches(i)
     if shards.pixel_format == "float32":
         patches = unnormalize_patches(patches, proc)
-    merge, patch = int(proc.get("merge_size", 2)), int(proc.get("patch_size", 14))
+    merge, patch = proc.merge_size, proc.patch_size
     images, offset = [], 0
     for grid in grids:
         n = int(np.prod(grid))

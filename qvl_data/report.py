@@ -28,15 +28,15 @@ def print_build_summary(result, title: str = "build", console: Console | None = 
         box=box.SIMPLE_HEAD,
         title=f"qvl-data {title}: {result.out_dir}" if title == "build" else f"qvl-data {title}",
     )
-    table.add_column("source", no_wrap=True, min_width=max(map(len, manifest["sources"]), default=6))
+    table.add_column("source", no_wrap=True, min_width=max(map(len, manifest.sources), default=6))
     for heading in SUMMARY_COLUMNS.values():
         table.add_column(heading, justify="right", no_wrap=True)
-    for name, s in manifest["sources"].items():
-        table.add_row(name, *(f"{s[k]:,}" for k in SUMMARY_COLUMNS))
-    t = manifest["totals"]
-    table.add_row("[bold]total", *(f"[bold]{t[k]:,}" for k in SUMMARY_COLUMNS))
+    for name, s in manifest.sources.items():
+        table.add_row(name, *(f"{getattr(s, k):,}" for k in SUMMARY_COLUMNS))
+    t = manifest.totals
+    table.add_row("[bold]total", *(f"[bold]{getattr(t, k):,}" for k in SUMMARY_COLUMNS))
     console.print(table)
-    by_reason = manifest["rejected"]["by_reason"]
+    by_reason = manifest.rejected.by_reason
     if by_reason:
         reasons = Table(box=box.SIMPLE_HEAD, title="rejected rows by reason")
         reasons.add_column("reason")
@@ -45,11 +45,11 @@ def print_build_summary(result, title: str = "build", console: Console | None = 
         for reason, n in by_reason.items():
             reasons.add_row(reason, str(n), REASONS[reason])
         console.print(reasons)
-    shards = manifest.get("shards") or []
+    shards = manifest.shards
     if shards:
-        size = sum(s["bytes"] for s in shards)
+        size = sum(s.bytes for s in shards)
         console.print(
-            f"{len(shards)} shard(s), {size / 2**20:,.1f} MiB, {manifest['options']['pixel_format']} pixels; "
+            f"{len(shards)} shard(s), {size / 2**20:,.1f} MiB, {manifest.pixel_format} pixels; "
             f"{result.seconds:.1f} s; rejected rows listed in {result.out_dir / 'rejected.jsonl'}"
         )
 

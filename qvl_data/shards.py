@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from qvl_data.errors import QvlError
-from qvl_data.format import FORMAT_NAME, FORMAT_VERSION, PATCH_DIM, PIXEL_FORMATS, ShardEntry
+from qvl_data.format import FORMAT_NAME, FORMAT_VERSION, PATCH_DIM, PIXEL_FORMATS, Manifest, ShardEntry
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "PATCH_DIM", "PIXEL_FORMATS", "ShardWriter", "ShardSet"]
 
@@ -206,8 +206,9 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     _fsync_and_rename(tmp, path)
 
 
-def load_manifest(out_dir: Path) -> dict:
-    """Read and check a shard directory's manifest; a one-line QvlError when it is missing or foreign."""
+def load_manifest(out_dir: Path) -> Manifest:
+    """Read and check a shard directory's manifest; a one-line QvlError when it is missing, foreign, of
+    another format version or malformed."""
     path = Path(out_dir) / MANIFEST
     if not Path(out_dir).is_dir():
         raise QvlError(f"{out_dir}: no such shard directory (build one with `qvl-data build`)")
@@ -224,7 +225,12 @@ def load_manifest(out_dir: Path) -> dict:
             f"{path}: shard format version {manifest.get('format_version')} but this qvl reads version "
             f"{FORMAT_VERSION}; rebuild with `qvl-data build --force`"
         )
-    return manifest
+    try:
+        return Manifest.from_dict(manifest)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise QvlError(
+            f"{path}: malformed manifest ({type(e).__name__}: {e}); rebuild with --force"
+        ) from None
 
 
 def open_shard_table(path: Path) -> pa.Table:
@@ -285,10 +291,10 @@ class ShardSet:
     def __init__(self, out_dir: Path, columns: list[str] | None = None):
         self.out_dir = Path(out_dir)
         self.manifest = load_manifest(out_dir)
-        self.pixel_format = self.manifest["options"]["pixel_format"]
+        self.pixel_format = self.manifest.pixel_format
         self.tables, self.paths, self._maps, self._bases = [], [], [], []
-        for shard in self.manifest["shards"]:
-            path = self.out_dir / shard["file"]
+        for shard in self.manifest.shards:
+            path = self.out_dir / shard.file
             if not path.is_file():
                 raise QvlError(f"{path}: listed in the manifest but missing (rebuild with --force)")
             table, mapping = _map_shard(path)
@@ -363,8 +369,9 @@ class ShardSet:
 
     def _patches(self, shard: int, local: int, stored: np.ndarray) -> np.ndarray:
         """Stored pixel values of one row (flat) -> ``(n_patches, PATCH_DIM)``; webp images are decoded."""
+        geometry = self.manifest.geometry
         if self.pixel_format != "webp":
-            return stored.reshape(-1, PATCH_DIM[self.pixel_format])
+            return stored.reshape(-1, geometry.values_per_patch(self.pixel_format))
         from qvl_data.vision import decode_patches_webp  # PIL only for webp shards
 
         table = self.tables[shard]
@@ -374,17 +381,15 @@ class ShardSet:
             raise QvlError(
                 f"row {local} of {self.paths[shard]}: {len(lengths)} images for {len(grids)} grids"
             )
-        proc = self.manifest["processor"]
-        geometry = {
-            "merge_size": int(proc.get("merge_size", 2)),
-            "patch_size": int(proc.get("patch_size", 14)),
-        }
         ends = np.cumsum(lengths)
         images = [
-            decode_patches_webp(memoryview(stored[end - n : end]), grid, **geometry)
+            decode_patches_webp(
+                memoryview(stored[end - n : end]), grid, geometry.merge_size, geometry.patch_size
+            )
             for grid, n, end in zip(grids, lengths, ends, strict=True)
         ]
-        return np.concatenate(images) if images else np.zeros((0, PATCH_DIM["webp"]), dtype=np.uint8)
+        empty = np.zeros((0, geometry.values_per_patch("webp")), dtype=np.uint8)
+        return np.concatenate(images) if images else empty
 
     def pixel_patches(self, i: int) -> np.ndarray:
         """The stored pixels of row i as a ``(n_patches, 588 | 1176)`` array: a view into the mapped shard
@@ -404,9 +409,9 @@ class ShardSet:
             return patches
         from qvl_data.vision import pixel_values_from_uint8  # numpy only
 
-        p = self.manifest["processor"]
+        p = self.manifest.processor
         return pixel_values_from_uint8(
-            patches, p["image_mean"], p["image_std"], p["rescale_factor"], p["temporal_patch_size"]
+            patches, p.image_mean, p.image_std, p.rescale_factor, p.temporal_patch_size
         )
 
     def find(self, source: str, index: int) -> int:

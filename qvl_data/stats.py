@@ -20,8 +20,9 @@ from rich.table import Table
 from rich.text import Text
 
 from qvl_data.errors import QvlError
+from qvl_data.format import Manifest
 from qvl_data.schema import REASONS
-from qvl_data.shards import PATCH_DIM, PIXEL_TYPE, load_manifest, open_shard_table, shard_schema
+from qvl_data.shards import load_manifest, open_shard_table, shard_schema
 from qvl_data.vision import image_token_count
 
 # The only columns stats reads. Never add "pixels" here.
@@ -34,13 +35,13 @@ BAR_WIDTH = 40
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def read_columns(out_dir: str | Path, manifest: dict | None = None) -> pa.Table:
+def read_columns(out_dir: str | Path, manifest: Manifest | None = None) -> pa.Table:
     """``STATS_COLUMNS`` of every shard the manifest lists, memory-mapped (zero copy) and concatenated."""
     out_dir = Path(out_dir)
     manifest = manifest or load_manifest(out_dir)
     tables = []
-    for shard in manifest["shards"]:
-        path = out_dir / shard["file"]
+    for shard in manifest.shards:
+        path = out_dir / shard.file
         if not path.is_file():
             raise QvlError(f"{path}: listed in the manifest but missing (rebuild with --force)")
         try:
@@ -53,7 +54,7 @@ def read_columns(out_dir: str | Path, manifest: dict | None = None) -> pa.Table:
             raise QvlError(f"{path}: shard lacks column(s) {', '.join(missing)}")
         tables.append(table.select(list(STATS_COLUMNS)))
     if not tables:
-        return shard_schema(manifest["options"]["pixel_format"]).empty_table().select(list(STATS_COLUMNS))
+        return shard_schema(manifest.pixel_format).empty_table().select(list(STATS_COLUMNS))
     return pa.concat_tables(tables)
 
 
@@ -151,25 +152,23 @@ def compute_stats(out_dir: str | Path) -> dict:
     """Everything ``qvl-data stats`` shows, as JSON-able data. Reads the manifest and small columns only."""
     out_dir = Path(out_dir)
     manifest = load_manifest(out_dir)
-    proc = manifest.get("processor", {})
-    merge, patch = int(proc.get("merge_size", 2)), int(proc.get("patch_size", 14))
-    pixel_format = manifest["options"]["pixel_format"]
+    merge, patch = manifest.geometry.merge_size, manifest.geometry.patch_size
+    pixel_format = manifest.pixel_format
     rows, images = row_frame(read_columns(out_dir, manifest), merge)
 
-    source_names = list(manifest.get("sources", {}))
+    source_names = list(manifest.sources)
     source_names += [s for s in rows["source"].unique(maintain_order=True).to_list() if s not in source_names]
-    m_sources = manifest.get("sources", {})
     sources = {}
     lengths = {"all": _length_summary(rows["length"])}
     for name in source_names:
         part = rows.filter(pl.col("source") == name)
         sources[name] = {
             **_totals(part, images.filter(pl.col("source") == name)),
-            "rejected": int(m_sources.get(name, {}).get("rejected", 0)),
+            "rejected": manifest.sources[name].rejected if name in manifest.sources else 0,
         }
         lengths[name] = _length_summary(part["length"])
-    rejected = manifest.get("rejected", {"total": 0, "by_reason": {}})
-    totals = {**_totals(rows, images), "rejected": int(rejected.get("total", 0))}
+    rejected = manifest.rejected
+    totals = {**_totals(rows, images), "rejected": rejected.total}
 
     per_row = rows.group_by("images").agg(pl.len().alias("rows")).sort("images")
     grids = (
@@ -177,20 +176,15 @@ def compute_stats(out_dir: str | Path) -> dict:
         .agg(pl.len().alias("images"))
         .sort(["images", "t", "h", "w"], descending=[True, False, False, False])
     )
-    patches = int((images["t"].cast(pl.Int64) * images["h"] * images["w"]).sum()) if images.height else 0
-    stored = [s.get("pixel_bytes") for s in manifest["shards"]]
-    if all(b is not None for b in stored):  # what the writer counted (the only way for compressed webp)
-        pixel_bytes = sum(stored)
-    else:  # a manifest from before the count: raw formats are exactly patches x bytes per patch
-        pixel_bytes = patches * PATCH_DIM[pixel_format] * PIXEL_TYPE[pixel_format].byte_width
-    files = [out_dir / s["file"] for s in manifest["shards"]]
+    pixel_bytes = sum(s.pixel_bytes for s in manifest.shards)  # as the writer counted them (webp too)
+    files = [out_dir / s.file for s in manifest.shards]
     size = sum(f.stat().st_size for f in files)
 
     warnings = []
-    m_totals = manifest.get("totals", {})
     for key in ("rows", "tokens", "trained_tokens", "image_tokens", "images"):
-        if key in m_totals and m_totals[key] != totals[key]:
-            warnings.append(f"{key}: shards hold {totals[key]:,} but the manifest says {m_totals[key]:,}")
+        if getattr(manifest.totals, key) != totals[key]:
+            said = getattr(manifest.totals, key)
+            warnings.append(f"{key}: shards hold {totals[key]:,} but the manifest says {said:,}")
     n_grids = int(rows["images"].sum())
     if n_grids != images.height:
         warnings.append(f"{n_grids} image paths but {images.height} image grids stored")
@@ -202,7 +196,7 @@ def compute_stats(out_dir: str | Path) -> dict:
     return {
         "shards_dir": str(out_dir),
         "pixel_format": pixel_format,
-        "cutoff_len": manifest["options"].get("cutoff_len"),
+        "cutoff_len": manifest.options.cutoff_len,
         "totals": totals,
         "sources": sources,
         "lengths": lengths,
@@ -217,10 +211,7 @@ def compute_stats(out_dir: str | Path) -> dict:
             }
             for t, h, w, tok, n in grids.iter_rows()
         ],
-        "rejected": {
-            "total": int(rejected.get("total", 0)),
-            "by_reason": dict(rejected.get("by_reason", {})),
-        },
+        "rejected": {"total": rejected.total, "by_reason": dict(rejected.by_reason)},
         "storage": {
             "shards": len(files),
             "bytes": size,

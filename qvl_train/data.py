@@ -23,8 +23,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from qvl_data.errors import QvlError
+from qvl_data.format import ProcessorSummary
 from qvl_data.processor import IMAGE_PAD_ID, PAD_ID
-from qvl_data.shards import PATCH_DIM, ShardSet, load_manifest
+from qvl_data.shards import ShardSet, load_manifest
 
 IGNORE_INDEX = -100
 PAD_MULTIPLE = 8
@@ -110,15 +111,9 @@ class ShardDataset(Dataset):
 
     def __init__(self, data_dir: str | Path, max_rows: int = 0):
         self.data_dir = Path(data_dir)
-        self.manifest = load_manifest(self.data_dir)  # QvlError when missing or foreign
-        processor = self.manifest.get("processor")
-        options = self.manifest.get("options", {})
-        if not isinstance(processor, dict) or options.get("pixel_format") not in PATCH_DIM:
-            raise QvlError(
-                f"{self.data_dir}: manifest lacks the processor summary or pixel format; rebuild it"
-            )
-        self.pixel_format = options["pixel_format"]
-        self.processor = processor
+        self.manifest = load_manifest(self.data_dir)  # QvlError when missing, foreign or malformed
+        self.pixel_format = self.manifest.pixel_format
+        self.processor = self.manifest.processor
         shards = ShardSet(self.data_dir, columns=list(_COLUMNS))  # checks that every listed shard exists
         self.total_rows = len(shards)
         self.num_rows = min(self.total_rows, max_rows) if max_rows > 0 else self.total_rows
@@ -257,7 +252,7 @@ def to_device(
     batch: dict[str, Any],
     device: torch.device,
     dtype: torch.dtype,
-    processor: dict[str, Any],
+    processor: ProcessorSummary,
 ) -> dict[str, Any]:
     """The model's keyword arguments on ``device``: uint8 patches become the processor's float32
     ``pixel_values`` there (a lookup-table gather, bit-identical to the HF processor), then ``dtype``. No
@@ -273,10 +268,10 @@ def to_device(
         if pixels.dtype == torch.uint8:  # uint8 and webp shards
             pixels = pixel_values_from_uint8_torch(
                 pixels,
-                processor["image_mean"],
-                processor["image_std"],
-                processor["rescale_factor"],
-                processor["temporal_patch_size"],
+                processor.image_mean,
+                processor.image_std,
+                processor.rescale_factor,
+                processor.temporal_patch_size,
             )
         inputs["pixel_values"] = pixels.to(dtype)
         inputs["image_grid_thw"] = batch["image_grid_thw"].to(device)

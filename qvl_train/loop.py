@@ -574,7 +574,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     console = Console(highlight=False, quiet=not dist.main)
     dataset = ShardDataset(cfg.data, cfg.max_rows)
     config = model_config(cfg.model)
-    check_compatible(config, dataset.manifest, cfg.model)
+    check_compatible(config, dataset.processor, cfg.model)
     if cfg.world_size and not cfg.dry_run and cfg.world_size != dist.world_size:
         raise QvlError(
             f"world_size {cfg.world_size} requested but torchrun started {dist.world_size} process(es)"

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qvl_data.errors import QvlError
+from qvl_data.format import ProcessorSummary
 from qvl_data.processor import (
     IMAGE_PAD_ID,
     PAD_ID,
@@ -157,19 +158,19 @@ def model_config(name: str) -> Qwen2_5_VLConfig:
     return config
 
 
-def check_compatible(config: Any, manifest: dict[str, Any], name: str = "model") -> None:
-    """One-line QvlError when the model cannot train on these shards: wrong architecture, a vocabulary
-    smaller than the shards' tokenizer, special ids or patch geometry that differ."""
+def check_compatible(config: Any, processor: ProcessorSummary, name: str = "model") -> None:
+    """One-line QvlError when the model cannot train on shards built with ``processor`` (the manifest's):
+    wrong architecture, a vocabulary smaller than the shards' tokenizer, special ids or patch geometry
+    that differ."""
     if getattr(config, "model_type", None) != MODEL_TYPE:
         raise QvlError(f"{name}: model_type {getattr(config, 'model_type', None)!r}; qvl trains {MODEL_TYPE}")
     architectures = getattr(config, "architectures", None) or [ARCHITECTURE]
     if ARCHITECTURE not in architectures:
         raise QvlError(f"{name}: architectures {architectures}; expected {ARCHITECTURE}")
-    processor = manifest["processor"]
     vocab = int(config.text_config.vocab_size)
-    if int(processor["vocab_size"]) > vocab:
+    if processor.vocab_size > vocab:
         raise QvlError(
-            f"{name}: embedding has {vocab} rows but the shards were tokenized with a {processor['vocab_size']}-token "
+            f"{name}: embedding has {vocab} rows but the shards were tokenized with a {processor.vocab_size}-token "
             "vocabulary; rebuild the shards with this model's tokenizer (qvl-data build --model ...)"
         )
     for key, expected in (
@@ -185,10 +186,10 @@ def check_compatible(config: Any, manifest: dict[str, Any], name: str = "model")
         ("temporal_patch_size", "temporal_patch_size"),
         ("merge_size", "spatial_merge_size"),
     ):
-        if ours in processor and int(processor[ours]) != int(getattr(vision, theirs)):
+        if getattr(processor, ours) != int(getattr(vision, theirs)):
             raise QvlError(
                 f"{name}: vision {theirs} is {getattr(vision, theirs)} but the shards' processor used {ours} "
-                f"{processor[ours]}; rebuild the shards with this model's processor"
+                f"{getattr(processor, ours)}; rebuild the shards with this model's processor"
             )
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from qvl_data.format import ProcessorSummary
+
 
 def write_dataset(dataset_dir: Path, name: str, rows: list, formatting: str = "sharegpt", **entry) -> Path:
     """Write ``rows`` as ``<name>.json`` and register it in ``dataset_info.json`` (merged with existing)."""
@@ -43,3 +45,23 @@ def write_image(path: Path, size: tuple[int, int], mode: str = "RGB", seed: int 
 def chat(user: str, answer: str, *more: str) -> list[dict]:
     turns = [user, answer, *more]
     return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+
+
+def processor_summary(**overrides) -> ProcessorSummary:
+    """The embedded Qwen2.5-VL processor's summary as a build records it in the manifest, with overrides."""
+    base = {
+        "model": "embedded",
+        "digest": "",
+        "vocab_size": 151665,
+        "pad_token_id": 151643,
+        "eos_token_id": 151645,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "rescale_factor": 1 / 255,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "min_pixels": 3136,
+        "max_pixels": 12845056,
+    }
+    return ProcessorSummary(**{**base, **overrides})

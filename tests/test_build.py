@@ -36,20 +36,20 @@ SPEC_TOTALS = {  # docs/semantics.md section 5
 def test_demo_build_matches_reference_figures(demo_build: Path):
     manifest = shards.load_manifest(demo_build)
     for source, expected in SPEC_TOTALS.items():
-        got = manifest["sources"][source]
-        assert {k: got[k] for k in expected} == expected, source
-        assert got["rejected"] == 0 and got["truncated"] == 0
-    totals = manifest["totals"]
-    assert (totals["rows"], totals["tokens"], totals["trained_tokens"], totals["image_tokens"]) == (
+        got = manifest.sources[source]
+        assert {k: getattr(got, k) for k in expected} == expected, source
+        assert got.rejected == 0 and got.truncated == 0
+    totals = manifest.totals
+    assert (totals.rows, totals.tokens, totals.trained_tokens, totals.image_tokens) == (
         1096,
         190128,
         149759,
         550,
     )
-    assert manifest["input_rows"] == 1096 and manifest["rejected"] == {"total": 0, "by_reason": {}}
+    assert manifest.input_rows == 1096 and (manifest.rejected.total, manifest.rejected.by_reason) == (0, {})
     assert (demo_build / "rejected.jsonl").read_text() == ""
-    assert sum(s["rows"] for s in manifest["shards"]) == 1096
-    assert sum(s["tokens"] for s in manifest["shards"]) == 190128
+    assert sum(s.rows for s in manifest.shards) == 1096
+    assert sum(s.tokens for s in manifest.shards) == 190128
 
 
 def test_demo_row0_matches_reference(demo_build: Path):
@@ -119,13 +119,13 @@ def test_second_build_is_a_noop_and_force_rebuilds(tmp_path: Path, demo_dir: Pat
     )
     first = build(config)
     assert not first.skipped
-    shard = tmp_path / "o" / first.manifest["shards"][0]["file"]
+    shard = tmp_path / "o" / first.manifest.shards[0].file
     mtime = shard.stat().st_mtime_ns
     second = build(config)
     assert second.skipped and shard.stat().st_mtime_ns == mtime
     # a changed option changes the fingerprint
     third = build(BuildConfig(**{**config.__dict__, "cutoff_len": 100}))
-    assert not third.skipped and third.manifest["fingerprint"] != first.manifest["fingerprint"]
+    assert not third.skipped and third.manifest.fingerprint != first.manifest.fingerprint
     config.force = True
     assert not build(config).skipped
 
@@ -171,7 +171,7 @@ def test_killed_build_leaves_nothing_readable_and_rerun_completes(
     result = build(
         BuildConfig(dataset_dir=str(demo_dir), out=str(out), num_proc=2, shard_size_mb=1, quiet=True)
     )
-    assert not result.skipped and len(result.manifest["shards"]) > 1
+    assert not result.skipped and len(result.manifest.shards) > 1
     assert not list(out.rglob("*.tmp"))
     # same rows as the reference demo build, whatever the shard split
     columns = ["source", "index", "input_ids", "labels", "image_grid_thw", "pixels"]

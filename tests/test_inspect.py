@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import processor_summary
 from PIL import Image
 
 from qvl_data.cli import main
@@ -270,10 +271,8 @@ def test_row_images_match_the_resized_source(demo_build: Path) -> None:
     (image,) = row_images(shards, i)
     row = shards.row(i)
     _, h, w = row["image_grid_thw"][0]
-    options = shards.manifest["options"]
-    source = preresize_image(
-        open_image(row["images"][0]), options["image_max_pixels"], options["image_min_pixels"]
-    )
+    options = shards.manifest.options
+    source = preresize_image(open_image(row["images"][0]), options.image_max_pixels, options.image_min_pixels)
     expected = np.asarray(source.resize((w * 14, h * 14), Image.BICUBIC))
     assert image.shape == expected.shape == (196, 308, 3)
     assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1
@@ -282,14 +281,7 @@ def test_row_images_match_the_resized_source(demo_build: Path) -> None:
 def test_unnormalize_inverts_float32_pixels() -> None:
     rng = np.random.default_rng(0)
     u8 = rng.integers(0, 256, size=(8, 588), dtype=np.uint8)
-    processor = {
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "rescale_factor": 1 / 255,
-        "temporal_patch_size": 2,
-    }
-    f32 = pixel_values_from_uint8(
-        u8, processor["image_mean"], processor["image_std"], processor["rescale_factor"]
-    )
+    processor = processor_summary()
+    f32 = pixel_values_from_uint8(u8, processor.image_mean, processor.image_std, processor.rescale_factor)
     assert f32.shape == (8, 1176)
     np.testing.assert_array_equal(unnormalize_patches(f32, processor), u8)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import processor_summary
 
 from qvl_data.errors import QvlError
 from qvl_train.config import TrainConfig
@@ -25,9 +26,7 @@ from qvl_train.model import (
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SEVEN_B = EXAMPLES / "configs" / "qwen2_5_vl_7b.json"
-MANIFEST = {
-    "processor": {"vocab_size": 151665, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2},
-}
+PROCESSOR_SUMMARY = processor_summary()  # what a build of the demo records
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -58,7 +57,7 @@ def test_target_regex_matches_language_model_linears_only():
 def test_seven_b_meta_dry_run_counts():
     config = model_config(str(SEVEN_B))
     assert config.text_config.hidden_size == 3584 and config.vision_config.hidden_size == 1280
-    check_compatible(config, MANIFEST)
+    check_compatible(config, PROCESSOR_SUMMARY)
     model = meta_model(TrainConfig(), config)
     report = param_report(model)
     assert (
@@ -104,12 +103,7 @@ def test_tiny_model_trainable_parameters_and_gradients():
     }
     from qvl_train.data import to_device
 
-    processor = {
-        "image_mean": [0.5] * 3,
-        "image_std": [0.5] * 3,
-        "rescale_factor": 1 / 255,
-        "temporal_patch_size": 2,
-    }
+    processor = processor_summary(image_mean=[0.5] * 3, image_std=[0.5] * 3)
     inputs = to_device(collate([row]), torch.device("cpu"), torch.float32, processor)
     model.train()
     loss = token_loss_sum(model, inputs, collate([row])["labels"])
@@ -120,12 +114,7 @@ def test_tiny_model_trainable_parameters_and_gradients():
     assert all(p.grad is None for p in frozen)
 
 
-PROCESSOR = {
-    "image_mean": [0.5] * 3,
-    "image_std": [0.5] * 3,
-    "rescale_factor": 1 / 255,
-    "temporal_patch_size": 2,
-}
+PROCESSOR = processor_summary(image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
 def _image_row() -> dict:
@@ -199,15 +188,15 @@ def test_flash_attention_without_the_package_is_one_line(monkeypatch):
 
 
 def test_incompatible_models_are_refused(tmp_path):
-    check_compatible(tiny_config(), MANIFEST, "tiny")
+    check_compatible(tiny_config(), PROCESSOR_SUMMARY, "tiny")
     with pytest.raises(QvlError, match="160000-token"):
-        check_compatible(tiny_config(), {"processor": {**MANIFEST["processor"], "vocab_size": 160000}})
+        check_compatible(tiny_config(), processor_summary(vocab_size=160000))
     with pytest.raises(QvlError, match="patch"):
-        check_compatible(tiny_config(), {"processor": {**MANIFEST["processor"], "patch_size": 16}})
+        check_compatible(tiny_config(), processor_summary(patch_size=16))
     config = tiny_config()
     config.image_token_id = 5
     with pytest.raises(QvlError, match="image_token_id"):
-        check_compatible(config, MANIFEST)
+        check_compatible(config, PROCESSOR_SUMMARY)
     llama = tmp_path / "config.json"
     llama.write_text(json.dumps({"model_type": "llama", "vocab_size": 32000}))
     with pytest.raises(QvlError, match="model_type 'llama'"):

@@ -53,11 +53,9 @@ def test_notebook_command_runs_it_on_a_build_and_keeps_the_outputs(
     # The image the notebook rebuilt from the stored pixels of mllm_demo row 0 is the resized source.
     shards = ShardSet(demo_build)
     row = shards.row(shards.find("mllm_demo", 0))
-    options = shards.manifest["options"]
+    options = shards.manifest.options
     _, h, w = row["image_grid_thw"][0]
-    source = preresize_image(
-        open_image(row["images"][0]), options["image_max_pixels"], options["image_min_pixels"]
-    )
+    source = preresize_image(open_image(row["images"][0]), options.image_max_pixels, options.image_min_pixels)
     expected = np.asarray(source.resize((w * 14, h * 14), Image.BICUBIC), dtype=np.int16)
     rebuilt = np.asarray(Image.open(images_out / "mllm_demo-0-image1.png").convert("RGB"), dtype=np.int16)
     assert rebuilt.shape == expected.shape == (168, 308, 3)

@@ -49,7 +49,7 @@ def _answers(out: Path) -> list[str]:
 def test_json_file_holding_json_lines_is_read(tmp_path: Path):
     root = _dataset(tmp_path / "data", {"d.json": _lines(ROWS)})
     result = _build(root, tmp_path / "out")
-    assert result.manifest["totals"]["rows"] == 5 and result.manifest["totals"]["rejected"] == 0
+    assert result.manifest.totals.rows == 5 and result.manifest.totals.rejected == 0
 
 
 def test_utf8_bom_is_accepted_in_json_and_json_lines(tmp_path: Path):
@@ -57,7 +57,7 @@ def test_utf8_bom_is_accepted_in_json_and_json_lines(tmp_path: Path):
     for name, data in {"d.json": json.dumps(ROWS).encode(), "d.jsonl": _lines(ROWS)}.items():
         root = _dataset(tmp_path / name, {name: bom + data})
         result = _build(root, tmp_path / f"out-{name}")
-        assert result.manifest["totals"]["rows"] == 5 and result.manifest["totals"]["rejected"] == 0, name
+        assert result.manifest.totals.rows == 5 and result.manifest.totals.rejected == 0, name
 
 
 def test_folder_file_name_reads_every_data_file_in_name_order(tmp_path: Path):
@@ -69,9 +69,9 @@ def test_folder_file_name_reads_every_data_file_in_name_order(tmp_path: Path):
     root = _dataset(tmp_path / "data", files, file_name="parts")
     out = tmp_path / "out"
     result = _build(root, out)
-    assert result.manifest["totals"]["rows"] == 5
+    assert result.manifest.totals.rows == 5
     assert _answers(out) == [f"d:{i}" for i in range(5)]  # a.json's rows, then b.jsonl's, indexed on
-    assert [Path(p["file"]).name for p in result.manifest["partitions"]] == ["a.json", "b.jsonl"]
+    assert [Path(p.file).name for p in result.manifest.partitions] == ["a.json", "b.jsonl"]
 
 
 def _cli_build(root: Path, out: Path):
@@ -91,7 +91,7 @@ def test_empty_file_says_it_is_empty(tmp_path: Path):
 def test_empty_list_is_a_dataset_without_rows(tmp_path: Path):
     root = _dataset(tmp_path / "data", {"d.json": b"[]"})
     result = _build(root, tmp_path / "out")
-    assert result.manifest["input_rows"] == 0 and result.manifest["shards"] == []
+    assert result.manifest.input_rows == 0 and result.manifest.shards == []
 
 
 def test_folder_without_data_files_is_one_line(tmp_path: Path):

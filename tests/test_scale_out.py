@@ -99,12 +99,10 @@ def test_json_lines_index_skips_blank_lines_and_reads_in_place(dataset_dir: Path
 
 def test_plan_depends_on_inputs_not_on_workers(dataset_dir: Path, tmp_path: Path):
     builds = [run_pipeline(_config(dataset_dir, tmp_path / f"o{n}", num_proc=n)) for n in (1, 2)]
-    a, b = (r.manifest["partitions"] for r in builds)
-    assert [(p["source"], p["first_row"], p["rows"]) for p in a] == [
-        (p["source"], p["first_row"], p["rows"]) for p in b
-    ]
+    a, b = (r.manifest.partitions for r in builds)
+    assert [(p.source, p.first_row, p.rows) for p in a] == [(p.source, p.first_row, p.rows) for p in b]
     # chats: 6 partitions of 4 rows (the last 3); empty: none; plain: 2
-    assert [(p["source"], p["rows"]) for p in a] == [("chats", 4)] * 5 + [
+    assert [(p.source, p.rows) for p in a] == [("chats", 4)] * 5 + [
         ("chats", 3),
         ("plain", 4),
         ("plain", 1),
@@ -213,9 +211,9 @@ def test_changed_library_version_rebuilds(dataset_dir: Path, tmp_path: Path, mon
 
     config = _config(dataset_dir, tmp_path)
     first = build(config)
-    assert first.manifest["versions"]["pillow"] not in ("", "absent")
+    assert first.manifest.versions["pillow"] not in ("", "absent")
     real = build_module.library_versions
     monkeypatch.setattr(build_module, "library_versions", lambda: {**real(), "pillow": "0.0"})
     second = build(config)
     assert not second.skipped and second.reused == 0
-    assert second.manifest["fingerprint"] != first.manifest["fingerprint"]
+    assert second.manifest.fingerprint != first.manifest.fingerprint

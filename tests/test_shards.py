@@ -55,7 +55,7 @@ def test_reconstructed_pixels_equal_the_processor_output(
         assert np.array_equal(rows.read_pixel_patches(i), rows.pixel_patches(i))  # pread == mapped
     bytes_per_patch = rows.pixel_patches(0).nbytes // rows.pixel_patches(0).shape[0]
     assert bytes_per_patch == {"uint8": 588, "float32": 4704, "webp": 588}[pixel_format]
-    stored = sum(s["pixel_bytes"] for s in rows.manifest["shards"])
+    stored = sum(s.pixel_bytes for s in rows.manifest.shards)
     patches = sum(len(rows.pixel_patches(i)) for i in range(len(rows)))
     if pixel_format == "webp":  # compressed: less than the raw uint8 patches
         assert 0 < stored < patches * 588
@@ -69,18 +69,18 @@ def test_shards_open_with_datasets_and_polars(demo_build: Path):
 
     manifest = shards.load_manifest(demo_build)
     total = 0
-    for shard in manifest["shards"]:
-        path = demo_build / shard["file"]
+    for shard in manifest.shards:
+        path = demo_build / shard.file
         ds = datasets.Dataset.from_file(str(path))
         df = pl.read_ipc_stream(path)
-        assert len(ds) == df.height == shard["rows"]
-        assert int(df["length"].sum()) == shard["tokens"]
-        assert sum(ds["trained_tokens"]) == shard["trained_tokens"]
+        assert len(ds) == df.height == shard.rows
+        assert int(df["length"].sum()) == shard.tokens
+        assert sum(ds["trained_tokens"]) == shard.trained_tokens
         first = ds[0]
         assert first["length"] == len(first["input_ids"]) == len(first["labels"])
         total += len(ds)
     assert total == 1096
-    row0 = datasets.Dataset.from_file(str(demo_build / manifest["shards"][0]["file"]))[0]
+    row0 = datasets.Dataset.from_file(str(demo_build / manifest.shards[0].file))[0]
     assert row0["image_grid_thw"] == [[1, 12, 22], [1, 12, 22]] and len(row0["pixels"]) == 528
     assert len(row0["pixels"][0]) == 588
 

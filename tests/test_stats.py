@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import processor_summary
 
 from qvl_data import shards
 from qvl_data.cli import main
 from qvl_data.encode import EncodedRow
+from qvl_data.format import BuildOptions, Manifest, Rejected, SourceTotals
 from qvl_data.stats import compute_stats, stats_frames
 
 
@@ -141,17 +143,30 @@ def _synthetic_build(out: Path, rows: int, side: int) -> int:
             )
         )
     infos = writer.close()
-    manifest = {
-        "format": shards.FORMAT_NAME,
-        "format_version": shards.FORMAT_VERSION,
-        "options": {"pixel_format": "uint8", "cutoff_len": 1 << 20},
-        "processor": {"merge_size": 2, "patch_size": 14},
-        "sources": {"big": {"rejected": 0}},
-        "totals": {"rows": rows, "images": rows, "image_tokens": rows * side * side // 4},
-        "rejected": {"total": 0, "by_reason": {}},
-        "shards": [{"file": s.file, "rows": s.rows, "bytes": s.bytes} for s in infos],
-    }
-    shards.write_json_atomic(out / shards.MANIFEST, manifest)
+    totals = SourceTotals(
+        rows=rows,
+        tokens=sum(s.tokens for s in infos),
+        trained_tokens=2 * rows,
+        image_tokens=rows * side * side // 4,
+        images=rows,
+        max_length=side * side // 4 + 5,
+    )
+    manifest = Manifest(
+        fingerprint="",
+        qvl_version="",
+        dataset_dir="",
+        datasets=["big"],
+        options=BuildOptions(1 << 20, 262144, 1024, False, "uint8", [], 0),
+        processor=processor_summary(),
+        versions={},
+        input_rows=rows,
+        totals=totals,
+        sources={"big": totals},
+        rejected=Rejected(),
+        shards=infos,
+        partitions=[],
+    )
+    shards.write_json_atomic(out / shards.MANIFEST, manifest.to_dict())
     return rows * side * side * 588
 
 

@@ -141,11 +141,11 @@ def test_every_row_is_written_or_rejected_with_its_reason(bad_build: Path):
     written = {(rows.row(i)["source"], rows.row(i)["index"]) for i in range(len(rows))}
     assert written == {k for k, v in expected.items() if v is None}
     manifest = shards.load_manifest(bad_build)
-    assert manifest["input_rows"] == len(expected) == len(written) + len(rejected)
+    assert manifest.input_rows == len(expected) == len(written) + len(rejected)
     by_reason: dict[str, int] = {}
     for reason in got.values():
         by_reason[reason] = by_reason.get(reason, 0) + 1
-    assert manifest["rejected"]["by_reason"] == dict(sorted(by_reason.items()))
+    assert manifest.rejected.by_reason == dict(sorted(by_reason.items()))
     # every reason class of the schema is exercised here
     assert set(got.values()) == set(REASONS)
 
@@ -206,8 +206,8 @@ def test_outside_images_allowed_on_request(bad_dataset: Path, tmp_path: Path):
     )
     config.allow_outside_images, config.quiet, config.num_proc = True, True, 1
     manifest = build(config).manifest
-    assert "image_outside_dataset" not in manifest["rejected"]["by_reason"]
-    assert manifest["sources"]["bad_sharegpt"]["rows"] == 1 + sum(r is None for _, r in SHAREGPT_CASES)
+    assert "image_outside_dataset" not in manifest.rejected.by_reason
+    assert manifest.sources["bad_sharegpt"].rows == 1 + sum(r is None for _, r in SHAREGPT_CASES)
 
 
 def test_validate_command_reports_without_writing(bad_dataset: Path, tmp_path: Path):
