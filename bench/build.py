@@ -115,7 +115,8 @@ def _qvl_result(result: Any) -> dict[str, Any]:
 
 
 def child_qvl(cfg: dict[str, Any]) -> dict[str, Any]:
-    # No transformers import here: qvl's driver never loads it; its workers do, inside the pipeline time.
+    _import_transformers()
+
     from qvl_data.build import build
 
     return _qvl_result(build(_qvl_config(cfg)))
@@ -131,6 +132,7 @@ def child_qvl_killed(cfg: dict[str, Any]) -> dict[str, Any]:
 
     from qvl_data.build import WORK_DIR, build
 
+    _import_transformers()  # like every configuration: imports before the clock
     out = Path(cfg["out"])
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "qvl_data.cli", "build", "--dataset-dir", cfg["dataset_dir"], "--quiet"]

@@ -53,7 +53,8 @@ def checks_table(payload: dict[str, Any]) -> str:
         if isinstance(measured, float):
             measured = f"{100 * measured:.1f}%" if "MFU" in c["target"] else fmt_ratio(measured)
         where = f"{c['workload']}: " if c.get("workload") else ""
-        rows.append([where + c["target"], c["goal"], measured, "met" if c["met"] else "**missed**"])
+        verdict = "-" if c["met"] is None else "met" if c["met"] else "**missed**"  # None: informational
+        rows.append([where + c["target"], c["goal"], measured, verdict])
     return table(["target", "goal", "measured", ""], rows)
 
 
@@ -73,6 +74,10 @@ def build_section(p: dict[str, Any]) -> str:
             fmt_bytes(r["process"]["peak_pss_bytes"]),
             fmt_bytes(r["output_bytes"]),
             fmt_ratio(r.get("vs_baseline")),
+            fmt(1e3 * r["driver_cpu_s"] / r["input_rows"], 2) if "driver_cpu_s" in r else "-",
+            fmt(1e3 * r["task_cpu_s"] / r["input_rows"], 1) if "task_cpu_s" in r else "-",
+            fmt_bytes(r.get("driver_peak_rss_bytes")),
+            f"{r['reused']}/{r['partitions']}" if "partitions" in r else "-",
         ]
         for r in p["results"]
     ]
@@ -91,6 +96,10 @@ def build_section(p: dict[str, Any]) -> str:
             "peak PSS (tree)",
             "output",
             "rows/s vs datasets.map",
+            "driver ms CPU/row",
+            "task ms CPU/row",
+            "driver peak RSS",
+            "reused/partitions",
         ],
         rows,
     )

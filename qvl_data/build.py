@@ -51,6 +51,7 @@ from qvl_data.task import (
     TaskResult,
     index_task,
     partition_task,
+    processor,
     processor_task,
     rejected_path,
 )
@@ -297,6 +298,11 @@ def run_pipeline(
         shard_bytes=config.shard_size_mb << 20,
         write=write,
     )
+    if config.executor == "local" and existing is None:
+        # Work ahead: load the processor here once, before the pool forks, so that every local worker
+        # starts with it (importing transformers alone takes seconds per process). The driver still
+        # tokenizes nothing; Ray workers load it themselves, once each.
+        processor(config.model)
     try:
         with open_executor(config.executor, config.workers, config.ray_address) as executor:
             indexes, summary = _index(ctx, executor, specs, config, need_processor=existing is None)
@@ -313,8 +319,8 @@ def run_pipeline(
             scratch.cleanup()
 
     entries = [r.entry for r in results]
-    processor = ProcessorSummary(**summary) if summary else existing.processor  # type: ignore[union-attr]
-    manifest = _manifest(config, fp, dataset_dir, versions, processor, indexes, entries)
+    processor_summary = ProcessorSummary(**summary) if summary else existing.processor  # type: ignore[union-attr]
+    manifest = _manifest(config, fp, dataset_dir, versions, processor_summary, indexes, entries)
     if write:
         _commit(out_dir, ctx, manifest, plan)
     elif on_rejection is not None:
