@@ -376,36 +376,46 @@ def summarize(payload: dict[str, Any]) -> dict[str, Any]:
                 return r
         return None
 
+    def check(workload: str, target: str, goal: str, measured: Any, met: bool, **extra: Any) -> None:
+        """A target of the scale-out work; on the demo (about 1 s of work, where start-up dominates) the
+        same figure is shown for information only."""
+        if not workload.startswith("synthetic"):
+            goal, met = f"(informational; target {goal} on the synthetic set)", None
+        checks.append(
+            {"workload": workload, "target": target, "goal": goal, "measured": measured, "met": met, **extra}
+        )
+
+    def same_output(run: dict, reference: dict) -> tuple[float | None, bool, str]:
+        r = ratio(run["pipeline_s"], reference["pipeline_s"])
+        same = run["output_digest"] == reference["output_digest"]
+        return r, same, f"{fmt_ratio(r)}, {'identical' if same else 'DIFFERENT'}"
+
     args = payload["args"]
     lo, hi = min(args["num_proc"]), max(args["num_proc"])
     for workload in dict.fromkeys(r["workload"] for r in results):
         q_lo, q_hi = find(workload, "qvl", lo, "uint8"), find(workload, "qvl", hi, "uint8")
         if q_lo and q_hi and lo != hi:
             r = ratio(q_hi["rows_per_s"], q_lo["rows_per_s"])
-            checks.append(
-                {
-                    "workload": workload,
-                    "target": f"rows/s num_proc {lo} -> {hi}",
-                    "goal": f">= {TARGETS['num_proc_scaling']}x",
-                    "measured": r,
-                    "met": r is not None and r >= TARGETS["num_proc_scaling"],
-                }
-            )
+            goal = TARGETS["num_proc_scaling"]
+            check(workload, f"rows/s num_proc {lo} -> {hi}", f">= {goal}x", r, r is not None and r >= goal)
         for n in args["num_proc"]:
             q, b = find(workload, "qvl", n, "uint8"), find(workload, "datasets.map", n, "float32")
             if q and b:
-                r = ratio(q["rows_per_s"], b["rows_per_s"])
-                q["vs_baseline"] = r
-                goal = TARGETS["vs_datasets_map"] if n == hi else None  # the target is at the top num_proc
-                checks.append(
-                    {
-                        "workload": workload,
-                        "target": f"rows/s vs datasets.map, num_proc {n} (qvl uint8, baseline float32)",
-                        "goal": f">= {goal}x" if goal else "(no target)",
-                        "measured": r,
-                        "met": r is not None and r >= goal if goal else None,
-                    }
-                )
+                r = q["vs_baseline"] = ratio(q["rows_per_s"], b["rows_per_s"])
+                target = f"rows/s vs datasets.map, num_proc {n} (qvl uint8, baseline float32)"
+                if n == hi:  # the target is at the top num_proc
+                    goal = TARGETS["vs_datasets_map"]
+                    check(workload, target, f">= {goal}x", r, r is not None and r >= goal)
+                else:
+                    checks.append(
+                        {
+                            "workload": workload,
+                            "target": target,
+                            "goal": "(no target)",
+                            "measured": r,
+                            "met": None,
+                        }
+                    )
                 if q["tokens"] != b["tokens"]:
                     checks.append(
                         {
@@ -418,62 +428,46 @@ def summarize(payload: dict[str, Any]) -> dict[str, Any]:
                     )
         q32, b32 = find(workload, "qvl", hi, "float32"), find(workload, "datasets.map", hi, "float32")
         if q32 and b32:
-            r = ratio(q32["rows_per_s"], b32["rows_per_s"])
-            q32["vs_baseline"] = r
+            r = q32["vs_baseline"] = ratio(q32["rows_per_s"], b32["rows_per_s"])
+            target = f"rows/s vs datasets.map, num_proc {hi}, both float32 (like for like)"
             checks.append(
-                {
-                    "workload": workload,
-                    "target": f"rows/s vs datasets.map, num_proc {hi}, both float32 (like for like)",
-                    "goal": "(no target)",
-                    "measured": r,
-                    "met": None,
-                }
+                {"workload": workload, "target": target, "goal": "(no target)", "measured": r, "met": None}
             )
         if q_hi and q_hi.get("task_cpu_s"):
-            rows = q_hi["input_rows"]
-            share = ratio(q_hi["driver_cpu_s"] / rows, q_hi["task_cpu_s"] / rows)
-            q_hi["driver_share"] = share
-            checks.append(
-                {
-                    "workload": workload,
-                    "target": f"driver CPU per row / task CPU per row, num_proc {hi}",
-                    "goal": f"<= {TARGETS['driver_cpu_share']:.0%}",
-                    "measured": share,
-                    "display": f"{share:.2%} ({1e3 * q_hi['driver_cpu_s'] / rows:.2f} vs "
-                    f"{1e3 * q_hi['task_cpu_s'] / rows:.1f} ms/row; ceiling {1 / share:,.0f} workers)"
-                    if share
-                    else "-",
-                    "met": share is not None and share <= TARGETS["driver_cpu_share"],
-                }
+            rows, goal = q_hi["input_rows"], TARGETS["driver_cpu_share"]
+            share = q_hi["driver_share"] = ratio(q_hi["driver_cpu_s"] / rows, q_hi["task_cpu_s"] / rows)
+            shown = (
+                f"{share:.2%} ({1e3 * q_hi['driver_cpu_s'] / rows:.2f} vs {1e3 * q_hi['task_cpu_s'] / rows:.1f} "
+                f"ms/row; ceiling {1 / share:,.0f} workers)"
+                if share
+                else "-"
+            )
+            target = f"driver CPU per row / task CPU per row, num_proc {hi}"
+            check(
+                workload, target, f"<= {goal:.0%}", share, share is not None and share <= goal, display=shown
             )
         killed = find(workload, "qvl killed", hi, "uint8")
         if killed and q_hi:
-            r = ratio(killed["pipeline_s"], q_hi["pipeline_s"])
-            same = killed["output_digest"] == q_hi["output_digest"]
-            checks.append(
-                {
-                    "workload": workload,
-                    "target": f"re-run after a kill at {killed['done_at_kill']}/{killed['partitions']} "
-                    f"partitions / full build (reused {killed['reused']}); output identical",
-                    "goal": f"<= {TARGETS['resume']:.2f}x, identical",
-                    "measured": r,
-                    "display": f"{fmt_ratio(r)}, {'identical' if same else 'DIFFERENT'}",
-                    "met": r is not None and r <= TARGETS["resume"] and same,
-                }
+            r, same, shown = same_output(killed, q_hi)
+            goal = TARGETS["resume"]
+            target = (
+                f"re-run after a kill at {killed['done_at_kill']}/{killed['partitions']} partitions / full "
+                f"build (reused {killed['reused']}); output identical"
             )
+            met = r is not None and r <= goal and same
+            check(workload, target, f"<= {goal:.2f}x, identical", r, met, display=shown)
         on_ray = find(workload, "qvl ray", hi, "uint8")
         if on_ray and q_hi:
-            r = ratio(on_ray["pipeline_s"], q_hi["pipeline_s"])
-            same = on_ray["output_digest"] == q_hi["output_digest"]
-            checks.append(
-                {
-                    "workload": workload,
-                    "target": f"--executor ray time / local --num-proc {hi}; output identical",
-                    "goal": f"<= {TARGETS['ray_over_local']:.2f}x, identical",
-                    "measured": r,
-                    "display": f"{fmt_ratio(r)}, {'identical' if same else 'DIFFERENT'}",
-                    "met": r is not None and r <= TARGETS["ray_over_local"] and same,
-                }
+            r, same, shown = same_output(on_ray, q_hi)
+            goal = TARGETS["ray_over_local"]
+            target = f"--executor ray time / local --num-proc {hi}; output identical"
+            check(
+                workload,
+                target,
+                f"<= {goal:.2f}x, identical",
+                r,
+                r is not None and r <= goal and same,
+                display=shown,
             )
     scaling = [
         r

@@ -22,7 +22,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 COMMANDS = {
     "build": "python bench/build.py",
     "build-scaling": "python bench/build.py --scaling --workloads synthetic --no-baseline --no-sizes --num-proc 2 "
-    "--out bench/results/build-scaling.json",
+    "--out bench/results/build-scaling.json",  # an older, separate scaling run; --scaling now goes with build
     "loader": "python bench/loader.py",
     "train_step": "python bench/train_step.py",
     "gpu_step": "python bench/gpu_step.py",
@@ -266,7 +266,7 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
         payload = json.loads(path.read_text())
         note = f" Note: {payload['note']}." if payload.get("note") else ""
         command = COMMANDS[name]
-        if name == "loader" and payload["args"].get("scaling"):
+        if name in ("build", "loader") and payload["args"].get("scaling"):
             command += " --scaling"
         parts.append(
             f"#### `{command}`\n\n{machine_line(payload)}{note}\n\n{section(payload)}\n\nTargets:\n\n{checks_table(payload)}"

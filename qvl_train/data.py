@@ -26,8 +26,8 @@ from qvl_data.errors import QvlError
 from qvl_data.format import ProcessorSummary
 from qvl_data.processor import IMAGE_PAD_ID, PAD_ID
 from qvl_data.shards import ShardSet, load_manifest
+from qvl_data.template import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 PAD_MULTIPLE = 8
 _COLUMNS = ("source", "index", "input_ids", "labels", "image_grid_thw", "pixels")
 

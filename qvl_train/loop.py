@@ -36,8 +36,9 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 
 from qvl_data.errors import QvlError
+from qvl_data.template import IGNORE_INDEX
 from qvl_train.config import TrainConfig, to_dict
-from qvl_train.data import IGNORE_INDEX, Plan, RankBatchSampler, ShardDataset, collate, make_plan, to_device
+from qvl_train.data import Plan, RankBatchSampler, ShardDataset, collate, make_plan, to_device
 from qvl_train.model import (
     TINY,
     check_compatible,

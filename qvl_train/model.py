@@ -14,9 +14,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +30,8 @@ from qvl_data.processor import (
     VISION_END_ID,
     VISION_START_ID,
     cache_dir,
+    publish_directory,
+    staging_directory,
 )
 
 if TYPE_CHECKING:
@@ -97,14 +97,13 @@ def tiny_model_dir() -> Path:
     """``cache_dir()/models/tiny-qwen2_5_vl-v<N>``: the tiny model (safetensors, seeded init) plus the
     embedded processor's tokenizer files, built once and renamed into place (concurrent builds are safe)."""
     out = cache_dir() / "models" / f"tiny-qwen2_5_vl-v{TINY_VERSION}"
-    if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
+    if _is_complete_tiny(out):
         return out
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_directory(out)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_SEED)
@@ -119,15 +118,14 @@ def tiny_model_dir() -> Path:
                     shutil.copy2(processor / name, tmp / name)
         except (ModuleNotFoundError, FileNotFoundError):
             pass
-        os.chmod(tmp, 0o755)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / "model.safetensors").is_file():
-                raise
+        publish_directory(tmp, out, _is_complete_tiny)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left only when another process published first
     return out
+
+
+def _is_complete_tiny(path: Path) -> bool:
+    return (path / "model.safetensors").is_file() and (path / "config.json").is_file()
 
 
 def resolve_model_path(name: str) -> str:
