@@ -32,6 +32,24 @@ PROCESSOR_SUMMARY = processor_summary()  # what a build of the demo records
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+PROCESSOR = processor_summary(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def _image_row() -> dict:
+    """One chat row with a 4x4-patch image (4 image tokens) and a 4-token trained answer."""
+    g = torch.Generator().manual_seed(0)
+    ids = [151644, 872, 198, 151652, *[151655] * 4, 151653, 151645, 198, 151644, 77091, 198, 9707, 13, 151645]
+    return {
+        "row": 0,
+        "source": "t",
+        "index": 0,
+        "input_ids": torch.tensor(ids),
+        "labels": torch.tensor([-100] * 13 + ids[13:]),
+        "image_grid_thw": torch.tensor([[1, 4, 4]]),
+        "pixels": torch.randint(0, 256, (16, 588), dtype=torch.uint8, generator=g),
+    }
+
+
 def test_target_regex_matches_language_model_linears_only():
     regex = lora_target_regex(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     for name in (
@@ -89,22 +107,10 @@ def test_tiny_model_trainable_parameters_and_gradients():
     for name, param in trainable.items():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
-    g = torch.Generator().manual_seed(0)
-    pixels = torch.randint(0, 256, (16, 588), dtype=torch.uint8, generator=g)
-    ids = [151644, 872, 198, 151652, *[151655] * 4, 151653, 151645, 198, 151644, 77091, 198, 9707, 13, 151645]
-    row = {
-        "row": 0,
-        "source": "t",
-        "index": 0,
-        "input_ids": torch.tensor(ids),
-        "labels": torch.tensor([-100] * 13 + ids[13:]),
-        "image_grid_thw": torch.tensor([[1, 4, 4]]),
-        "pixels": pixels,
-    }
+    row = _image_row()
     from qvl_train.data import to_device
 
-    processor = processor_summary(image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    inputs = to_device(collate([row]), torch.device("cpu"), torch.float32, processor)
+    inputs = to_device(collate([row]), torch.device("cpu"), torch.float32, PROCESSOR)
     model.train()
     loss = token_loss_sum(model, inputs, collate([row])["labels"])
     assert torch.isfinite(loss) and loss.item() > 0
@@ -112,24 +118,6 @@ def test_tiny_model_trainable_parameters_and_gradients():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
     frozen = [p for p in model.parameters() if not p.requires_grad]
     assert all(p.grad is None for p in frozen)
-
-
-PROCESSOR = processor_summary(image_mean=[0.5] * 3, image_std=[0.5] * 3)
-
-
-def _image_row() -> dict:
-    """One chat row with a 4x4-patch image (4 image tokens) and a 4-token trained answer."""
-    g = torch.Generator().manual_seed(0)
-    ids = [151644, 872, 198, 151652, *[151655] * 4, 151653, 151645, 198, 151644, 77091, 198, 9707, 13, 151645]
-    return {
-        "row": 0,
-        "source": "t",
-        "index": 0,
-        "input_ids": torch.tensor(ids),
-        "labels": torch.tensor([-100] * 13 + ids[13:]),
-        "image_grid_thw": torch.tensor([[1, 4, 4]]),
-        "pixels": torch.randint(0, 256, (16, 588), dtype=torch.uint8, generator=g),
-    }
 
 
 def test_frozen_vision_tower_runs_no_backward():
