@@ -109,15 +109,42 @@ def rows_to_batch(rows: list, pixel_format: str) -> pa.RecordBatch:
 ShardInfo = ShardEntry  # what the writer reports per shard file
 
 
-def _fsync_and_rename(tmp: Path, final: Path) -> str:
-    """Make ``tmp`` durable, then visible as ``final``; returns its sha256 (read back from the page cache)."""
-    digest = hashlib.sha256()
+def _fsync_and_rename(tmp: Path, final: Path) -> None:
+    """Make ``tmp`` durable, then visible as ``final``."""
     with open(tmp, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
         os.fsync(f.fileno())
     os.replace(tmp, final)
-    return digest.hexdigest()
+
+
+class _HashingFile:
+    """A file opened for writing that feeds every byte it is given to a sha256 as well: a shard's checksum
+    without reading the shard back. Arrow writes to it through ``pa.PythonFile``."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "wb")
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self._file.write(data)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def sync(self) -> None:
+        """Everything written reaches the disk (before the shard is renamed into place)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class ShardWriter:
@@ -147,6 +174,7 @@ class ShardWriter:
         self._pending_bytes = 0
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
         self._sink: Any = None
+        self._file: _HashingFile | None = None
         self._info: ShardInfo | None = None
         (self.out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
 
@@ -159,7 +187,8 @@ class ShardWriter:
 
     def _open_shard(self) -> None:
         name = f"{SHARD_DIR}/{self.prefix}-{len(self.shards):03d}.arrow"
-        self._sink = pa.OSFile(str(self.out_dir / (name + ".tmp")), "wb")
+        self._file = _HashingFile(self.out_dir / (name + ".tmp"))
+        self._sink = pa.PythonFile(self._file, mode="w")
         self._writer = pa.ipc.new_stream(self._sink, self.schema)
         self._info = ShardInfo(
             file=name, rows=0, tokens=0, trained_tokens=0, image_tokens=0, images=0, bytes=0
@@ -185,13 +214,15 @@ class ShardWriter:
             self._close_shard()
 
     def _close_shard(self) -> None:
-        self._writer.close()
+        self._writer.close()  # the stream's end marker goes through the sink too
+        self._file.sync()
         self._sink.close()
         final = self.out_dir / self._info.file
-        self._info.sha256 = _fsync_and_rename(Path(str(final) + ".tmp"), final)
+        os.replace(Path(str(final) + ".tmp"), final)
+        self._info.sha256 = self._file.digest.hexdigest()
         self._info.bytes = final.stat().st_size
         self.shards.append(self._info)
-        self._writer = self._sink = self._info = None
+        self._writer = self._sink = self._file = self._info = None
 
     def close(self) -> list[ShardInfo]:
         self._flush()

@@ -3,6 +3,7 @@ build, partition edge cases, and Ray (one processor load per worker, not per tas
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -130,6 +131,9 @@ def test_every_row_written_or_rejected_with_reason(reference: Path):
     assert manifest["sources"]["empty"]["rows"] == 0
     assert manifest["totals"]["images"] == 8  # rows 0, 3, ..., 21 (row 8's image is missing)
     assert sum(s["rows"] for s in manifest["shards"]) == 26
+    for shard in manifest["shards"]:  # the checksum the task computed while writing is the file's
+        data = (reference / shard["file"]).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (shard["bytes"], shard["sha256"])
 
 
 @pytest.mark.parametrize("executor", ["local-2", "ray"])
