@@ -106,9 +106,6 @@ def rows_to_batch(rows: list, pixel_format: str) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(columns, schema=shard_schema(pixel_format))
 
 
-ShardInfo = ShardEntry  # what the writer reports per shard file
-
-
 def _fsync_and_rename(tmp: Path, final: Path) -> None:
     """Make ``tmp`` durable, then visible as ``final``."""
     with open(tmp, "rb") as f:
@@ -169,13 +166,13 @@ class ShardWriter:
         self.max_shard_bytes = max_shard_bytes
         self.batch_rows = batch_rows
         self.schema = shard_schema(pixel_format)
-        self.shards: list[ShardInfo] = []
+        self.shards: list[ShardEntry] = []
         self._pending: list = []
         self._pending_bytes = 0
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
         self._sink: Any = None
         self._file: _HashingFile | None = None
-        self._info: ShardInfo | None = None
+        self._info: ShardEntry | None = None
         (self.out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
 
     def write(self, row) -> None:
@@ -190,7 +187,7 @@ class ShardWriter:
         self._file = _HashingFile(self.out_dir / (name + ".tmp"))
         self._sink = pa.PythonFile(self._file, mode="w")
         self._writer = pa.ipc.new_stream(self._sink, self.schema)
-        self._info = ShardInfo(
+        self._info = ShardEntry(
             file=name, rows=0, tokens=0, trained_tokens=0, image_tokens=0, images=0, bytes=0
         )
 
@@ -224,7 +221,7 @@ class ShardWriter:
         self.shards.append(self._info)
         self._writer = self._sink = self._file = self._info = None
 
-    def close(self) -> list[ShardInfo]:
+    def close(self) -> list[ShardEntry]:
         self._flush()
         if self._writer is not None:
             self._close_shard()
