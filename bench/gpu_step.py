@@ -381,31 +381,20 @@ def _peak_memory(device) -> dict[str, int | None]:
 
 
 def run_qvl(model, row, args, device, dtype) -> dict[str, Any]:
-    """qvl_train.loop's optimizer step, piece for piece: collate -> to_device -> run_window -> clip -> AdamW."""
-    import inspect
-    from contextlib import nullcontext
-
+    """qvl_train.loop's optimizer step, from the same pieces: collate -> batch_to_inputs -> run_window -> clip
+    -> AdamW."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from qvl_train.data import collate, to_device
-    from qvl_train.loop import Dist, run_window
+    from qvl_train.data import collate
+    from qvl_train.distributed import Dist
+    from qvl_train.steps import autocast_for, input_builder, run_window
 
     _reset_memory(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
     dist = Dist(device=device)
-    processor = processor_summary()
-    mm_types = "mm_token_type_ids" in inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
-
-    def to_inputs(batch):
-        inputs = to_device(batch, device, dtype, processor)
-        if not mm_types:
-            inputs.pop("mm_token_type_ids")
-        return inputs
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    to_inputs = input_builder(device, dtype, processor_summary())
+    autocast = autocast_for(device, dtype)
 
     model.train()
     times, losses = [], []
@@ -426,14 +415,14 @@ def run_qvl(model, row, args, device, dtype) -> dict[str, Any]:
 
 def run_hf(model, row, args, device, dtype) -> dict[str, Any]:
     """transformers.Trainer on the same model and row: float32 pixel_values from the collator, full logits."""
-    import inspect
     import tempfile
 
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration, Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
     from qvl_data.vision import pixel_values_from_uint8_torch
+    from qvl_train.steps import model_takes_token_types
 
     hf_logging.set_verbosity_error()
     _reset_memory(device)
@@ -441,7 +430,7 @@ def run_hf(model, row, args, device, dtype) -> dict[str, Any]:
     pixel_values = pixel_values_from_uint8_torch(
         row["pixels"], p.image_mean, p.image_std, p.rescale_factor, p.temporal_patch_size
     )
-    mm_types = "mm_token_type_ids" in inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
+    mm_types = model_takes_token_types()
     item = {
         "input_ids": row["input_ids"],
         "attention_mask": torch.ones_like(row["input_ids"]),

@@ -1,17 +1,33 @@
-"""``python -m qvl_train`` / ``qvl-train``: parse the options, train; whole-run problems exit 2 in one line."""
+"""``python -m qvl_train`` / ``qvl-train``: train, or run one of the other commands on a trained adapter.
+
+    qvl-train [options]            train (under torchrun for several GPUs)
+    qvl-train predict [options]    generate answers with the base model + adapter (qvl_train.predict)
+    qvl-train score [options]      OK-VQA / COCO captions / instruction scores, base vs adapter (qvl_train.score)
+    qvl-train export [options]     merge the adapter into the base weights (qvl_train.export)
+
+Whole-run problems exit 2 in one line.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
 from qvl_data.errors import QvlError
 
+#: command -> module with a ``run(argv) -> None`` that parses its own options
+COMMANDS = {"predict": "qvl_train.predict", "score": "qvl_train.score", "export": "qvl_train.export"}
+
 
 def main(argv: list[str] | None = None) -> None:
-    from qvl_train.config import parse_config
-
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv and argv[0] in COMMANDS:
+            importlib.import_module(COMMANDS[argv[0]]).run(argv[1:])
+            return
+        from qvl_train.config import parse_config
+
         config = parse_config(argv)
         from qvl_train.loop import train
 

@@ -98,6 +98,23 @@ class TrainConfig:
     max_rows: int = 0
     """Train on the first N rows of the shards only (0: all); for smoke tests and demos."""
 
+    val_size: float = 0.0
+    """Hold out rows of --data for evaluation: a fraction (0 < x < 1) or a row count (>= 1). The split is by
+    row id (a seeded hash of source and index), so it is the same on every rank, world size and resume.
+    0: no split."""
+    eval_data: str = ""
+    """A separate shard directory (another ``qvl-data build``) to evaluate on instead of --val-size."""
+    eval_steps: int = 0
+    """Evaluate every N optimizer steps and at the end (0: at the end only). Needs --val-size or --eval-data."""
+    per_device_eval_batch_size: int = 1
+    """Rows per evaluation batch on each rank."""
+
+    packing: bool = False
+    """Pack several rows into one sequence of up to --packing-len tokens (each row keeps its own 3-D
+    positions; no token attends across rows). Off by default, as in the reference recipe."""
+    packing_len: int = 0
+    """Token budget of a packed sequence (0: the build's cutoff_len)."""
+
     logging_steps: int = 10
     """Log every N optimizer steps (console + trainer_log.jsonl)."""
     save_steps: int = 500
@@ -122,9 +139,10 @@ class TrainConfig:
     device from its config alone, no weights are loaded."""
 
     def __post_init__(self) -> None:
-        _coerce_types(self)
+        coerce_types(self)
         positive = (
             "per_device_train_batch_size",
+            "per_device_eval_batch_size",
             "gradient_accumulation_steps",
             "lora_rank",
             "logging_steps",
@@ -141,6 +159,9 @@ class TrainConfig:
             "max_rows",
             "world_size",
             "dataloader_num_workers",
+            "val_size",
+            "eval_steps",
+            "packing_len",
             "max_grad_norm",
             "weight_decay",
         )
@@ -163,6 +184,12 @@ class TrainConfig:
             raise QvlError(f"device must be auto, cuda or cpu, got {self.device!r}")
         if self.cpu_dtype not in ("float32", "bfloat16"):
             raise QvlError(f"cpu_dtype must be float32 or bfloat16, got {self.cpu_dtype!r}")
+        if self.val_size >= 1 and not float(self.val_size).is_integer():
+            raise QvlError(f"val_size must be a fraction below 1 or a whole row count, got {self.val_size}")
+        if self.val_size and self.eval_data:
+            raise QvlError(
+                "give either val_size (a split of --data) or eval_data (a separate build), not both"
+            )
         unknown = [m for m in self.lora_modules if m not in LORA_MODULES]
         if unknown or not self.lora_modules:
             raise QvlError(
@@ -176,7 +203,7 @@ class TrainConfig:
         return [m.strip() for m in self.lora_target.split(",") if m.strip()]
 
 
-def _coerce_types(config: TrainConfig) -> None:
+def coerce_types(config: Any) -> None:
     """YAML gives ``1e-4`` as a string and ``3`` as an int: convert each value to its field's type."""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
@@ -238,18 +265,25 @@ class _Parser(argparse.ArgumentParser):
         raise QvlError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="qvl-train",
-        description="LoRA fine-tuning of Qwen2.5-VL on qvl shards. Every option can also be set in the YAML "
-        "--config; the command line wins. Run under torchrun for several GPUs.",
-    )
+TRAIN_DESCRIPTION = (
+    "LoRA fine-tuning of Qwen2.5-VL on qvl shards. Every option can also be set in the YAML --config; the "
+    "command line wins. Run under torchrun for several GPUs. Other commands: qvl-train predict | score | "
+    "export (each with --help)."
+)
+
+
+def build_parser(
+    cls: type = TrainConfig, prog: str = "qvl-train", description: str = TRAIN_DESCRIPTION
+) -> argparse.ArgumentParser:
+    """An argparse parser with one ``--option`` per field of the config dataclass ``cls`` (its docstring as
+    the help), plus ``--config FILE.yaml``. Every qvl-train command builds its parser this way."""
+    parser = _Parser(prog=prog, description=description)
     parser.add_argument(
         "--config", help="YAML file of options (keys = the option names below, with underscores)."
     )
-    hints = typing.get_type_hints(TrainConfig)
-    docs = field_docs()
-    for f in dataclasses.fields(TrainConfig):
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
         flags = [f"--{f.name}"]
         if "_" in f.name:
             flags.insert(0, f"--{f.name.replace('_', '-')}")
@@ -269,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             parser.add_argument(*flags, dest=f.name, type=kind, default=None, help=help_text)
     return parser
+
+
+def parse_tool_config(cls: type, argv: list[str] | None, prog: str, description: str) -> Any:
+    """An instance of the config dataclass ``cls`` from ``--config`` YAML plus command-line overrides."""
+    args = vars(build_parser(cls, prog, description).parse_args(argv))
+    return load_config(cls, args.pop("config"), args)
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:

@@ -13,7 +13,6 @@ from helpers import processor_summary
 from qvl_data.errors import QvlError
 from qvl_train.config import TrainConfig
 from qvl_train.data import collate
-from qvl_train.loop import token_loss_sum
 from qvl_train.model import (
     check_compatible,
     load_model,
@@ -23,6 +22,7 @@ from qvl_train.model import (
     param_report,
     tiny_config,
 )
+from qvl_train.steps import token_loss_sum
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SEVEN_B = EXAMPLES / "configs" / "qwen2_5_vl_7b.json"

@@ -1,0 +1,317 @@
+"""What a run leaves in output_dir and how it picks up again: checkpoints, RNG state, the start decision.
+
+A checkpoint is ``checkpoint-N/`` (adapter, optimizer, scheduler, one RNG file per rank, trainer_state.json
+written last), built in ``checkpoint-N.tmp`` and renamed when complete. :func:`prepare_output_dir` decides,
+identically on every rank and before anything is written, whether a run starts afresh, resumes, or is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qvl_data.errors import QvlError
+from qvl_train.config import TrainConfig
+from qvl_train.data import Plan
+from qvl_train.distributed import Dist
+
+LOG_FILE = "trainer_log.jsonl"
+PLAN_FILE = "plan.json"
+PLOT_FILE = "training_loss.png"
+STATE_FILE = "trainer_state.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def rng_state() -> dict[str, Any]:
+    """All RNG states as tensors and plain lists (loadable with ``torch.load(weights_only=True)``)."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {
+            "keys": torch.from_numpy(np.array(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def checkpoint_step(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith(CHECKPOINT_PREFIX) or not name[len(CHECKPOINT_PREFIX) :].isdigit():
+        return None
+    return int(name[len(CHECKPOINT_PREFIX) :])
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """A checkpoint is complete once renamed from its .tmp directory; the state file is written last."""
+    return checkpoint_step(path) is not None and (path / STATE_FILE).is_file()
+
+
+def checkpoints(out_dir: Path) -> list[Path]:
+    """Complete checkpoints in ``out_dir``, oldest first."""
+    if not out_dir.is_dir():
+        return []
+    found = [p for p in out_dir.iterdir() if p.is_dir() and is_complete_checkpoint(p)]
+    return sorted(found, key=lambda p: checkpoint_step(p) or 0)
+
+
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    dist: Dist,
+    save_total_limit: int,
+) -> Path:
+    """checkpoint-N/: adapter (safetensors), optimizer.pt, scheduler.pt, rng_state_<rank>.pt and
+    trainer_state.json (step, data-loader position, pending log sums), written into checkpoint-N.tmp and
+    renamed when complete. Everything loads with ``torch.load(weights_only=True)``."""
+    final = out_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = out_dir / f"{CHECKPOINT_PREFIX}{step}.tmp"
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    # every rank creates it too (a no-op on a shared output_dir): a rank that does not see rank 0's
+    # directory writes its RNG state into its own rather than failing with FileNotFoundError
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), tmp / f"rng_state_{dist.rank}.pt")
+    dist.barrier()
+    if dist.main:
+        model.save_pretrained(tmp, safe_serialization=True)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        write_json(tmp / STATE_FILE, state)  # last: marks the content complete
+        for path in tmp.iterdir():
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if save_total_limit > 0:
+            for old in checkpoints(out_dir)[:-save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(
+    path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, dist: Dist
+) -> dict:
+    """Restore adapter, optimizer, scheduler and this rank's RNG; return the trainer state (which
+    :func:`check_resume` has already found to belong to this run)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = read_state(path)
+    weights = load_file(str(path / "adapter_model.safetensors"), device=str(dist.device))
+    result = set_peft_model_state_dict(model, weights)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise QvlError(f"{path}: adapter does not fit this model (unexpected keys such as {unexpected[0]})")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=dist.device, weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng_file = path / f"rng_state_{dist.rank}.pt"
+    set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+# ----------------------------------------------------------------------------------------- output dir
+
+_ARTEFACTS = (LOG_FILE, PLAN_FILE, PLOT_FILE, *ADAPTER_FILES)
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    try:
+        return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise QvlError(f"{checkpoint / STATE_FILE}: cannot read the trainer state ({e})") from None
+
+
+def _ranks(n: int) -> str:
+    return f"{n} rank" if n == 1 else f"{n} ranks"
+
+
+def check_resume(checkpoint: Path, plan: Plan, cfg: TrainConfig, world_size: int) -> None:
+    """QvlError unless ``checkpoint`` belongs to this run (same ranks, plan, seed and data position).
+    Called before anything is written, so a refused resume leaves the output directory as it was."""
+    state = read_state(checkpoint)
+    try:
+        if state["world_size"] != world_size:
+            raise QvlError(
+                f"{checkpoint}: saved by {_ranks(state['world_size'])}, resumed with {world_size}; the data "
+                "split would differ (resume with the same number of processes)"
+            )
+        for key in ("rows", "total_steps", "steps_per_epoch", "grad_accum", "batch_size"):
+            if state["plan"][key] != getattr(plan, key):
+                raise QvlError(
+                    f"{checkpoint}: {key} was {state['plan'][key]}, now {getattr(plan, key)}; not the same run"
+                )
+        if state["seed"] != cfg.seed:
+            raise QvlError(f"{checkpoint}: seed was {state['seed']}, now {cfg.seed}; not the same run")
+        epoch, first, _ = plan.micro_batches(state["step"])
+        if (state["data"]["epoch"], state["data"]["batches_done"]) != (epoch, first):
+            raise QvlError(
+                f"{checkpoint}: data-loader state {state['data']} does not match step {state['step']}"
+            )
+    except KeyError as e:
+        raise QvlError(f"{checkpoint / STATE_FILE}: no {e} (not a qvl-train checkpoint)") from None
+
+
+def find_start(cfg: TrainConfig, plan: Plan, world_size: int) -> tuple[Path | None, bool]:
+    """This process's view of where to start: ``(checkpoint to resume or None, clear the old run)``.
+    Refuses to mix with an old run unless overwrite_output_dir, which deletes that run's files."""
+    out = Path(cfg.output_dir)
+    resume: Path | None = None
+    if cfg.resume == "auto":
+        found = checkpoints(out)
+        resume = found[-1] if found else None
+    elif cfg.resume:
+        resume = Path(cfg.resume)
+        if not is_complete_checkpoint(resume):
+            raise QvlError(f"{resume}: not a complete checkpoint (expected checkpoint-N/ with {STATE_FILE})")
+    if resume is not None:
+        check_resume(resume, plan, cfg, world_size)
+        return resume, False
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg.overwrite_output_dir:
+            if cfg.resume == "auto":
+                problem, hint = "is not empty and holds no complete checkpoint", ""
+            else:
+                problem, hint = "is not empty", " or --resume auto to continue from its last checkpoint"
+            raise QvlError(
+                f"{out}: output directory {problem}; pass --overwrite-output-dir true to start afresh{hint}"
+            )
+        return None, True
+    return None, False
+
+
+def decide_start(cfg: TrainConfig, plan: Plan, dist: Dist) -> tuple[Path | None, bool]:
+    """Rank 0 decides (:func:`find_start`) and every rank follows: ranks that each picked "the latest
+    checkpoint" from their own view of the directory could resume at different steps and hang. A refusal
+    is raised on every rank, with rank 0's message."""
+    decision: dict[str, Any] = {"resume": None, "clear": False, "error": None}
+    if dist.main:
+        try:
+            resume, clear = find_start(cfg, plan, dist.world_size)
+            decision = {"resume": None if resume is None else str(resume), "clear": clear, "error": None}
+        except QvlError as e:
+            decision["error"] = str(e)
+    decision = dist.broadcast_object(decision)
+    if decision["error"]:
+        raise QvlError(decision["error"])
+    return (Path(decision["resume"]) if decision["resume"] else None), decision["clear"]
+
+
+def check_shared_output_dir(out: Path, dist: Dist) -> None:
+    """Every rank must see what rank 0 writes in output_dir (checkpoints hold every rank's RNG state and
+    are read back by every rank on resume): rank 0 writes a file with a random token, each rank looks for
+    it, and all ranks fail with one line if any does not see it."""
+    if dist.world_size == 1:
+        return
+    token = dist.broadcast_object(secrets.token_hex(8) if dist.main else None)
+    marker = out / f".qvl-shared-check-{token}"
+    if dist.main:
+        marker.write_text(token, encoding="utf-8")
+    dist.barrier()
+    try:
+        seen = marker.read_text(encoding="utf-8") == token
+    except OSError:
+        seen = False
+    blind = int(dist.sum(0.0 if seen else 1.0).item())
+    dist.barrier()  # everyone has looked before the file goes
+    if dist.main:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise QvlError(
+            f"{out}: output_dir must be a directory that every rank sees (on multi-node runs a filesystem "
+            f"shared by all nodes); {_ranks(blind)} of {dist.world_size} do not see the file rank 0 wrote there"
+        )
+
+
+def prepare_output_dir(cfg: TrainConfig, plan: Plan, dist: Dist) -> Path | None:
+    """Decide where to start (:func:`decide_start`), clear an old run if asked, create output_dir and check
+    that every rank sees it. Returns the checkpoint to resume from, or None. Nothing is written before
+    the decision, so a refused start leaves the directory as it was."""
+    out = Path(cfg.output_dir)
+    resume, clear = decide_start(cfg, plan, dist)
+    dist.barrier()  # every rank has decided before anything is deleted
+    if dist.main:
+        if clear:
+            for path in out.iterdir():
+                if path.name in _ARTEFACTS or path.name.startswith((CHECKPOINT_PREFIX, "samples-rank")):
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    check_shared_output_dir(out, dist)
+    return resume
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop records logged after ``last_step`` (by a run that went past its last checkpoint)."""
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line and json.loads(line)["step"] <= last_step
+    ]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")

@@ -1,0 +1,178 @@
+"""The training pieces, one home each: data loader, batch -> model inputs, autocast, loss, optimizer.
+
+Training (:mod:`qvl_train.loop`), evaluation, generation and the benchmarks call these instead of
+re-deriving them, so a change to how a batch reaches the model (uint8 pixels, the attention mask, the
+image-token types) or to the loss happens once.
+
+Loss normalisation: every micro-batch contributes ``sum of token cross-entropies * world / T`` where T is
+the number of trained tokens in the whole accumulation window on all ranks, counted before the window. DDP
+averages gradients over ranks, so the optimised quantity is exactly the mean token loss of the window,
+whatever the padding, the batch size or how the window is split across micro-batches and ranks; that same
+mean is what gets logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from qvl_data.format import ProcessorSummary
+from qvl_data.template import IGNORE_INDEX
+from qvl_train.data import collate, to_device
+from qvl_train.distributed import Dist
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def make_loader(
+    dataset: torch.utils.data.Dataset,
+    batch_sampler: Iterable[list[int]],
+    device: torch.device,
+    num_workers: int = 0,
+    seed: int = 0,
+    collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] = collate,
+) -> torch.utils.data.DataLoader:
+    """The data loader over ``dataset`` in the batches ``batch_sampler`` yields. Its generator is its own
+    (seeded), so iterating it never touches the global RNG: training resumes exactly, and an evaluation pass
+    leaves the training RNG stream as it was."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+@functools.cache
+def model_takes_token_types() -> bool:
+    """Whether this transformers' Qwen2.5-VL forward takes ``mm_token_type_ids`` (newer releases); older
+    ones find the image tokens themselves and reject the argument."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return "mm_token_type_ids" in inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
+
+
+def batch_to_inputs(
+    batch: dict[str, Any], device: torch.device, dtype: torch.dtype, processor: ProcessorSummary
+) -> dict[str, Any]:
+    """A collated batch -> the model's keyword arguments on ``device`` (:func:`qvl_train.data.to_device`),
+    minus the arguments this transformers release does not take."""
+    inputs = to_device(batch, device, dtype, processor)
+    if not model_takes_token_types():
+        inputs.pop("mm_token_type_ids", None)
+    return inputs
+
+
+def input_builder(
+    device: torch.device, dtype: torch.dtype, processor: ProcessorSummary
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """:func:`batch_to_inputs` with the device, dtype and processor fixed (what :func:`run_window` takes)."""
+    return functools.partial(batch_to_inputs, device=device, dtype=dtype, processor=processor)
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype) -> Callable[[], Any]:
+    """A context factory: bf16 autocast on CUDA with bf16 weights (LoRA weights stay fp32), else nothing."""
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    return nullcontext
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+
+def token_loss_sum(model: torch.nn.Module, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
+    """Sum (not mean) of the next-token cross-entropies over the trained tokens, in fp32.
+
+    Logits are computed only at the positions whose next token is trained in some row of the batch
+    (``logits_to_keep``): the 152k-wide vocabulary projection of the prompt tokens is never materialised.
+    ``labels`` are the batch's labels on the CPU: the kept positions (a data-dependent ``nonzero``) are found
+    there, so no micro-batch waits for the GPU to report them; only the index and the targets are copied over.
+    """
+    if labels.device.type != "cpu":
+        raise ValueError("token_loss_sum takes the CPU labels (finding the kept positions on a GPU syncs)")
+    device = inputs["input_ids"].device
+    targets = labels[:, 1:]
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    if keep.numel() == 0:  # nothing trained here: still run forward/backward so DDP's ranks stay in step
+        keep = torch.zeros(1, dtype=torch.long)
+    kept_targets = targets[:, keep].reshape(-1)
+    if device.type == "cuda":  # a copy from pageable memory would wait for the queued GPU work
+        keep, kept_targets = keep.pin_memory(), kept_targets.pin_memory()
+    kept_targets = kept_targets.to(device, non_blocking=True)
+    logits = model(**inputs, logits_to_keep=keep.to(device, non_blocking=True), use_cache=False).logits
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),  # (batch * kept, vocab)
+        kept_targets,
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def run_window(
+    model: torch.nn.Module,
+    window: list[dict[str, Any]],
+    dist: Dist,
+    to_inputs: Callable[[dict[str, Any]], dict[str, Any]],
+    autocast: Callable[[], Any] = nullcontext,
+) -> tuple[float, int]:
+    """Forward + backward over one accumulation window (this rank's micro-batches); gradients are
+    synchronised on the last micro-batch only. Returns (mean token loss over all ranks, trained tokens)."""
+    tokens = int(dist.sum(sum(batch["trained_tokens"] for batch in window)).item())
+    scale = dist.world_size / max(tokens, 1)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)  # exact enough to compare runs
+    for i, batch in enumerate(window):
+        last = i == len(window) - 1
+        sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            inputs = to_inputs(batch)
+            with autocast():
+                ce = token_loss_sum(model, inputs, batch["labels"])  # CPU labels: no device sync
+            (ce * scale).backward()
+        loss_sum += ce.detach().double()
+    return float(dist.sum(loss_sum).item()) / max(tokens, 1), tokens
+
+
+# ------------------------------------------------------------------------------------------- optimizer
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str = "cosine") -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based), as transformers'
+    ``get_{cosine,linear,constant}_schedule_with_warmup``: linear from 0 over ``warmup`` steps, then
+    cosine to 0 / linear to 0 / constant over the rest."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(
+    model: torch.nn.Module, cfg: Any, warmup_steps: int, total_steps: int
+) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable (LoRA) weights and the warmup + decay schedule of ``cfg`` (a TrainConfig).
+    Returns (trainable parameters, optimizer, scheduler)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+        fused=trainable[0].device.type == "cuda" if trainable else False,
+    )
+    schedule = functools.partial(
+        lr_factor, warmup=warmup_steps, total=total_steps, kind=cfg.lr_scheduler_type
+    )
+    return trainable, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
