@@ -102,25 +102,34 @@ def make_plan(
 
 
 class ShardDataset(Dataset):
-    """Rows of a qvl build by global row number: ``{"input_ids", "labels", "pixels", "image_grid_thw", ...}``.
+    """Rows of a qvl build: ``{"row", "input_ids", "labels", "pixels", "image_grid_thw", ...}``.
+
+    Item ``i`` is the build's row ``rows[i]`` when ``rows`` (global row numbers, e.g. one side of
+    :func:`split_rows`) is given, else row ``i``; ``item["row"]`` is always the global row number.
 
     ``pixels`` are the stored patches (uint8 ``(n, 588)``, also for webp shards, or float32 ``(n, 1176)``);
     the list columns are copied out of the files with ``pread`` (:meth:`ShardSet.read`) and the few mapped
     pages that locating them touched are released, so the loader's RSS does not grow over a pass.
     """
 
-    def __init__(self, data_dir: str | Path, max_rows: int = 0):
+    def __init__(self, data_dir: str | Path, max_rows: int = 0, rows: list[int] | None = None):
         self.data_dir = Path(data_dir)
         self.manifest = load_manifest(self.data_dir)  # QvlError when missing, foreign or malformed
         self.pixel_format = self.manifest.pixel_format
         self.processor = self.manifest.processor
         shards = ShardSet(self.data_dir, columns=list(_COLUMNS))  # checks that every listed shard exists
         self.total_rows = len(shards)
-        self.num_rows = min(self.total_rows, max_rows) if max_rows > 0 else self.total_rows
+        self.rows = list(rows) if rows is not None else None
+        available = len(self.rows) if self.rows is not None else self.total_rows
+        self.num_rows = min(available, max_rows) if max_rows > 0 else available
         self._shards: ShardSet | None = None  # opened lazily, per process
 
     def __len__(self) -> int:
         return self.num_rows
+
+    def global_row(self, i: int) -> int:
+        """The build's row number of item ``i``."""
+        return self.rows[i] if self.rows is not None else i
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -135,6 +144,7 @@ class ShardDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < self.num_rows:
             raise IndexError(f"row {i} out of range (0..{self.num_rows - 1})")
+        i = self.global_row(i)
         shards = self.shards()
         row = shards.row(i, columns=("source", "index", "image_grid_thw"))
         grids = row["image_grid_thw"] or []
@@ -152,6 +162,37 @@ class ShardDataset(Dataset):
         }
         shards.release(i)  # and the few mapped pages that locating the row touched
         return item
+
+
+def split_rows(
+    data_dir: str | Path, val_size: float, seed: int, max_rows: int = 0
+) -> tuple[list[int], list[int]]:
+    """``(train rows, validation rows)``: global row numbers of the build (its first ``max_rows`` if > 0),
+    each list ascending.
+
+    A row is held out by its id, not its position in a shuffled order: the rows are ranked by
+    ``sha256(f"{seed}:{source}:{index}")`` and the first ``n`` form the validation set, where ``n`` is
+    ``val_size`` rows (>= 1) or ``round(val_size * rows)`` (a fraction, at least 1). The split reads nothing
+    but the build, so every rank, world size and resume computes the same one, and a row keeps its side when
+    the build grows.
+    """
+    import hashlib
+
+    import pyarrow.compute as pc
+
+    shards = ShardSet(Path(data_dir), columns=["source", "index"])
+    total = min(len(shards), max_rows) if max_rows > 0 else len(shards)
+    sources = [v for t in shards.tables for v in t.column("source").to_pylist()][:total]
+    indices = [v for t in shards.tables for v in pc.cast(t.column("index"), "int64").to_pylist()][:total]
+    n = int(val_size) if val_size >= 1 else max(1, round(val_size * total))
+    if n >= total:
+        raise QvlError(f"val_size {val_size:g} holds out {n} of {total} rows and leaves none to train on")
+    keys = [
+        hashlib.sha256(f"{seed}:{s}:{i}".encode()).digest() for s, i in zip(sources, indices, strict=True)
+    ]
+    ranked = sorted(range(total), key=keys.__getitem__)
+    held = set(ranked[:n])
+    return [r for r in range(total) if r not in held], sorted(held)
 
 
 # --------------------------------------------------------------------------------------------- sampler

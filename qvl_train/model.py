@@ -335,3 +335,43 @@ def format_report(report: dict[str, Any]) -> str:
         f"trainable params: {report['trainable']:,} || all params: {report['total']:,} "
         f"|| trainable%: {report['percent']:.4f}"
     )
+
+
+def load_for_inference(
+    model: str,
+    adapter: str = "",
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> Any:
+    """The base model (``tiny``, a checkpoint dir or hub id, or a merged export) in eval mode on ``device``,
+    with the LoRA adapter directory ``adapter`` applied when given (unmerged: the adapter's own weights, as
+    training saved them). Nothing is trainable; the KV cache is on (generation)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    device = device or torch.device("cpu")
+    path = resolve_model_path(model)
+    check_attn_implementation(attn_implementation)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device}
+    try:
+        base = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kwargs)
+    except OSError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QvlError(f"{model}: cannot load the weights ({first_line})") from None
+    base.to(device)
+    base.config.use_cache = True
+    loaded: Any = base
+    if adapter:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise QvlError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
+        loaded = PeftModel.from_pretrained(base, adapter, is_trainable=False)
+    loaded.eval()
+    for param in loaded.parameters():
+        param.requires_grad_(False)
+    return loaded
