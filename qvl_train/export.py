@@ -25,7 +25,6 @@ have no template.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -37,10 +36,12 @@ from typing import Any
 
 import torch
 
+from qvl_data.demo import sha256_file
 from qvl_data.errors import QvlError
-from qvl_data.processor import (
+from qvl_data.processor import (  # _resolve_file: a checkpoint dir's or hub id's file, as the build reads it
     CHAT_TEMPLATE,
     PROCESSOR_FILES,
+    _resolve_file,
     embedded_processor_dir,
     load_image_processor,
     load_tokenizer,
@@ -200,27 +201,13 @@ def export_dtype(choice: str, model_path: str) -> torch.dtype:
 # ------------------------------------------------------------------------------------- processor files
 
 
-def _source_file(source: str, name: str) -> Path | None:
-    """``name`` in a local checkpoint directory, or in a hub id's snapshot (fetched into the HF cache)."""
-    local = Path(source).expanduser()
-    if local.is_dir():
-        return local / name if (local / name).is_file() else None
-    from transformers.utils import cached_file
-
-    try:
-        found = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
-    except Exception as e:  # hub errors of every kind: the user's input, say it in one line
-        raise QvlError(f"{source}: cannot fetch {name} ({str(e).strip().splitlines()[0]})") from None
-    return Path(found) if found else None
-
-
 def processor_files(model_path: str) -> tuple[str, dict[str, Path]]:
     """("base", files) when the base checkpoint has a complete processor, else ("embedded", files).
 
     Checked before any weight is loaded: the tokenizer and image processor must load through qvl's own
     loaders (the ones the build used) and the image processor must be Qwen2-VL's, which is what
     AutoProcessor and vLLM pick from ``image_processor_type``."""
-    files = {name: path for name in EXPORT_PROCESSOR_FILES if (path := _source_file(model_path, name))}
+    files = {name: path for name in EXPORT_PROCESSOR_FILES if (path := _resolve_file(model_path, name))}
     origin = "base"
     if not all(name in files for name in REQUIRED_PROCESSOR_FILES):
         origin, embedded = "embedded", embedded_processor_dir()
@@ -257,14 +244,6 @@ def missing_chat_template(out: Path) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------- export
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _default_file_mode() -> int:
@@ -338,8 +317,8 @@ def export(cfg: ExportConfig) -> Path:
             "base_model_path": str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
             "adapter": str(adapter.resolve()),
             "adapter_base_model": recorded,
-            "adapter_config_sha256": _sha256(adapter / "adapter_config.json"),
-            "adapter_weights_sha256": _sha256(weights),
+            "adapter_config_sha256": sha256_file(adapter / "adapter_config.json"),
+            "adapter_weights_sha256": sha256_file(weights),
             "lora": {
                 key: adapter_config.get(key)
                 for key in ("r", "lora_alpha", "target_modules", "modules_to_save", "use_rslora", "use_dora")
