@@ -18,7 +18,7 @@ from qvl_data.processor import (
 )
 from qvl_data.schema import IMAGE_PLACEHOLDER, Record, Rejection, row_location
 from qvl_data.shards import PIXEL_FORMATS
-from qvl_data.template import IGNORE_INDEX, encode_conversation
+from qvl_data.template import IGNORE_INDEX, encode_conversation, encode_prompt
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,48 @@ def _plain(message: str) -> str:
     return re.sub(r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "the file", message)
 
 
+class _ImageFailure(Exception):
+    """Image ``k`` of a record (at ``path``) could not be used."""
+
+    def __init__(self, k: int, path: str, error: vision.ImageError):
+        super().__init__(error.message)
+        self.k, self.path, self.error = k, path, error
+
+
+def _process_images(paths: list[str], image_processor, options: EncodeOptions) -> list[vision.ProcessedImage]:
+    """Open, pre-resize and process a record's images: the one image path of training and generation."""
+    processed = []
+    for k, path in enumerate(paths):
+        try:
+            image = vision.open_image(path, max_pixels=options.max_decode_pixels)
+            processed.append(
+                vision.process_image(
+                    image,
+                    image_processor,
+                    "float32" if options.pixel_format == "float32" else "uint8",
+                    options.image_max_pixels,
+                    options.image_min_pixels,
+                )
+            )
+        except vision.ImageError as e:
+            raise _ImageFailure(k, path, e) from None
+    return processed
+
+
+def _rejecter(record: Record, file: str):
+    def reject(reason: str, message: str) -> Rejection:
+        where = row_location(file, record["index"]) if file else f"{record['source']} row {record['index']}"
+        return Rejection(record["source"], record["index"], reason, f"{where}: {message}", file)
+
+    return reject
+
+
+def _image_failure(reject, failure: _ImageFailure) -> Rejection:
+    return reject(
+        failure.error.code, f"field images[{failure.k}] {failure.path!r}: {_plain(failure.error.message)}"
+    )
+
+
 def encode_record(
     record: Record, tokenizer, image_processor, options: EncodeOptions, file: str = ""
 ) -> EncodedRow | Rejection:
@@ -108,32 +150,21 @@ def encode_record(
     ``file`` is the dataset file the record came from: rejections name it like every other rejection
     (``row_location``); without it they fall back to the source name.
     """
-
-    def reject(reason: str, message: str) -> Rejection:
-        where = row_location(file, record["index"]) if file else f"{record['source']} row {record['index']}"
-        return Rejection(record["source"], record["index"], reason, f"{where}: {message}", file)
-
+    reject = _rejecter(record, file)
+    try:
+        processed = _process_images(record["images"], image_processor, options)
+    except _ImageFailure as failure:
+        return _image_failure(reject, failure)
     grids, sizes, pixels, token_counts = [], [], [], []
-    for k, path in enumerate(record["images"]):
-        try:
-            image = vision.open_image(path, max_pixels=options.max_decode_pixels)
-            processed = vision.process_image(
-                image,
-                image_processor,
-                "float32" if options.pixel_format == "float32" else "uint8",
-                options.image_max_pixels,
-                options.image_min_pixels,
-            )
-        except vision.ImageError as e:
-            return reject(e.code, f"field images[{k}] {path!r}: {_plain(e.message)}")
-        grids.append(tuple(int(x) for x in processed.grid_thw))
-        sizes.append((*processed.original_size, *processed.resized_size))
+    for image in processed:
+        grids.append(tuple(int(x) for x in image.grid_thw))
+        sizes.append((*image.original_size, *image.resized_size))
         if options.pixel_format == "webp":
             geometry = {"merge_size": image_processor.merge_size, "patch_size": image_processor.patch_size}
-            pixels.append(vision.encode_patches_webp(processed.pixels, processed.grid_thw, **geometry))
+            pixels.append(vision.encode_patches_webp(image.pixels, image.grid_thw, **geometry))
         else:
-            pixels.append(processed.pixels)
-        token_counts.append(vision.image_token_count(processed.grid_thw, image_processor.merge_size))
+            pixels.append(image.pixels)
+        token_counts.append(vision.image_token_count(image.grid_thw, image_processor.merge_size))
 
     messages = expand_image_placeholders(record["messages"], token_counts)
     input_ids, labels, truncated = encode_conversation(
@@ -156,4 +187,58 @@ def encode_record(
         image_grid_thw=grids,
         image_sizes=sizes,
         pixels=(pixels if options.pixel_format == "webp" else np.concatenate(pixels)) if pixels else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+@dataclass
+class EncodedPrompt:
+    """What a model generates one answer from: the prompt ids (image spans expanded) and its images."""
+
+    id: str
+    source: str
+    index: int
+    input_ids: list[int]
+    reference: str | None  # the record's last answer, when it had one
+    image_paths: list[str] = field(default_factory=list)
+    image_grid_thw: list[tuple[int, int, int]] = field(default_factory=list)
+    # all images' patches stacked: (n_patches, 588) uint8, or (n, 1176) float32 with pixel_format "float32"
+    pixels: np.ndarray | None = None
+
+
+def encode_prompt_record(
+    record: Record, tokenizer, image_processor, options: EncodeOptions | None = None, file: str = ""
+) -> EncodedPrompt | Rejection:
+    """A record -> the prompt of its last answer, through the build's image path and template.
+
+    A record that ends with an answer (every record ``qvl_data.sources`` reads) gives that answer as the
+    ``reference`` and the conversation before it as the prompt; one that ends with a user message (a
+    benchmark question) is all prompt. The images go through the same pre-resize and processor as
+    :func:`encode_record`, and the prompt ids are :func:`qvl_data.template.encode_prompt`, so for a row the
+    build did not truncate they equal the shard row's ids before its last answer. ``options`` supplies the
+    image bounds; the prompt is never truncated (``cutoff_len`` bounds training rows, not generation), and
+    pixels are uint8 patches unless ``pixel_format`` is ``"float32"``.
+    """
+    options = options or EncodeOptions()
+    reject = _rejecter(record, file)
+    messages, reference = list(record["messages"]), None
+    if messages and messages[-1]["role"] == "assistant":
+        reference = messages.pop()["content"]
+    try:
+        processed = _process_images(record["images"], image_processor, options)
+    except _ImageFailure as failure:
+        return _image_failure(reject, failure)
+    token_counts = [vision.image_token_count(p.grid_thw, image_processor.merge_size) for p in processed]
+    input_ids = encode_prompt(tokenizer, expand_image_placeholders(messages, token_counts), record["system"])
+    return EncodedPrompt(
+        id=record["id"],
+        source=record["source"],
+        index=record["index"],
+        input_ids=input_ids,
+        reference=reference,
+        image_paths=list(record["images"]),
+        image_grid_thw=[tuple(int(x) for x in p.grid_thw) for p in processed],
+        pixels=np.concatenate([p.pixels for p in processed]) if processed else None,
     )

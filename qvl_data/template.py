@@ -107,3 +107,47 @@ def encode_conversation(
 ) -> tuple[list[int], list[int], bool]:
     """Template, tokenize, mask and truncate one conversation: (input_ids, labels, truncated)."""
     return assemble(encode_pairs(tokenizer, messages, system), cutoff_len, mask_history)
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def format_prompt(messages: Sequence[dict], system: str | None) -> list[str]:
+    """The segment strings of a generation prompt: the conversation up to and including the final
+    ``<|im_start|>assistant\\n``. ``messages`` alternate user/assistant and end with the user turn to answer.
+
+    It is :func:`format_segments` of the conversation with an empty last answer, that answer left out, so a
+    prompt is exactly the prefix that training saw before the answer (same segments, same system rule).
+    """
+    expected = ["user", "assistant"] * (len(messages) // 2) + ["user"]
+    if [m["role"] for m in messages] != expected:
+        raise ValueError("a prompt's messages alternate user, assistant, ... and end with a user message")
+    pairs = format_segments([*messages, {"role": "assistant", "content": ""}], system)
+    segments: list[str] = []
+    for sources, target in pairs[:-1]:
+        segments += [*sources, target]
+    return segments + pairs[-1][0]
+
+
+def encode_prompt(tokenizer: Tokenizer, messages: Sequence[dict], system: str | None) -> list[int]:
+    """Token ids of :func:`format_prompt`, each segment encoded on its own (docs/semantics.md section 2):
+    what a model generates the answer to the last user message from."""
+    ids: list[int] = []
+    for segment in format_prompt(messages, system):
+        ids += tokenizer.encode(segment, add_special_tokens=False)
+    return ids
+
+
+def last_answer_start(labels: Sequence[int]) -> int:
+    """Position where the last trained answer of an encoded row begins: the start of the last run of labels
+    that are not ``IGNORE_INDEX``. Everything before it is the prompt of that answer (every answer's labels
+    are its ids, and the user segment between two answers is masked). ValueError when nothing is trained."""
+    end = len(labels)
+    while end > 0 and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    if end == 0:
+        raise ValueError("the row has no trained answer")
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start
