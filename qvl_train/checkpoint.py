@@ -175,15 +175,31 @@ def _ranks(n: int) -> str:
     return f"{n} rank" if n == 1 else f"{n} ranks"
 
 
-def check_resume(checkpoint: Path, plan: Plan, cfg: TrainConfig, world_size: int) -> None:
-    """QvlError unless ``checkpoint`` belongs to this run (same ranks, plan, seed and data position).
-    Called before anything is written, so a refused resume leaves the output directory as it was."""
+def check_resume(
+    checkpoint: Path,
+    plan: Plan,
+    cfg: TrainConfig,
+    world_size: int,
+    eval_set: dict[str, Any] | None = None,
+) -> None:
+    """QvlError unless ``checkpoint`` belongs to this run (same ranks, plan, seed, evaluation set and data
+    position). ``eval_set`` is :func:`qvl_train.evaluate.eval_set_identity` of this run (None or ``{}``:
+    no evaluation). Called before anything is written, so a refused resume leaves the output directory as it
+    was."""
     state = read_state(checkpoint)
     try:
         if state["world_size"] != world_size:
             raise QvlError(
                 f"{checkpoint}: saved by {_ranks(state['world_size'])}, resumed with {world_size}; the data "
                 "split would differ (resume with the same number of processes)"
+            )
+        # val_size decides which rows train, and an eval curve whose rows change midway compares nothing;
+        # checked before the plan, whose row count a new val_size changes too, so the message says why
+        saved_eval = state.get("eval_set", {})  # checkpoints written before evaluation existed have none
+        if saved_eval != (eval_set or {}):
+            raise QvlError(
+                f"{checkpoint}: evaluation set was {_describe_eval(saved_eval)}, now "
+                f"{_describe_eval(eval_set or {})}; not the same run"
             )
         for key in ("rows", "total_steps", "steps_per_epoch", "grad_accum", "batch_size"):
             if state["plan"][key] != getattr(plan, key):
@@ -201,7 +217,18 @@ def check_resume(checkpoint: Path, plan: Plan, cfg: TrainConfig, world_size: int
         raise QvlError(f"{checkpoint / STATE_FILE}: no {e} (not a qvl-train checkpoint)") from None
 
 
-def find_start(cfg: TrainConfig, plan: Plan, world_size: int) -> tuple[Path | None, bool]:
+def _describe_eval(identity: dict[str, Any]) -> str:
+    if not identity:
+        return "none"
+    what = (
+        f"val_size {identity['val_size']:g}" if identity["val_size"] else f"eval_data {identity['eval_data']}"
+    )
+    return f"{what} ({identity['rows']} rows, digest {identity['digest'][:12]})"
+
+
+def find_start(
+    cfg: TrainConfig, plan: Plan, world_size: int, eval_set: dict[str, Any] | None = None
+) -> tuple[Path | None, bool]:
     """This process's view of where to start: ``(checkpoint to resume or None, clear the old run)``.
     Refuses to mix with an old run unless overwrite_output_dir, which deletes that run's files."""
     out = Path(cfg.output_dir)
@@ -214,7 +241,7 @@ def find_start(cfg: TrainConfig, plan: Plan, world_size: int) -> tuple[Path | No
         if not is_complete_checkpoint(resume):
             raise QvlError(f"{resume}: not a complete checkpoint (expected checkpoint-N/ with {STATE_FILE})")
     if resume is not None:
-        check_resume(resume, plan, cfg, world_size)
+        check_resume(resume, plan, cfg, world_size, eval_set)
         return resume, False
     if out.is_dir() and any(out.iterdir()):
         if not cfg.overwrite_output_dir:
@@ -229,14 +256,16 @@ def find_start(cfg: TrainConfig, plan: Plan, world_size: int) -> tuple[Path | No
     return None, False
 
 
-def decide_start(cfg: TrainConfig, plan: Plan, dist: Dist) -> tuple[Path | None, bool]:
+def decide_start(
+    cfg: TrainConfig, plan: Plan, dist: Dist, eval_set: dict[str, Any] | None = None
+) -> tuple[Path | None, bool]:
     """Rank 0 decides (:func:`find_start`) and every rank follows: ranks that each picked "the latest
     checkpoint" from their own view of the directory could resume at different steps and hang. A refusal
     is raised on every rank, with rank 0's message."""
     decision: dict[str, Any] = {"resume": None, "clear": False, "error": None}
     if dist.main:
         try:
-            resume, clear = find_start(cfg, plan, dist.world_size)
+            resume, clear = find_start(cfg, plan, dist.world_size, eval_set)
             decision = {"resume": None if resume is None else str(resume), "clear": clear, "error": None}
         except QvlError as e:
             decision["error"] = str(e)
@@ -272,12 +301,14 @@ def check_shared_output_dir(out: Path, dist: Dist) -> None:
         )
 
 
-def prepare_output_dir(cfg: TrainConfig, plan: Plan, dist: Dist) -> Path | None:
+def prepare_output_dir(
+    cfg: TrainConfig, plan: Plan, dist: Dist, eval_set: dict[str, Any] | None = None
+) -> Path | None:
     """Decide where to start (:func:`decide_start`), clear an old run if asked, create output_dir and check
     that every rank sees it. Returns the checkpoint to resume from, or None. Nothing is written before
     the decision, so a refused start leaves the directory as it was."""
     out = Path(cfg.output_dir)
-    resume, clear = decide_start(cfg, plan, dist)
+    resume, clear = decide_start(cfg, plan, dist, eval_set)
     dist.barrier()  # every rank has decided before anything is deleted
     if dist.main:
         if clear:

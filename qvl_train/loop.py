@@ -34,8 +34,9 @@ from qvl_train.checkpoint import (
     write_json,
 )
 from qvl_train.config import TrainConfig, to_dict
-from qvl_train.data import Plan, RankBatchSampler, ShardDataset, make_plan
+from qvl_train.data import Plan, RankBatchSampler, ShardDataset, make_plan, split_rows
 from qvl_train.distributed import Dist, setup_distributed, teardown_distributed, wrap_ddp
+from qvl_train.evaluate import eval_set_identity, evaluate, make_eval_loader
 from qvl_train.model import (
     TINY,
     check_compatible,
@@ -52,13 +53,14 @@ from qvl_train.steps import autocast_for, input_builder, make_loader, make_optim
 
 
 def plot_loss(out_dir: Path) -> Path | None:
-    """training_loss.png: the logged loss (raw and exponentially smoothed) against the step."""
+    """training_loss.png: the logged loss (raw and exponentially smoothed) and eval loss against the step."""
     records = []
     if (out_dir / LOG_FILE).is_file():
         records = [
             json.loads(line) for line in (out_dir / LOG_FILE).read_text(encoding="utf-8").splitlines() if line
         ]
     points = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if not points:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -75,6 +77,8 @@ def plot_loss(out_dir: Path) -> Path | None:
     ax = figure.add_subplot()
     ax.plot(steps, losses, color="#1f77b4", alpha=0.4, label="loss")
     ax.plot(steps, smoothed, color="#1f77b4", label="smoothed")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), color="#ff7f0e", marker="o", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(f"training loss of {out_dir}")
@@ -88,12 +92,13 @@ def plot_loss(out_dir: Path) -> Path | None:
 # ----------------------------------------------------------------------------------------------- plan
 
 
-def plan_table(plan: Plan, params: dict[str, Any], cfg: TrainConfig):
+def plan_table(plan: Plan, params: dict[str, Any], cfg: TrainConfig, eval_rows: int = 0):
     from rich.table import Table
 
     table = Table(title="qvl-train plan", show_header=False, title_justify="left")
     rows = [
         ("rows", f"{plan.rows:,}"),
+        *_eval_rows(cfg, eval_rows),
         ("world size", str(plan.world_size)),
         ("batches per rank and epoch", f"{plan.per_rank_batches:,} (batch {plan.batch_size})"),
         ("optimizer steps per epoch", f"{plan.steps_per_epoch:,} (accumulation {plan.grad_accum})"),
@@ -109,12 +114,43 @@ def plan_table(plan: Plan, params: dict[str, Any], cfg: TrainConfig):
     return table
 
 
+def _eval_rows(cfg: TrainConfig, eval_rows: int) -> list[tuple[str, str]]:
+    """The plan table's evaluation lines: which rows, and when."""
+    if cfg.eval_data:
+        rows = f"{eval_rows:,} ({cfg.eval_data})"
+    elif cfg.val_size:
+        rows = f"{eval_rows:,} held out of the rows (val_size {cfg.val_size:g})"
+    else:
+        return [("eval rows", "none")]
+    every = f"every {cfg.eval_steps:,} steps and at the end" if cfg.eval_steps else "at the end"
+    return [("eval rows", rows), ("evaluation", every)]
+
+
 # ------------------------------------------------------------------------------------------------ setup
 
 
-def setup_data(cfg: TrainConfig, world_size: int) -> tuple[ShardDataset, Plan]:
-    """The training shards (checked against the model's config) and the step plan for ``world_size`` ranks."""
-    dataset = ShardDataset(cfg.data, cfg.max_rows)
+def setup_eval(cfg: TrainConfig) -> tuple[list[int] | None, ShardDataset | None]:
+    """``(training rows of --data or None for all, evaluation set or None)``: --val-size holds rows of --data
+    out by their id (:func:`qvl_train.data.split_rows`: the same split on every rank, world size and resume);
+    --eval-data is a whole separate build (checked against the model's config)."""
+    if cfg.eval_data:
+        eval_set = ShardDataset(cfg.eval_data)
+        check_compatible(model_config(cfg.model), eval_set.processor, cfg.model)
+        return None, eval_set
+    if cfg.val_size:
+        train_rows, val_rows = split_rows(cfg.data, cfg.val_size, cfg.seed, cfg.max_rows)
+        return train_rows, ShardDataset(cfg.data, rows=val_rows)
+    if cfg.eval_steps:
+        raise QvlError(
+            "eval_steps needs an evaluation set: --val-size (rows held out of --data) or --eval-data"
+        )
+    return None, None
+
+
+def setup_data(cfg: TrainConfig, world_size: int, rows: list[int] | None = None) -> tuple[ShardDataset, Plan]:
+    """The training shards (checked against the model's config; only ``rows`` of them when given, the
+    training side of :func:`setup_eval`) and the step plan for ``world_size`` ranks."""
+    dataset = ShardDataset(cfg.data, cfg.max_rows, rows=rows)
     check_compatible(model_config(cfg.model), dataset.processor, cfg.model)
     plan = make_plan(
         len(dataset),
@@ -161,18 +197,24 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         raise QvlError(
             f"world_size {cfg.world_size} requested but torchrun started {dist.world_size} process(es)"
         )
-    dataset, plan = setup_data(cfg, cfg.world_size if cfg.dry_run and cfg.world_size else dist.world_size)
+    train_rows, eval_set = setup_eval(cfg)
+    dataset, plan = setup_data(
+        cfg, cfg.world_size if cfg.dry_run and cfg.world_size else dist.world_size, train_rows
+    )
+    eval_rows = len(eval_set) if eval_set is not None else 0
     if cfg.dry_run:
         params = param_report(meta_model(cfg, model_config(cfg.model)))
-        console.print(plan_table(plan, params, cfg))
-        return {"plan": plan.to_dict(), "params": params}
+        console.print(plan_table(plan, params, cfg, eval_rows))
+        return {"plan": plan.to_dict(), "params": params, "eval_rows": eval_rows}
 
     # ---- output dir, model, optimizer
     out = Path(cfg.output_dir)
-    resume = prepare_output_dir(cfg, plan, dist)  # a refused resume raises here, before any write
+    eval_identity = eval_set_identity(eval_set, cfg.val_size, cfg.eval_data)
+    # a refused resume (another plan, seed or evaluation set) raises here, before any write
+    resume = prepare_output_dir(cfg, plan, dist, eval_identity)
     model, dtype = setup_model(cfg, dist)
     params = param_report(model)
-    console.print(plan_table(plan, params, cfg))
+    console.print(plan_table(plan, params, cfg, eval_rows))
     trainable, optimizer, scheduler = make_optimizer(model, cfg, plan.warmup_steps, plan.total_steps)
 
     # ---- resume
@@ -189,7 +231,10 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
             truncate_jsonl(out / f"samples-rank{dist.rank}.jsonl", step)
 
     if dist.main:  # after the resume loaded: a refused resume leaves the old plan.json in place
-        write_json(out / PLAN_FILE, {"plan": plan.to_dict(), "params": params, "config": to_dict(cfg)})
+        write_json(
+            out / PLAN_FILE,
+            {"plan": plan.to_dict(), "params": params, "eval_rows": eval_rows, "config": to_dict(cfg)},
+        )
 
     # ---- data
     sampler = RankBatchSampler(
@@ -199,6 +244,12 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     to_inputs = input_builder(dist.device, dtype, dataset.processor)
     autocast = autocast_for(dist.device, dtype)
     ddp = wrap_ddp(model, dist) if dist.world_size > 1 else model
+    eval_loader, eval_inputs = None, None
+    if eval_set is not None:  # its own loader and generator: evaluating never moves the training stream
+        eval_loader = make_eval_loader(
+            eval_set, cfg.per_device_eval_batch_size, dist, cfg.dataloader_num_workers
+        )
+        eval_inputs = input_builder(dist.device, dtype, eval_set.processor)  # an --eval-data build's own
 
     # ---- loop
     from rich.progress import (
@@ -213,6 +264,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     stop = min(plan.total_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else plan.total_steps
     start_step, run_start, interval_start = step, time.perf_counter(), time.perf_counter()
     last_record: dict[str, Any] = {}
+    last_eval: dict[str, Any] = {}
     samples_file = out / f"samples-rank{dist.rank}.jsonl"
     model.train()
     progress = Progress(
@@ -279,6 +331,28 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
                 interval_start = now
 
             at_end = step == plan.total_steps
+            # before the checkpoint: a resume from checkpoint-N never redoes (or re-logs) step N's evaluation
+            if eval_loader is not None and (at_end or (cfg.eval_steps > 0 and step % cfg.eval_steps == 0)):
+                evaluating = time.perf_counter()
+                # the model, not DDP's wrapper: a forward outside DDP leaves its reducer state alone
+                result = evaluate(model, eval_loader, dist, eval_inputs, autocast)
+                seconds = time.perf_counter() - evaluating
+                last_eval = {
+                    "step": step,
+                    "total_steps": plan.total_steps,
+                    "epoch": round(step / plan.steps_per_epoch, 4),
+                    **result,
+                    "eval_s": round(seconds, 3),
+                }
+                if dist.main:
+                    append_jsonl(out / LOG_FILE, [last_eval])
+                    progress.console.print(
+                        f"eval step {step}/{plan.total_steps}  eval_loss {result['eval_loss']:.4f}  "
+                        f"eval_accuracy {result['eval_accuracy']:.4f}  ({result['eval_tokens']:,} tokens, "
+                        f"{result['eval_rows']:,} rows, {seconds:.1f} s)",
+                        soft_wrap=True,
+                    )
+                interval_start += seconds  # throughput excludes evaluation
             if (cfg.save_steps > 0 and step % cfg.save_steps == 0) or at_end or step == stop:
                 pending_now = {
                     **pending,
@@ -293,6 +367,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
                     "plan": plan.to_dict(),
                     "elapsed_s": elapsed_before + time.perf_counter() - run_start,
                     "pending": pending_now,
+                    "eval_set": eval_identity,
                     "config": to_dict(cfg),
                 }
                 saving = time.perf_counter()
@@ -319,6 +394,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         "step": step,
         "finished": finished,
         "last_log": last_record,
+        "last_eval": last_eval,
     }
 
 

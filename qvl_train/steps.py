@@ -90,7 +90,18 @@ def autocast_for(device: torch.device, dtype: torch.dtype) -> Callable[[], Any]:
 
 
 def token_loss_sum(model: torch.nn.Module, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
-    """Sum (not mean) of the next-token cross-entropies over the trained tokens, in fp32.
+    """Sum (not mean) of the next-token cross-entropies over the trained tokens, in fp32
+    (the logits and targets of :func:`next_token_logits`)."""
+    logits, targets = next_token_logits(model, inputs, labels)
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def next_token_logits(
+    model: torch.nn.Module, inputs: dict[str, Any], labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, targets)``: fp32 logits ``(batch * kept, vocab)`` at the kept positions t and the label at
+    t + 1 there (IGNORE_INDEX where that row does not train it), on the model's device. Training's loss and
+    evaluation's loss and accuracy both start here, so they mask and shift the same way.
 
     Logits are computed only at the positions whose next token is trained in some row of the batch
     (``logits_to_keep``): the 152k-wide vocabulary projection of the prompt tokens is never materialised.
@@ -98,7 +109,7 @@ def token_loss_sum(model: torch.nn.Module, inputs: dict[str, Any], labels: torch
     there, so no micro-batch waits for the GPU to report them; only the index and the targets are copied over.
     """
     if labels.device.type != "cpu":
-        raise ValueError("token_loss_sum takes the CPU labels (finding the kept positions on a GPU syncs)")
+        raise ValueError("pass the CPU labels (finding the kept positions on a GPU syncs)")
     device = inputs["input_ids"].device
     targets = labels[:, 1:]
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
@@ -109,12 +120,7 @@ def token_loss_sum(model: torch.nn.Module, inputs: dict[str, Any], labels: torch
         keep, kept_targets = keep.pin_memory(), kept_targets.pin_memory()
     kept_targets = kept_targets.to(device, non_blocking=True)
     logits = model(**inputs, logits_to_keep=keep.to(device, non_blocking=True), use_cache=False).logits
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),  # (batch * kept, vocab)
-        kept_targets,
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    return logits.float().reshape(-1, logits.shape[-1]), kept_targets  # (batch * kept, vocab), (batch * kept)
 
 
 def run_window(
