@@ -196,7 +196,7 @@ def check_resume(
         # val_size decides which rows train, and an eval curve whose rows change midway compares nothing;
         # checked before the plan, whose row count a new val_size changes too, so the message says why
         saved_eval = state.get("eval_set", {})  # checkpoints written before evaluation existed have none
-        if saved_eval != (eval_set or {}):
+        if _eval_key(saved_eval) != _eval_key(eval_set or {}):
             raise QvlError(
                 f"{checkpoint}: evaluation set was {_describe_eval(saved_eval)}, now "
                 f"{_describe_eval(eval_set or {})}; not the same run"
@@ -215,6 +215,12 @@ def check_resume(
             )
     except KeyError as e:
         raise QvlError(f"{checkpoint / STATE_FILE}: no {e} (not a qvl-train checkpoint)") from None
+
+
+def _eval_key(identity: dict[str, Any]) -> tuple:
+    """What makes two evaluation sets the same: the digest covers the build's fingerprint and the rows, so
+    an --eval-data build reached by another path (moved, a symlink, relative to another directory) is too."""
+    return (identity.get("val_size"), identity.get("rows"), identity.get("digest"))
 
 
 def _describe_eval(identity: dict[str, Any]) -> str:

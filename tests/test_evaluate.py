@@ -336,8 +336,40 @@ def test_val_split_survives_a_resume_without_relogging_and_refuses_another_split
 
     # another split (or none) is another run: refused before anything is written
     before = (resumed / "trainer_log.jsonl").read_bytes()
-    for other, said in ((dict(val_size=3), "now val_size 3 (3 rows"), (dict(val_size=0, eval_steps=0), "now none")):
+    for other, said in (
+        (dict(val_size=3), "now val_size 3 (3 rows"),
+        (dict(val_size=0, eval_steps=0), "now none"),
+    ):
         with pytest.raises(QvlError, match=r"evaluation set was val_size 2 \(2 rows") as info:
             train(TrainConfig(output_dir=str(resumed), resume="auto", **{**data, **other}, **COMMON))
         assert said in str(info.value)
     assert (resumed / "trainer_log.jsonl").read_bytes() == before
+
+
+def test_a_resume_compares_the_evaluation_sets_content_not_its_path(tmp_path):
+    from qvl_train.checkpoint import check_resume
+    from qvl_train.data import make_plan
+
+    plan = make_plan(8, 1, 1, 4, 1.0)
+    identity = {"val_size": 0.0, "eval_data": "/old/place/eval", "rows": 6, "digest": "ab" * 32}
+    state = {
+        "world_size": 1,
+        "plan": plan.to_dict(),
+        "seed": 42,
+        "step": 1,
+        "data": {"epoch": 0, "batches_done": 4},
+    }
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({**state, "eval_set": identity}))
+    check_resume(checkpoint, plan, TrainConfig(), 1, {**identity, "eval_data": "/new/place/eval"})  # moved
+    with pytest.raises(
+        QvlError, match=r"was eval_data /old/place/eval \(6 rows, digest abababababab\), now none"
+    ):
+        check_resume(checkpoint, plan, TrainConfig(), 1)
+    with pytest.raises(QvlError, match=r"now eval_data /old/place/eval \(6 rows, digest cdcdcdcdcdcd\)"):
+        check_resume(checkpoint, plan, TrainConfig(), 1, {**identity, "digest": "cd" * 32})
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))  # written before evaluation existed
+    check_resume(checkpoint, plan, TrainConfig(), 1, {})
+    with pytest.raises(QvlError, match=r"evaluation set was none, now eval_data"):
+        check_resume(checkpoint, plan, TrainConfig(), 1, identity)
