@@ -49,6 +49,8 @@ class Plan:
     total_steps: int
     warmup_steps: int
     epochs: float  # epochs the total steps span
+    packing_len: int = 0  # with --packing: the token budget of a packed sequence; 0: not packed
+    packed_rows: int = 0  # with --packing: the dataset rows the packs hold (``rows`` counts the packs)
 
     @property
     def effective_batch(self) -> int:
@@ -73,10 +75,15 @@ def make_plan(
     max_steps: int = 0,
     warmup_ratio: float = 0.0,
     warmup_steps: int = 0,
+    packing_len: int = 0,
+    packed_rows: int = 0,
 ) -> Plan:
     """Rows -> steps (docs/semantics.md section 7): per-rank batches = ceil(ceil(N / world) / batch); steps per epoch =
     ceil(per-rank batches / accumulation); total = max_steps or ceil(epochs * steps per epoch); warmup =
-    warmup_steps or ceil(warmup_ratio * total). 1096 rows, 2 ranks, accumulation 8, 3 epochs -> 207, 21."""
+    warmup_steps or ceil(warmup_ratio * total). 1096 rows, 2 ranks, accumulation 8, 3 epochs -> 207, 21.
+
+    With packing, N is the number of packed sequences (:func:`qvl_train.packing.pack_rows`) and ``batch``
+    counts packed sequences; ``packing_len`` and ``packed_rows`` (the rows they hold) are recorded."""
     if rows < 1:
         raise QvlError("the shards hold no rows")
     per_rank_rows = math.ceil(rows / world_size)
@@ -95,6 +102,8 @@ def make_plan(
         total_steps=total,
         warmup_steps=warmup,
         epochs=total / steps_per_epoch,
+        packing_len=packing_len,
+        packed_rows=packed_rows,
     )
 
 
@@ -130,6 +139,15 @@ class ShardDataset(Dataset):
     def global_row(self, i: int) -> int:
         """The build's row number of item ``i``."""
         return self.rows[i] if self.rows is not None else i
+
+    def lengths(self) -> list[int]:
+        """Token count of every item, in item order (the shards' ``length`` column: no token is read)."""
+        import numpy as np
+
+        shards = ShardSet(self.data_dir, columns=["length"])
+        column = np.concatenate([t.column("length").to_numpy() for t in shards.tables])
+        items = self.rows[: self.num_rows] if self.rows is not None else range(self.num_rows)
+        return column[np.asarray(items, dtype=np.int64)].tolist()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -297,12 +315,21 @@ def to_device(
 ) -> dict[str, Any]:
     """The model's keyword arguments on ``device``: uint8 patches become the processor's float32
     ``pixel_values`` there (a lookup-table gather, bit-identical to the HF processor), then ``dtype``. No
-    ``attention_mask`` for right-padded batches (:func:`is_right_padded`)."""
+    ``attention_mask`` for right-padded batches (:func:`is_right_padded`). A packed batch
+    (:class:`qvl_train.packing.PackedCollate`) brings its per-row ``position_ids`` and, unless the model
+    uses flash attention, a block-diagonal causal mask (:func:`qvl_train.packing.packed_attention`)."""
     from qvl_data.vision import pixel_values_from_uint8_torch
 
     non_blocking = device.type == "cuda"
     inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device, non_blocking=non_blocking)}
-    if not is_right_padded(batch["attention_mask"]):
+    if "segments" in batch:  # packed
+        from qvl_train.packing import packed_attention
+
+        inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=non_blocking)
+        mask = packed_attention(batch, device, dtype)
+        if mask is not None:
+            inputs["attention_mask"] = mask
+    elif not is_right_padded(batch["attention_mask"]):
         inputs["attention_mask"] = batch["attention_mask"].to(device, non_blocking=non_blocking)
     if batch["pixels"] is not None:
         pixels = batch["pixels"].to(device, non_blocking=non_blocking)

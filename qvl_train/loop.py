@@ -34,7 +34,7 @@ from qvl_train.checkpoint import (
     write_json,
 )
 from qvl_train.config import TrainConfig, to_dict
-from qvl_train.data import Plan, RankBatchSampler, ShardDataset, make_plan, split_rows
+from qvl_train.data import Plan, RankBatchSampler, ShardDataset, collate, make_plan, split_rows
 from qvl_train.distributed import Dist, setup_distributed, teardown_distributed, wrap_ddp
 from qvl_train.evaluate import eval_set_identity, evaluate, make_eval_loader
 from qvl_train.model import (
@@ -47,6 +47,7 @@ from qvl_train.model import (
     param_report,
     tiny_model_dir,
 )
+from qvl_train.packing import PackedBatchSampler, PackedCollate, PackedDataset, attention_kind
 from qvl_train.steps import autocast_for, input_builder, make_loader, make_optimizer, run_window
 
 # ------------------------------------------------------------------------------------------------ logs
@@ -97,7 +98,7 @@ def plan_table(plan: Plan, params: dict[str, Any], cfg: TrainConfig, eval_rows: 
 
     table = Table(title="qvl-train plan", show_header=False, title_justify="left")
     rows = [
-        ("rows", f"{plan.rows:,}"),
+        ("rows", _rows_text(plan)),
         *_eval_rows(cfg, eval_rows),
         ("world size", str(plan.world_size)),
         ("batches per rank and epoch", f"{plan.per_rank_batches:,} (batch {plan.batch_size})"),
@@ -112,6 +113,12 @@ def plan_table(plan: Plan, params: dict[str, Any], cfg: TrainConfig, eval_rows: 
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def _rows_text(plan: Plan) -> str:
+    if plan.packing_len:  # the batches below count packed sequences
+        return f"{plan.packed_rows:,} in {plan.rows:,} packed sequences of <= {plan.packing_len:,} tokens"
+    return f"{plan.rows:,}"
 
 
 def _eval_rows(cfg: TrainConfig, eval_rows: int) -> list[tuple[str, str]]:
@@ -147,11 +154,19 @@ def setup_eval(cfg: TrainConfig) -> tuple[list[int] | None, ShardDataset | None]
     return None, None
 
 
-def setup_data(cfg: TrainConfig, world_size: int, rows: list[int] | None = None) -> tuple[ShardDataset, Plan]:
+def setup_data(
+    cfg: TrainConfig, world_size: int, rows: list[int] | None = None
+) -> tuple[ShardDataset | PackedDataset, Plan]:
     """The training shards (checked against the model's config; only ``rows`` of them when given, the
-    training side of :func:`setup_eval`) and the step plan for ``world_size`` ranks."""
-    dataset = ShardDataset(cfg.data, cfg.max_rows, rows=rows)
+    training side of :func:`setup_eval`) and the step plan for ``world_size`` ranks. With --packing, the
+    packs of those rows (:class:`qvl_train.packing.PackedDataset`), and the plan counts packed sequences."""
+    dataset: ShardDataset | PackedDataset = ShardDataset(cfg.data, cfg.max_rows, rows=rows)
     check_compatible(model_config(cfg.model), dataset.processor, cfg.model)
+    packing_len = packed_rows = 0
+    if cfg.packing:
+        attention_kind(cfg.attn_implementation)  # an unsupported kernel fails here, dry run included
+        dataset = PackedDataset(dataset, cfg.packing_len, cfg.seed)
+        packing_len, packed_rows = dataset.packing_len, dataset.num_rows
     plan = make_plan(
         len(dataset),
         world_size,
@@ -161,6 +176,8 @@ def setup_data(cfg: TrainConfig, world_size: int, rows: list[int] | None = None)
         cfg.max_steps,
         cfg.warmup_ratio,
         cfg.warmup_steps,
+        packing_len=packing_len,
+        packed_rows=packed_rows,
     )
     return dataset, plan
 
@@ -237,10 +254,12 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         )
 
     # ---- data
-    sampler = RankBatchSampler(
+    sampler_type = PackedBatchSampler if cfg.packing else RankBatchSampler
+    sampler = sampler_type(
         len(dataset), cfg.per_device_train_batch_size, dist.rank, dist.world_size, cfg.seed
     )
-    loader = make_loader(dataset, sampler, dist.device, cfg.dataloader_num_workers, cfg.seed)
+    collate_fn = PackedCollate(model_config(cfg.model), cfg.attn_implementation) if cfg.packing else collate
+    loader = make_loader(dataset, sampler, dist.device, cfg.dataloader_num_workers, cfg.seed, collate_fn)
     to_inputs = input_builder(dist.device, dtype, dataset.processor)
     autocast = autocast_for(dist.device, dtype)
     ddp = wrap_ddp(model, dist) if dist.world_size > 1 else model
