@@ -111,9 +111,12 @@ class TrainConfig:
 
     packing: bool = False
     """Pack several rows into one sequence of up to --packing-len tokens (each row keeps its own 3-D
-    positions; no token attends across rows). Off by default, as in the reference recipe."""
+    positions; no token attends across rows; the loss is the same token mean). --per-device-train-batch-size
+    and the plan's steps then count packed sequences, so lower --gradient-accumulation-steps to keep the rows
+    per optimizer step. Needs --attn-implementation sdpa, eager or flash_attention_2/3 (flash: no mask, the
+    varlen kernel). Off by default, as in the reference recipe."""
     packing_len: int = 0
-    """Token budget of a packed sequence (0: the build's cutoff_len)."""
+    """Token budget of a packed sequence (0: the build's cutoff_len; no row may be longer)."""
 
     logging_steps: int = 10
     """Log every N optimizer steps (console + trainer_log.jsonl)."""
