@@ -20,6 +20,12 @@ Needs torch, transformers, peft, pyarrow, rich only (no datasets, no polars, no 
   ``pixel_values`` from the collator, the model's own loss over full logits. Pinned to one GPU: on a host
   with several visible GPUs the Trainer would wrap the model in ``DataParallel`` (other work, other memory);
   the benchmark also makes only the first visible GPU visible before CUDA starts.
+* packing (``--packing on``, the default; with the first ``--checkpointing`` configuration): ``--seq-len //
+  --short-len`` short rows (8 rows of 256 tokens, one 224x224 image each: 64 image tokens; the demo set
+  averages 173 tokens a row) per optimizer step, run one row per micro-batch with accumulation over the rows
+  (SDPA: what an unpacked run does) and as one packed sequence, accumulation 1 (``qvl_train.packing``), with
+  flash-attention's varlen kernel when flash-attn is installed, else SDPA with the block-diagonal mask. Same
+  rows, tokens and trained tokens per step, so the ratio of seconds per step is the gain of packing.
 
 Reported: seconds per optimizer step, tokens/s, model FLOPs utilisation and peak GPU memory. Model FLOPs
 (recomputation from gradient checkpointing is *not* counted; the vision tower is frozen and gets no
@@ -33,6 +39,7 @@ backward: nothing in it is trained and no hook makes its input require a gradien
 
     MFU = model FLOPs per step / (seconds per step * peak dense bf16 FLOP/s of the card)
 
+(packing: the model FLOPs of each short row, times the rows; a packed step does no more useful work)
 with peak 989 TFLOP/s for H100 SXM, H200 SXM and GH200, 835 for H100 NVL and H200 NVL, 756 for H100 PCIe
 (``--peak-tflops`` overrides).
 
@@ -383,9 +390,18 @@ def _peak_memory(device) -> dict[str, int | None]:
 def run_qvl(model, row, args, device, dtype) -> dict[str, Any]:
     """qvl_train.loop's optimizer step, from the same pieces: collate -> batch_to_inputs -> run_window -> clip
     -> AdamW."""
+    from qvl_train.data import collate
+
+    return time_qvl_steps(
+        model, lambda: [collate([row]) for _ in range(args.grad_accum)], args, device, dtype
+    )
+
+
+def time_qvl_steps(model, make_window, args, device, dtype) -> dict[str, Any]:
+    """Times ``--warmup-steps`` + ``--steps`` optimizer steps of qvl_train's pieces over the micro-batches
+    ``make_window()`` collates for each step (the loader's work, timed with the step)."""
     import torch
 
-    from qvl_train.data import collate
     from qvl_train.distributed import Dist
     from qvl_train.steps import autocast_for, input_builder, run_window
 
@@ -400,7 +416,7 @@ def run_qvl(model, row, args, device, dtype) -> dict[str, Any]:
     times, losses = [], []
     for _ in range(args.warmup_steps + args.steps):
         start = time.perf_counter()
-        window = [collate([row]) for _ in range(args.grad_accum)]  # the loader's work for this step
+        window = make_window()
         loss, _tokens = run_window(model, window, dist, to_inputs, autocast)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -501,6 +517,88 @@ def run_hf(model, row, args, device, dtype) -> dict[str, Any]:
     }
 
 
+# -------------------------------------------------------------------------------------------- packing
+
+
+def packing_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The short rows of the packing comparison: ``--seq-len // --short-len`` rows of ``--short-len`` tokens
+    with one ``--short-image-side`` image each (different random ids and pixels per row)."""
+    count = args.seq_len // args.short_len
+    return [
+        make_row(args.short_len, args.short_image_side, args.trained_fraction, seed=1 + i)
+        for i in range(count)
+    ]
+
+
+def packed_attention(smoke: bool) -> str:
+    """flash_attention_2 (the varlen path: no mask) when flash-attn is importable on a GPU, else SDPA with
+    the block-diagonal mask."""
+    import importlib.util
+
+    return "flash_attention_2" if not smoke and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def set_attention(model, name: str) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(name)
+
+
+def run_packing(model, config, args, device, dtype, peak) -> dict[str, Any]:
+    """The same short rows per optimizer step, (a) one row per micro-batch with accumulation over the rows
+    (SDPA, what an unpacked run does) and (b) all of them in one packed sequence, accumulation 1
+    (qvl_train.packing.PackedCollate, flash varlen when available). Same rows, tokens and trained tokens
+    per step, so s/step compares directly."""
+    from qvl_train.data import collate
+    from qvl_train.packing import PackedCollate
+
+    rows = packing_rows(args)
+    patches = int(rows[0]["image_grid_thw"].prod())
+    trained = sum(int((r["labels"][1:] != -100).sum()) for r in rows)
+    # model FLOPs per row (attention within the row only), times the rows: the packed step does this work
+    flops = model_flops(model, config, args.short_len, patches, trained // len(rows))["total"] * len(rows)
+    attn = packed_attention(args.smoke)
+    configurations = (
+        ("rows one by one", "sdpa", lambda: [collate([r]) for r in rows]),
+        ("packed", attn, lambda: [PackedCollate(config, attn)([rows])]),
+    )
+    results = []
+    for name, impl, make_window in configurations:
+        print(
+            f"[gpu_step] packing: {name}, {impl}, {len(rows)} rows of {args.short_len} tokens ...", flush=True
+        )
+        set_attention(model, impl)
+        try:
+            r = time_qvl_steps(model, make_window, args, device, dtype)
+        finally:
+            set_attention(model, "sdpa")
+        measured = r["step_s"][args.warmup_steps :] or r["step_s"]
+        s = sum(measured) / len(measured)
+        r.update(
+            configuration=name,
+            attention=impl,
+            s_per_step=s,
+            tokens_per_s=args.short_len * len(rows) / s,
+            trained_tokens_per_s=trained / s,
+            model_tflops_per_s=flops / s / 1e12,
+            mfu=flops / s / peak if peak else None,
+        )
+        print(
+            f"[gpu_step]   {s:.3f} s/step, {r['trained_tokens_per_s']:,.0f} trained tok/s, "
+            f"peak {fmt_bytes(r['peak_allocated_bytes'])}",
+            flush=True,
+        )
+        results.append(r)
+    return {
+        "rows": len(rows),
+        "row_len": args.short_len,
+        "image_tokens_per_row": patches // 4,
+        "trained_tokens_per_step": trained,
+        "attention": attn,
+        "flops_per_step": flops,
+        "results": results,
+    }
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -559,6 +657,13 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             results.append(
                 run_loop(name, fn, model, row, args, device, dtype, checkpointing, trained, flops, peak)
             )
+    packing = None
+    if args.packing:  # with the first checkpointing configuration (the trainer's default: on)
+        set_checkpointing(model, args.checkpointing[0])
+        packing = {
+            "checkpointing": args.checkpointing[0],
+            **run_packing(model, config, args, device, dtype, peak),
+        }
     return {
         "benchmark": NAME,
         "machine": info,
@@ -575,6 +680,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         },
         "build_s": build_s,
         "results": results,
+        "packing": packing,
     }
 
 
@@ -633,6 +739,19 @@ def summarize(payload: dict[str, Any]) -> dict[str, Any]:
                     "met": (x or 9) < 1,
                 }
             )
+    packing = payload.get("packing")
+    if packing and len(packing["results"]) == 2:
+        unpacked, packed = packing["results"]
+        x = ratio(unpacked["s_per_step"], packed["s_per_step"])
+        checks.append(
+            {
+                "target": f"qvl s/step: {packing['rows']} rows one by one / the same rows packed "
+                f"({packed['attention']})",
+                "goal": "> 1x",
+                "measured": x,
+                "met": None if payload["args"]["smoke"] else (x or 0) > 1,  # CPU smoke: informational
+            }
+        )
     payload["checks"] = checks
     return payload
 
@@ -677,6 +796,26 @@ def print_tables(payload: dict[str, Any]) -> None:
         rows,
         common.caption(m) + f"; device {m['device']}",
     )
+    packing = payload.get("packing")
+    if packing:
+        common.print_table(
+            f"packing: {packing['rows']} rows of {packing['row_len']} tokens ({packing['image_tokens_per_row']} "
+            f"image tokens each), {packing['trained_tokens_per_step']} trained tokens per optimizer step, "
+            f"checkpointing {'on' if packing['checkpointing'] else 'off'}",
+            ["configuration", "attention", "s / step", "tok/s", "trained tok/s", "MFU", "peak alloc"],
+            [
+                [
+                    r["configuration"],
+                    r["attention"],
+                    fmt(r["s_per_step"], 3),
+                    fmt(r["tokens_per_s"], 0),
+                    fmt(r["trained_tokens_per_s"], 0),
+                    f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-",
+                    fmt_bytes(r["peak_allocated_bytes"]),
+                ]
+                for r in packing["results"]
+            ],
+        )
     if payload["checks"]:
         common.print_table(
             "targets",
@@ -688,7 +827,7 @@ def print_tables(payload: dict[str, Any]) -> None:
                     fmt_ratio(c["measured"])
                     if c["target"].startswith("qvl s")
                     else f"{100 * c['measured']:.1f}%",
-                    "met" if c["met"] else "MISSED",
+                    "-" if c["met"] is None else "met" if c["met"] else "MISSED",
                 ]
                 for c in payload["checks"]
             ],
@@ -716,8 +855,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="on,off",
         help="comma-separated gradient-checkpointing configurations to run (on, off)",
     )
+    parser.add_argument(
+        "--packing",
+        default="on",
+        choices=["on", "off"],
+        help="also time --seq-len // --short-len short rows one by one against the same rows packed",
+    )
+    parser.add_argument("--short-len", type=int, default=256, help="tokens per row of the packing comparison")
+    parser.add_argument(
+        "--short-image-side", type=int, default=224, help="image side of each short row (multiple of 28)"
+    )
     args = parser.parse_args(argv)
     args.only = [x for x in args.only.split(",") if x] if args.only else None
+    args.packing = args.packing == "on"
     choices = {"on": True, "off": False}
     wanted = [x.strip() for x in args.checkpointing.split(",") if x.strip()]
     if not wanted or any(x not in choices for x in wanted):
@@ -725,6 +875,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.checkpointing = [choices[x] for x in wanted]
     if args.smoke:
         args.seq_len, args.image_side, args.steps, args.warmup_steps = 96, 56, 1, 1
+        args.short_len, args.short_image_side = 32, 28
+    if args.packing and args.seq_len // args.short_len < 2:
+        parser.error(f"--short-len {args.short_len}: fewer than two rows fit in --seq-len {args.seq_len}")
     return args
 
 
