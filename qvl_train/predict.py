@@ -43,6 +43,7 @@ from qvl_data.processor import (
     VISION_START_TOKEN,
 )
 from qvl_data.schema import Record, Rejection
+from qvl_data.template import IGNORE_INDEX
 from qvl_train.config import coerce_types, parse_tool_config
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 
 #: Rows encoded and sorted by length together: enough to batch similar lengths, few enough images in memory.
 WINDOW_BATCHES = 8
+NEWLINE_ID = 198  # "\n", which the template puts after every <|im_end|>
 #: Qwen2.5-VL-Instruct's generation_config.json ends a turn at either token.
 EOS_IDS = (IM_END_ID, PAD_ID)
 
@@ -263,6 +265,14 @@ def prompt_text(tokenizer: Any, input_ids: list[int]) -> str:
 # ------------------------------------------------------------------------------------------ prompt sources
 
 
+def without_turn_end(answer: list[int]) -> list[int]:
+    """An answer's ids without the ``<|im_end|>\n`` the template closes it with (or the ``<|im_end|>`` alone,
+    when the build's truncation kept only that)."""
+    if answer[-2:] == [IM_END_ID, NEWLINE_ID]:
+        return answer[:-2]
+    return answer[:-1] if answer[-1:] == [IM_END_ID] else answer
+
+
 def shard_prompts(
     data_dir: str | Path, tokenizer: Any, sources: list[str] | None = None, max_rows: int = 0
 ) -> tuple[int, Iterator[EncodedPrompt]]:
@@ -280,7 +290,10 @@ def shard_prompts(
             raise QvlError(
                 f"{data_dir}: no source {', '.join(unknown)} in the build ({', '.join(shards.manifest.sources)})"
             )
-        rows = [i for i in range(len(shards)) if shards.row(i, ("source",))["source"] in sources]
+        import numpy as np
+
+        column = np.concatenate([t.column("source").to_numpy(zero_copy_only=False) for t in shards.tables])
+        rows = np.flatnonzero(np.isin(column, sources)).tolist()
     else:
         rows = list(range(len(shards)))
     rows = rows[:max_rows] if max_rows > 0 else rows
@@ -297,13 +310,8 @@ def shard_prompts(
                     f"{data_dir}: row {i} ({meta['source']} row {meta['index']}) has no trained answer"
                 ) from None
             end = start
-            while end < len(labels) and labels[end] != -100:
+            while end < len(labels) and labels[end] != IGNORE_INDEX:
                 end += 1
-            answer = ids[start:end]
-            if answer and answer[-1] == 198 and len(answer) > 1 and answer[-2] == IM_END_ID:  # "<|im_end|>\n"
-                answer = answer[:-2]
-            elif answer and answer[-1] == IM_END_ID:  # the build cut the answer after <|im_end|>
-                answer = answer[:-1]
             grids = [tuple(g) for g in meta["image_grid_thw"] or []]
             pixels = shards.read_pixel_patches(i) if grids else None
             shards.release(i)
@@ -312,7 +320,7 @@ def shard_prompts(
                 source=meta["source"],
                 index=meta["index"],
                 input_ids=ids[:start],
-                reference=tokenizer.decode(answer, skip_special_tokens=False),
+                reference=tokenizer.decode(without_turn_end(ids[start:end]), skip_special_tokens=False),
                 image_grid_thw=grids,
                 pixels=pixels,
             )

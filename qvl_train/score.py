@@ -404,7 +404,8 @@ class ScoreConfig:
     image_dir: str = ""
     """okvqa and coco: the folder of the COCO images (default: <data>/val2014 if it exists, else <data>)."""
     prompt: str = ""
-    """okvqa and coco: the user prompt; ``<image>`` marks the image and ``{question}`` the question (default:
+    """okvqa and coco: the user prompt; ``<image>`` marks the image, ``{question}`` the question and ``\\n`` a
+    line break (default:
     '<image>{question}\\nAnswer the question using a single word or phrase.', or for coco '<image>Provide a
     one-sentence caption for the provided image.')."""
     media_dir: str = ""
@@ -446,6 +447,7 @@ class ScoreConfig:
         if isinstance(self.adapter, (list, tuple)):  # YAML: adapter: [a, b]
             self.adapter = ",".join(str(a) for a in self.adapter)
         coerce_types(self)
+        self.prompt = self.prompt.replace("\\n", "\n")  # a shell passes the default's \n as two characters
         if self.max_new_tokens == 0:
             self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS.get(self.task, 1024)
         check_generation(self)

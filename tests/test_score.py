@@ -427,6 +427,10 @@ def test_score_options_and_failures(tmp_path, capsys):
         "--adapter",
         "a,b",
     ]
+    config = score.ScoreConfig(
+        task="okvqa", data="x", prompt="<image>{question}\\nShort."
+    )  # as a shell passes it
+    assert config.prompt == "<image>{question}\nShort." and config.max_new_tokens == 32  # the task's default
     assert model_names(["runs/a/lora", "runs/b/lora", "base"]) == [
         "base",
         "runs/a/lora",
