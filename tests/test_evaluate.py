@@ -212,17 +212,19 @@ def test_evaluate_draws_no_random_numbers_and_restores_each_modules_mode(demo_bu
 # ------------------------------------------------------------------------------------------- two ranks
 
 
-def _rank_worker(rank: int, world: int, init_file: str, shards: str, out: str) -> None:
+_FORKED: dict = {}  # what the forked ranks inherit from the test instead of rebuilding it
+
+
+def _rank_worker(rank: int, world: int, init_file: str, out: str) -> None:
     import torch.distributed as torch_dist
 
     torch.set_num_threads(1)
     torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         dist = Dist(rank=rank, world_size=world)
-        _, val_rows = split_rows(shards, 5, seed=42, max_rows=16)
-        eval_set = ShardDataset(shards, rows=val_rows)
+        eval_set = _FORKED["eval_set"]
         result = evaluate(
-            _model(),
+            _FORKED["model"],
             make_eval_loader(eval_set, 1, dist),  # rank 0: 3 batches, rank 1: 2 (no collective until the end)
             dist,
             lambda b: to_device(b, CPU, torch.float32, eval_set.processor),
@@ -235,15 +237,24 @@ def _rank_worker(rank: int, world: int, init_file: str, shards: str, out: str) -
 def test_two_ranks_give_the_numbers_of_one(demo_build, tmp_path):
     _, val_rows = split_rows(demo_build, 5, seed=42, max_rows=16)
     eval_set = ShardDataset(demo_build, rows=val_rows)
+    model = _model()
     single = evaluate(
-        _model(),
+        model,
         make_eval_loader(eval_set, 1, Dist()),
         Dist(),
         lambda b: to_device(b, CPU, torch.float32, eval_set.processor),
     )
-    torch.multiprocessing.spawn(
-        _rank_worker, args=(2, str(tmp_path / "init"), str(demo_build), str(tmp_path / "eval")), nprocs=2
-    )
+    # forked, not spawned: the ranks start with the model and the imports (seconds each on a busy machine)
+    _FORKED.update(model=model, eval_set=eval_set)
+    try:
+        torch.multiprocessing.start_processes(
+            _rank_worker,
+            args=(2, str(tmp_path / "init"), str(tmp_path / "eval")),
+            nprocs=2,
+            start_method="fork",
+        )
+    finally:
+        _FORKED.clear()
     ranks = [json.loads((tmp_path / f"eval.{r}").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]  # every rank holds the reduced numbers
     assert single["eval_rows"] == ranks[0]["eval_rows"] == 5
@@ -289,7 +300,7 @@ def test_training_with_evaluation_trains_the_same_adapter_as_without(demo_build,
         TrainConfig(
             output_dir=str(evaluated),
             eval_data=str(eval_build),
-            eval_steps=1,
+            eval_steps=3,
             per_device_eval_batch_size=4,
             **data,
         )
@@ -298,11 +309,10 @@ def test_training_with_evaluation_trains_the_same_adapter_as_without(demo_build,
     assert _same_adapter(_adapter(plain), _adapter(evaluated))
     assert any(v.abs().sum() > 0 for k, v in _adapter(plain).items() if "lora_B" in k)  # it did train
     log = _log(evaluated)
-    assert _records([r for r in log if "loss" in r]) == _records(
-        _log(plain)
-    )  # the training records unchanged
+    # the training records are those of the run without evaluation
+    assert _records([r for r in log if "loss" in r]) == _records(_log(plain))
     evals = [r for r in log if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [1, 2, 3, 4]  # every step; the last is the end-of-run one
+    assert [r["step"] for r in evals] == [3, 4]  # every 3 steps, and at the end
     assert all(r["eval_rows"] == 6 and r["eval_tokens"] == 245 and "loss" not in r for r in evals)
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # rows share their answers' format: it learns
     assert summary["last_eval"] == evals[-1]
