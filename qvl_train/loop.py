@@ -1,13 +1,14 @@
 """The training loop, start to end in one file (nanoGPT style).
 
-    setup (torchrun env -> DDP)  ->  shards + plan  ->  model + LoRA  ->  AdamW + warmup/cosine
+    setup (torchrun env -> DDP)  ->  shards (+ held-out split) + plan  ->  model + LoRA  ->  AdamW + warmup/cosine
     ->  for each optimizer step: take the step's micro-batches, count their trained tokens on all ranks,
-        forward/backward each (gradient sync on the last only), clip, step, log, checkpoint
+        forward/backward each (gradient sync on the last only), clip, step, log, evaluate, checkpoint
     ->  adapter + log + plot in output_dir
 
 The pieces it is made of live where evaluation, generation and the benchmarks use them too: ranks and DDP in
 :mod:`qvl_train.distributed`, the loader, model inputs, loss (and its normalisation) and optimizer in
-:mod:`qvl_train.steps`, checkpoints and the start decision in :mod:`qvl_train.checkpoint`.
+:mod:`qvl_train.steps`, checkpoints and the start decision in :mod:`qvl_train.checkpoint`, held-out
+evaluation in :mod:`qvl_train.evaluate`.
 """
 
 from __future__ import annotations
