@@ -93,8 +93,17 @@ class PackedDataset(Dataset):
 
     def __init__(self, dataset: ShardDataset, packing_len: int = 0, seed: int = 0):
         self.dataset = dataset
-        self.packing_len = packing_len or dataset.manifest.options.cutoff_len
-        self.packs = pack_rows(dataset.lengths(), self.packing_len, seed)
+        cutoff = dataset.manifest.options.cutoff_len
+        self.packing_len = packing_len or cutoff
+        lengths = dataset.lengths()
+        longest = max(range(len(lengths)), key=lengths.__getitem__, default=None)
+        if longest is not None and lengths[longest] > self.packing_len:  # named by its row in the build
+            raise QvlError(
+                f"packing_len {self.packing_len} is shorter than row {dataset.global_row(longest)} of "
+                f"{dataset.data_dir} ({lengths[longest]} tokens); use --packing-len >= {lengths[longest]} "
+                f"or 0 (the build's cutoff_len, {cutoff})"
+            )
+        self.packs = pack_rows(lengths, self.packing_len, seed)
 
     @property
     def processor(self) -> ProcessorSummary:

@@ -333,7 +333,7 @@ def test_dry_run_counts_packed_sequences(demo_build, capsys):
     assert plan["per_rank_batches"] == math.ceil(packs / 2)
     assert plan["steps_per_epoch"] == math.ceil(plan["per_rank_batches"] / 8)
     assert f"1,096 in {packs} packed sequences of <= 2,048 tokens" in capsys.readouterr().out
-    with pytest.raises(QvlError, match="packing_len 600 is shorter than item .* \\(672 tokens\\)"):
+    with pytest.raises(QvlError, match=r"packing_len 600 is shorter than row \d+ of .* \(672 tokens\)"):
         train(TrainConfig(**{**cfg.__dict__, "packing_len": 600}))
     with pytest.raises(QvlError, match="flex_attention"):
         train(TrainConfig(**{**cfg.__dict__, "attn_implementation": "flex_attention"}))
