@@ -8,7 +8,8 @@
 The pieces it is made of live where evaluation, generation and the benchmarks use them too: ranks and DDP in
 :mod:`qvl_train.distributed`, the loader, model inputs, loss (and its normalisation) and optimizer in
 :mod:`qvl_train.steps`, checkpoints and the start decision in :mod:`qvl_train.checkpoint`, held-out
-evaluation in :mod:`qvl_train.evaluate`.
+evaluation in :mod:`qvl_train.evaluate`, and with --packing the packs, their sampler and collate in
+:mod:`qvl_train.packing`.
 """
 
 from __future__ import annotations
