@@ -512,11 +512,11 @@ def _format(value: float | None, base: float | None = None) -> str:
     return f"{value:.2f} ({value - base:+.2f})"
 
 
-def score_table(task: str, names: list[str], scores: list[dict[str, Any]], notes: list[str]):
+def score_table(task: str, names: list[str], scores: list[dict[str, Any]]):
     """A rich table: one row per metric, one column per model, adapters with their difference to base."""
     from rich.table import Table
 
-    table = Table(title=f"{task} (x100)", caption="\n".join(notes) or None)
+    table = Table(title=f"{task} (x100)")
     table.add_column("metric")
     for name in names:
         table.add_column(name, justify="right")
@@ -631,5 +631,7 @@ def run(argv: list[str]) -> None:
         "seconds": round(time.perf_counter() - started, 3),
     }
     (out / SCORES_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    console.print(score_table(cfg.task, names, [e["scores"] for e in entries], notes))
+    console.print(score_table(cfg.task, names, [e["scores"] for e in entries]))
+    for note in notes:
+        console.print(f"note: {note}")
     console.print(f"predictions and {SCORES_FILE} in {out}")

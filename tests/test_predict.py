@@ -233,7 +233,7 @@ def test_predict_failures_are_one_line(tmp_path, capsys):
 # peft's adapter loader calls an alias transformers 5 deprecates (qvl_train.model.load_for_inference, as the
 # snippet calls it, does not silence it; the commands do)
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
-def test_the_readme_snippet_answers_one_question(tmp_path, demo_dir, monkeypatch):
+def test_the_readme_snippet_answers_one_question(tmp_path, demo_dir, capsys):
     # an adapter as training writes one (random, non-zero LoRA weights so that it changes the answer)
     from peft import LoraConfig, get_peft_model
 
@@ -248,35 +248,20 @@ def test_the_readme_snippet_answers_one_question(tmp_path, demo_dir, monkeypatch
         get_peft_model(load_for_inference("tiny"), config).save_pretrained(adapter)
     image = demo_dir / "mllm_demo_data" / "1.jpg"
 
-    # --- the snippet, as /tmp/qvl-readme-predict.md shows it (paths substituted)
-    import torch  # noqa: F401
-
+    # --- the README's snippet without its comments (paths substituted; load_for_inference imported above)
     from qvl_data.encode import encode_prompt_record
     from qvl_data.processor import load_image_processor, load_tokenizer
     from qvl_train.predict import Generation, decode_answer, generate_batch, processor_summary
 
-    tokenizer, image_processor = (
-        load_tokenizer(),
-        load_image_processor(),
-    )  # embedded: no download, no torchvision
-    model = load_for_inference("tiny", adapter=str(adapter))  # base + LoRA adapter (or a merged export)
-    question = {"role": "user", "content": "<image>Who are they?"}
-    record = {
-        "id": "q0",
-        "source": "mine",
-        "index": 0,
-        "system": None,
-        "messages": [question],
-        "images": [str(image)],
-    }
-    prompt = encode_prompt_record(record, tokenizer, image_processor)  # template + image spans, as the build
-    ids = generate_batch(model, [prompt], processor_summary(None), Generation(max_new_tokens=8))
-    answer = decode_answer(tokenizer, ids[0])
+    tokenizer, image_processor = load_tokenizer(), load_image_processor()
+    model = load_for_inference("tiny", adapter=str(adapter))
+    record = {"id": "q0", "source": "mine", "index": 0, "system": None, "images": [str(image)],
+              "messages": [{"role": "user", "content": "<image>Who are they?"}]}  # fmt: skip
+    prompt = encode_prompt_record(record, tokenizer, image_processor)
+    ids = generate_batch(model, [prompt], processor_summary(None), Generation(max_new_tokens=16))
+    print(decode_answer(tokenizer, ids[0]))
     # ---
-    assert (
-        isinstance(answer, str) and prompt.input_ids.count(151655) == 66
-    )  # the demo image: grid [1, 12, 22]
-    base_ids = generate_batch(
-        load_for_inference("tiny"), [prompt], processor_summary(None), Generation(max_new_tokens=8)
-    )
-    assert base_ids != ids  # the adapter is applied
+    assert capsys.readouterr().out == decode_answer(tokenizer, ids[0]) + "\n"
+    assert prompt.input_ids.count(151655) == 66  # the demo image: grid [1, 12, 22]
+    base = load_for_inference("tiny")
+    assert generate_batch(base, [prompt], processor_summary(None), Generation(max_new_tokens=16)) != ids
