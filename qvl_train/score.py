@@ -32,11 +32,14 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qvl_data.errors import QvlError
 from qvl_train.config import coerce_types, parse_tool_config
 from qvl_train.predict import Generation, check_generation
+
+if TYPE_CHECKING:
+    from qvl_train.benchmarks import Benchmark
 
 TASKS = ("instruct", "okvqa", "coco")
 METRICS = {
@@ -450,9 +453,9 @@ class ScoreConfig:
         self.prompt = self.prompt.replace("\\n", "\n")  # a shell passes the default's \n as two characters
         if self.max_new_tokens == 0:
             self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS.get(self.task, 1024)
-        check_generation(self)
         if self.task not in TASKS:
             raise QvlError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        check_generation(self)
         if not self.data:
             raise QvlError(f"--data is required (task {self.task}: {_DATA_HELP[self.task]})")
         if self.max_rows < 0:
@@ -527,6 +530,29 @@ def score_table(task: str, names: list[str], scores: list[dict[str, Any]]):
     return table
 
 
+def benchmark_for(cfg: ScoreConfig) -> Benchmark:
+    """The OK-VQA or COCO records and references that ``cfg`` names."""
+    from qvl_train.benchmarks import CAPTION_PROMPT, OKVQA_PROMPT, read_coco_captions, read_okvqa
+
+    if cfg.task == "okvqa":
+        prompt = cfg.prompt or OKVQA_PROMPT
+        return read_okvqa(cfg.data, cfg.questions, cfg.annotations, cfg.image_dir, prompt, cfg.max_rows)
+    prompt = cfg.prompt or CAPTION_PROMPT
+    return read_coco_captions(cfg.data, cfg.captions, cfg.image_dir, cfg.split, prompt, cfg.max_rows)
+
+
+def task_scores(
+    task: str, lines: list[dict[str, Any]], benchmark: Benchmark | None, captions: CaptionScorer | None
+) -> dict[str, Any]:
+    """One model's scores from its prediction lines."""
+    if task == "instruct":
+        return instruct_scores([line["prediction"] for line in lines], [line["reference"] for line in lines])
+    predictions = {line["id"]: line["prediction"] for line in lines}
+    if task == "okvqa":
+        return okvqa_scores(predictions, benchmark.references, benchmark.info)
+    return captions.score(predictions, benchmark.references)
+
+
 def run(argv: list[str]) -> None:
     cfg = parse_tool_config(ScoreConfig, join_repeated(argv), "qvl-train score", DESCRIPTION)
     from rich.console import Console
@@ -536,31 +562,20 @@ def run(argv: list[str]) -> None:
 
     console = Console(highlight=False)
     started = time.perf_counter()
+    # the metric packages and the data are checked before any generation, not after hours of it
+    captions = CaptionScorer() if cfg.task == "coco" else None
     benchmark = None
-    caption_scorer = CaptionScorer() if cfg.task == "coco" else None  # fails now if pycocoevalcap is missing
     if cfg.task == "instruct":
-        require_instruct_packages()  # before any generation, not after it
+        require_instruct_packages()
         source = data_source(cfg)
     else:
-        from qvl_train.benchmarks import CAPTION_PROMPT, OKVQA_PROMPT, read_coco_captions, read_okvqa
-
-        if cfg.task == "okvqa":
-            prompt = cfg.prompt or OKVQA_PROMPT
-            benchmark = read_okvqa(
-                cfg.data, cfg.questions, cfg.annotations, cfg.image_dir, prompt, cfg.max_rows
-            )
-        else:
-            prompt = cfg.prompt or CAPTION_PROMPT
-            benchmark = read_coco_captions(
-                cfg.data, cfg.captions, cfg.image_dir, cfg.split, prompt, cfg.max_rows
-            )
+        benchmark = benchmark_for(cfg)
         source = records_source(benchmark.records, cfg)
     check_compatible(model_config(cfg.model), source.processor, cfg.model)
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = model_names(cfg.adapters)
-    notes = list(caption_scorer.notes) if caption_scorer else []
     generation = Generation.from_config(cfg)
     entries = []
     try:
@@ -591,18 +606,8 @@ def run(argv: list[str]) -> None:
 
                 torch.cuda.empty_cache()
             if rejected and benchmark is not None:
-                raise QvlError(
-                    f"{rejected[0].message} ({rejected[0].reason}): every benchmark image must be usable"
-                )
-            predictions = {line["id"]: line["prediction"] for line in lines}
-            if cfg.task == "instruct":
-                scores: dict[str, Any] = instruct_scores(
-                    [line["prediction"] for line in lines], [line["reference"] for line in lines]
-                )
-            elif cfg.task == "okvqa":
-                scores = okvqa_scores(predictions, benchmark.references, benchmark.info)
-            else:
-                scores = caption_scorer.score(predictions, benchmark.references)
+                first = rejected[0]
+                raise QvlError(f"{first.message} ({first.reason}): every benchmark image must be usable")
             entries.append(
                 {
                     "name": name,
@@ -611,12 +616,13 @@ def run(argv: list[str]) -> None:
                     "predictions": str(predictions_file),
                     "rows": len(lines),
                     "skipped_rows": len(rejected),
-                    "scores": scores,
+                    "scores": task_scores(cfg.task, lines, benchmark, captions),
                 }
             )
     finally:
-        if caption_scorer is not None:
-            caption_scorer.close()
+        if captions is not None:
+            captions.close()
+    notes = list(captions.notes) if captions else []
     report = {
         "task": cfg.task,
         "metrics": list(METRICS[cfg.task]),
@@ -626,7 +632,7 @@ def run(argv: list[str]) -> None:
         "rows": source.total,
         "models": entries,
         "notes": notes,
-        "caption_tokenizer": caption_scorer.tokenizer if caption_scorer else None,
+        "caption_tokenizer": captions.tokenizer if captions else None,
         "generation": asdict(generation),
         "seconds": round(time.perf_counter() - started, 3),
     }
