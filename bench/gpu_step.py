@@ -417,7 +417,7 @@ def time_qvl_steps(model, make_window, args, device, dtype) -> dict[str, Any]:
     for _ in range(args.warmup_steps + args.steps):
         start = time.perf_counter()
         window = make_window()
-        loss, _tokens = run_window(model, window, dist, to_inputs, autocast)
+        loss, _tokens, _rows = run_window(model, window, dist, to_inputs, autocast)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -201,8 +201,18 @@ def check_resume(
                 f"{checkpoint}: evaluation set was {_describe_eval(saved_eval)}, now "
                 f"{_describe_eval(eval_set or {})}; not the same run"
             )
-        for key in ("rows", "total_steps", "steps_per_epoch", "grad_accum", "batch_size"):
-            if state["plan"][key] != getattr(plan, key):
+        # packing_len / packed_rows: a packed run resumed unpacked (or with another budget) trains other
+        # sequences even where the counts happen to agree; checkpoints from before packing have neither (0)
+        for key in (
+            "rows",
+            "total_steps",
+            "steps_per_epoch",
+            "grad_accum",
+            "batch_size",
+            "packing_len",
+            "packed_rows",
+        ):
+            if state["plan"].get(key, 0) != getattr(plan, key):
                 raise QvlError(
                     f"{checkpoint}: {key} was {state['plan'][key]}, now {getattr(plan, key)}; not the same run"
                 )

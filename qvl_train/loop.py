@@ -310,7 +310,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
             if cfg.log_samples:
                 append_jsonl(samples_file, _sample_records(window, step + 1, epoch, dist.rank))
             lr = scheduler.get_last_lr()[0]
-            loss, tokens = run_window(ddp, window, dist, to_inputs, autocast)
+            loss, tokens, rows = run_window(ddp, window, dist, to_inputs, autocast)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
             optimizer.step()
             scheduler.step()
@@ -322,7 +322,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
             pending["loss"] += loss
             pending["steps"] += 1
             pending["tokens"] += tokens
-            pending["samples"] += sum(len(b["rows"]) for b in window) * dist.world_size
+            pending["samples"] += rows
             if step % cfg.logging_steps == 0 or step == plan.total_steps:
                 seconds = pending["seconds"] + now - interval_start
                 elapsed = elapsed_before + now - run_start

@@ -129,9 +129,10 @@ def run_window(
     dist: Dist,
     to_inputs: Callable[[dict[str, Any]], dict[str, Any]],
     autocast: Callable[[], Any] = nullcontext,
-) -> tuple[float, int]:
+) -> tuple[float, int, int]:
     """Forward + backward over one accumulation window (this rank's micro-batches); gradients are
-    synchronised on the last micro-batch only. Returns (mean token loss over all ranks, trained tokens)."""
+    synchronised on the last micro-batch only. Returns (mean token loss over all ranks, trained tokens, rows)
+    of the whole window on all ranks (rows: dataset rows, so a packed sequence counts the rows it holds)."""
     tokens = int(dist.sum(sum(batch["trained_tokens"] for batch in window)).item())
     scale = dist.world_size / max(tokens, 1)
     loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)  # exact enough to compare runs
@@ -144,7 +145,9 @@ def run_window(
                 ce = token_loss_sum(model, inputs, batch["labels"])  # CPU labels: no device sync
             (ce * scale).backward()
         loss_sum += ce.detach().double()
-    return float(dist.sum(loss_sum).item()) / max(tokens, 1), tokens
+    rows = torch.tensor(float(sum(len(batch["rows"]) for batch in window)), dtype=torch.float64)
+    total_loss, total_rows = dist.sum(torch.stack([loss_sum, rows.to(loss_sum.device)])).tolist()
+    return total_loss / max(tokens, 1), tokens, int(total_rows)
 
 
 # ------------------------------------------------------------------------------------------- optimizer

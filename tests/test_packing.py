@@ -300,7 +300,7 @@ def test_packed_lora_gradients_equal_unpacked(rows, processor):
 
     def window_grads(window: list[dict]) -> tuple[float, int, dict]:
         model.zero_grad(set_to_none=True)
-        loss, tokens = run_window(
+        loss, tokens, _ = run_window(
             model, window, Dist(), lambda b: to_device(b, CPU, torch.float32, processor)
         )
         return loss, tokens, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

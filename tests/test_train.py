@@ -100,7 +100,7 @@ def _window_grads(shards: Path, rows: list[int], batch_size: int, rank: int = 0,
     net = model
     if world > 1:
         net = wrap_ddp(model, Dist(rank=rank, world_size=world))
-    loss, tokens = run_window(
+    loss, tokens, _ = run_window(
         net,
         window,
         Dist(rank=rank, world_size=world),
