@@ -337,6 +337,28 @@ def test_resume_with_another_world_size_says_rank_in_the_singular(tmp_path):
         check_resume(checkpoint, plan, TrainConfig(), world_size=2)
 
 
+def test_resume_refuses_a_packing_change_even_with_equal_counts(tmp_path):
+    """Packed and unpacked plans can agree on every count; the checkpoint still belongs to the other run."""
+    from qvl_data.errors import QvlError
+    from qvl_train.checkpoint import check_resume
+    from qvl_train.data import make_plan
+
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    packed = make_plan(8, 1, 1, 4, 1.0, packing_len=2048, packed_rows=20)
+    state = {
+        "world_size": 1,
+        "plan": packed.to_dict(),
+        "seed": 42,
+        "step": 1,
+        "data": {"epoch": 0, "batches_done": 4},
+    }
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    check_resume(checkpoint, packed, TrainConfig(), world_size=1)  # the same run resumes
+    with pytest.raises(QvlError, match=r"packing_len was 2048, now 0"):
+        check_resume(checkpoint, make_plan(8, 1, 1, 4, 1.0), TrainConfig(), world_size=1)
+
+
 # --------------------------------------------------------------------------------- torchrun, two ranks
 
 
