@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -283,9 +282,7 @@ def export(cfg: ExportConfig) -> Path:
     # price is 4 bytes per parameter of memory while merging (about 33 GB for the 7B).
     print(f"loading {model} + {adapter} (float32) ...", flush=True)
     try:
-        with warnings.catch_warnings():  # transformers 5 deprecates an alias that peft still calls
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            peft_model = load_for_inference(model, str(adapter), torch.device("cpu"), torch.float32)
+        peft_model = load_for_inference(model, str(adapter), torch.device("cpu"), torch.float32)
     except (RuntimeError, ValueError) as e:  # e.g. "size mismatch for ...": a base of other shapes
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         detail = " ".join(lines[:2]) or type(e).__name__  # torch puts the first mismatch on line 2

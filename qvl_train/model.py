@@ -370,7 +370,9 @@ def load_for_inference(
 
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise QvlError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
-        loaded = PeftModel.from_pretrained(base, adapter, is_trainable=False)
+        with warnings.catch_warnings():  # transformers 5 deprecates an alias that peft's loader still calls
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            loaded = PeftModel.from_pretrained(base, adapter, is_trainable=False)
     loaded.eval()
     for param in loaded.parameters():
         param.requires_grad_(False)

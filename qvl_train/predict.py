@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -500,9 +499,7 @@ def load_model_for(cfg: Any, adapter: str) -> tuple[torch.nn.Module, torch.devic
 
     device = pick_device(cfg.device)
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.bf16 else torch.float32
-    with warnings.catch_warnings():  # transformers 5 deprecates an alias that peft's loader still calls
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = load_for_inference(cfg.model, adapter, device, dtype, cfg.attn_implementation)
+    model = load_for_inference(cfg.model, adapter, device, dtype, cfg.attn_implementation)
     return model, device, dtype
 
 
