@@ -11,6 +11,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import textwrap
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -237,18 +238,22 @@ def coerce_types(config: Any) -> None:
 
 
 def field_docs(cls: type = TrainConfig) -> dict[str, str]:
-    """Field name -> its docstring (the string literal right after the field in the class body)."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
+    """Field name -> its docstring (the string literal right after the field in the class body), over the
+    dataclass and its dataclass bases (a field a subclass declares again takes the subclass's text)."""
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if (
-                isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:], strict=False):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if (
+                    isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)
+                ):
+                    docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
 
@@ -286,7 +291,9 @@ def build_parser(
     )
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
+    # the command's own options first, in the order its class declares them, then the ones it inherits
+    own = list(cls.__dict__.get("__annotations__", {}))
+    for f in sorted(dataclasses.fields(cls), key=lambda f: own.index(f.name) if f.name in own else len(own)):
         flags = [f"--{f.name}"]
         if "_" in f.name:
             flags.insert(0, f"--{f.name.replace('_', '-')}")

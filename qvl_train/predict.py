@@ -64,21 +64,10 @@ DESCRIPTION = (
 
 
 @dataclass
-class PredictConfig:
-    model: str = "tiny"
-    """Base model: a local Qwen2.5-VL checkpoint dir, a hub id, a merged export dir, or ``tiny``."""
-    adapter: str = ""
-    """LoRA adapter directory (a training run's output_dir or a checkpoint-N in it); empty: the model alone."""
-    data: str = "data/qvl-demo"
-    """A shard directory (manifest.json, from qvl-data build) or a dataset directory (dataset_info.json)."""
-    dataset: str = ""
-    """Comma-separated dataset names: required for a dataset directory; for shards, keep only these sources."""
-    media_dir: str = ""
-    """Dataset directory only: folder image paths are relative to (default: the dataset directory)."""
-    output: str = "predictions.jsonl"
-    """The JSON Lines file written (one line per row, in input order)."""
-    max_rows: int = 0
-    """Predict the first N rows only (0: all)."""
+class GenerationOptions:
+    """The options every generating command (predict, score) shares: batching, decoding, how images of a
+    dataset directory or benchmark are prepared, and the device."""
+
     batch_size: int = 8
     """Prompts per generate() call (left-padded)."""
     max_new_tokens: int = 1024
@@ -96,12 +85,13 @@ class PredictConfig:
     seed: int = 42
     """Seed of the sampling RNG."""
     image_max_pixels: int = 262144
-    """Dataset directory only: pre-resize images above this many pixels (the build's --image-max-pixels)."""
+    """Images read here (a dataset directory, benchmark images): pre-resize those above this many pixels (the
+    build's --image-max-pixels). Shards keep their build's pixels."""
     image_min_pixels: int = 1024
-    """Dataset directory only: pre-resize images below this many pixels up to it."""
+    """Images read here: pre-resize those below this many pixels up to it."""
     processor: str = ""
-    """Dataset directory only: checkpoint dir or hub id whose tokenizer + image processor to use (the build's
-    --model); default: the embedded one. Shards use the processor recorded in their manifest."""
+    """Images and text read here: checkpoint dir or hub id whose tokenizer + image processor to use (the
+    build's --model); default: the embedded one. Shards use the processor recorded in their manifest."""
     device: str = "auto"
     """``auto`` (CUDA if available, else CPU), ``cuda`` or ``cpu``."""
     bf16: bool = True
@@ -109,7 +99,25 @@ class PredictConfig:
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers (sdpa, eager, flash_attention_2)."""
     quiet: bool = False
-    """No progress bar or summary (skipped rows are still reported)."""
+    """No progress bars or summary lines (skipped rows and score tables are still printed)."""
+
+
+@dataclass
+class PredictConfig(GenerationOptions):
+    model: str = "tiny"
+    """Base model: a local Qwen2.5-VL checkpoint dir, a hub id, a merged export dir, or ``tiny``."""
+    adapter: str = ""
+    """LoRA adapter directory (a training run's output_dir or a checkpoint-N in it); empty: the model alone."""
+    data: str = "data/qvl-demo"
+    """A shard directory (manifest.json, from qvl-data build) or a dataset directory (dataset_info.json)."""
+    dataset: str = ""
+    """Comma-separated dataset names: required for a dataset directory; for shards, keep only these sources."""
+    media_dir: str = ""
+    """Dataset directory only: folder image paths are relative to (default: the dataset directory)."""
+    output: str = "predictions.jsonl"
+    """The JSON Lines file written (one line per row, in input order)."""
+    max_rows: int = 0
+    """Predict the first N rows only (0: all)."""
 
     def __post_init__(self) -> None:
         coerce_types(self)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from qvl_data.errors import QvlError
 from qvl_train.config import coerce_types, parse_tool_config
-from qvl_train.predict import Generation, check_generation
+from qvl_train.predict import Generation, GenerationOptions, check_generation
 
 if TYPE_CHECKING:
     from qvl_train.benchmarks import Benchmark
@@ -380,7 +380,7 @@ class CaptionScorer:
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(GenerationOptions):
     task: str = "instruct"
     """instruct (your data: exact match, BLEU-4, ROUGE-L), okvqa (VQA accuracy) or coco (caption metrics)."""
     data: str = ""
@@ -415,36 +415,8 @@ class ScoreConfig:
     """instruct with a dataset directory: folder image paths are relative to."""
     max_rows: int = 0
     """Score the first N rows (questions, images) only (0: all)."""
-    batch_size: int = 8
-    """Prompts per generate() call (left-padded)."""
     max_new_tokens: int = 0
     """Most tokens generated per answer; 0: the task's default (instruct 1024, okvqa 32, coco 64)."""
-    do_sample: bool = False
-    """Sample instead of greedy decoding (greedy: the same answers on every run)."""
-    temperature: float = 1.0
-    """Sampling temperature (with --do-sample)."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold (with --do-sample)."""
-    top_k: int = 50
-    """Sample among the k most likely tokens, 0 for all (with --do-sample)."""
-    repetition_penalty: float = 1.0
-    """Penalty on tokens already in the prompt or answer (1.0: none)."""
-    seed: int = 42
-    """Seed of the sampling RNG."""
-    image_max_pixels: int = 262144
-    """Pre-resize images above this many pixels (as the build; shards keep their build's)."""
-    image_min_pixels: int = 1024
-    """Pre-resize images below this many pixels up to it."""
-    processor: str = ""
-    """Checkpoint dir or hub id whose tokenizer + image processor to use; default: the embedded one."""
-    device: str = "auto"
-    """``auto`` (CUDA if available, else CPU), ``cuda`` or ``cpu``."""
-    bf16: bool = True
-    """On CUDA: weights in bfloat16 (CPU always uses float32)."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel passed to transformers (sdpa, eager, flash_attention_2)."""
-    quiet: bool = False
-    """No progress bars (the table is still printed)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.adapter, (list, tuple)):  # YAML: adapter: [a, b]
