@@ -75,22 +75,16 @@ def _tree_memory() -> dict[str, int]:
 def _qvl_loader(cfg: dict[str, Any]):
     import torch
 
-    from qvl_train.data import RankBatchSampler, ShardDataset, collate, to_device
+    from qvl_train.data import RankBatchSampler, ShardDataset
+    from qvl_train.steps import batch_to_inputs, make_loader
 
     dataset = ShardDataset(cfg["data"], cfg["rows"])
     sampler = RankBatchSampler(len(dataset), cfg["batch_size"], 0, 1, cfg["seed"])
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=cfg["workers"],
-        generator=torch.Generator().manual_seed(cfg["seed"]),
-    )
     device = torch.device("cpu")
+    loader = make_loader(dataset, sampler, device, cfg["workers"], cfg["seed"])  # the trainer's own loader
 
     def deliver(batch: dict[str, Any]) -> dict[str, Any]:
-        inputs = to_device(batch, device, torch.float32, dataset.processor)
-        return inputs
+        return batch_to_inputs(batch, device, torch.float32, dataset.processor)
 
     return loader, deliver, len(dataset)
 

@@ -92,6 +92,24 @@ def plot_loss(out_dir: Path) -> Path | None:
     return path
 
 
+def train_line(record: dict[str, Any]) -> str:
+    """The console line of a training log record."""
+    return (
+        f"step {record['step']}/{record['total_steps']}  epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  "
+        f"lr {record['lr']:.3e}  grad_norm {record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s  "
+        f"{record['samples_per_s']:.2f} samples/s  elapsed {_hms(record['elapsed_s'])}  eta {_hms(record['eta_s'])}"
+    )
+
+
+def eval_line(record: dict[str, Any]) -> str:
+    """The console line of an evaluation log record."""
+    return (
+        f"eval step {record['step']}/{record['total_steps']}  eval_loss {record['eval_loss']:.4f}  "
+        f"eval_accuracy {record['eval_accuracy']:.4f}  ({record['eval_tokens']:,} tokens, "
+        f"{record['eval_rows']:,} rows, {record['eval_s']:.1f} s)"
+    )
+
+
 # ----------------------------------------------------------------------------------------------- plan
 
 
@@ -196,6 +214,43 @@ def setup_model(cfg: TrainConfig, dist: Dist) -> tuple[Any, torch.dtype]:
     return load_model(cfg, dist.device, dtype), dtype
 
 
+def setup_loader(
+    cfg: TrainConfig, dataset: ShardDataset | PackedDataset, dist: Dist
+) -> tuple[RankBatchSampler | PackedBatchSampler, torch.utils.data.DataLoader]:
+    """This rank's batch sampler (its state is what a checkpoint records) and the data loader over it: rows,
+    or with --packing whole packs collated with their per-row positions and mask."""
+    sampler_type = PackedBatchSampler if cfg.packing else RankBatchSampler
+    sampler = sampler_type(
+        len(dataset), cfg.per_device_train_batch_size, dist.rank, dist.world_size, cfg.seed
+    )
+    collate_fn = PackedCollate(model_config(cfg.model), cfg.attn_implementation) if cfg.packing else collate
+    return sampler, make_loader(
+        dataset, sampler, dist.device, cfg.dataloader_num_workers, cfg.seed, collate_fn
+    )
+
+
+def training_progress(console: Any, enabled: bool) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+    )
+
+
 # ------------------------------------------------------------------------------------------------ run
 
 
@@ -256,12 +311,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         )
 
     # ---- data
-    sampler_type = PackedBatchSampler if cfg.packing else RankBatchSampler
-    sampler = sampler_type(
-        len(dataset), cfg.per_device_train_batch_size, dist.rank, dist.world_size, cfg.seed
-    )
-    collate_fn = PackedCollate(model_config(cfg.model), cfg.attn_implementation) if cfg.packing else collate
-    loader = make_loader(dataset, sampler, dist.device, cfg.dataloader_num_workers, cfg.seed, collate_fn)
+    sampler, loader = setup_loader(cfg, dataset, dist)
     to_inputs = input_builder(dist.device, dtype, dataset.processor)
     autocast = autocast_for(dist.device, dtype)
     ddp = wrap_ddp(model, dist) if dist.world_size > 1 else model
@@ -273,31 +323,13 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         eval_inputs = input_builder(dist.device, dtype, eval_set.processor)  # an --eval-data build's own
 
     # ---- loop
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     stop = min(plan.total_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else plan.total_steps
     start_step, run_start, interval_start = step, time.perf_counter(), time.perf_counter()
     last_record: dict[str, Any] = {}
     last_eval: dict[str, Any] = {}
     samples_file = out / f"samples-rank{dist.rank}.jsonl"
     model.train()
-    progress = Progress(
-        TextColumn("[bold]training"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not dist.main,
-    )
+    progress = training_progress(console, dist.main)
     task = progress.add_task("steps", total=plan.total_steps, completed=step)
     iterator, iterator_epoch = None, None
     with progress:
@@ -341,12 +373,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
                 }
                 if dist.main:
                     append_jsonl(out / LOG_FILE, [record])
-                    progress.console.print(
-                        f"step {step}/{plan.total_steps}  epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  "
-                        f"lr {lr:.3e}  grad_norm {record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s  "
-                        f"{record['samples_per_s']:.2f} samples/s  elapsed {_hms(elapsed)}  eta {_hms(record['eta_s'])}",
-                        soft_wrap=True,
-                    )
+                    progress.console.print(train_line(record), soft_wrap=True)
                 last_record = record
                 pending = {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "seconds": 0.0}
                 interval_start = now
@@ -367,12 +394,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
                 }
                 if dist.main:
                     append_jsonl(out / LOG_FILE, [last_eval])
-                    progress.console.print(
-                        f"eval step {step}/{plan.total_steps}  eval_loss {result['eval_loss']:.4f}  "
-                        f"eval_accuracy {result['eval_accuracy']:.4f}  ({result['eval_tokens']:,} tokens, "
-                        f"{result['eval_rows']:,} rows, {seconds:.1f} s)",
-                        soft_wrap=True,
-                    )
+                    progress.console.print(eval_line(last_eval), soft_wrap=True)
                 interval_start += seconds  # throughput excludes evaluation
             if (cfg.save_steps > 0 and step % cfg.save_steps == 0) or at_end or step == stop:
                 pending_now = {
