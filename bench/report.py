@@ -243,9 +243,40 @@ def gpu_section(p: dict[str, Any]) -> str:
         ]
         for r in p["results"]
     ]
-    return table(
+    out = table(
         ["loop", "s / step", "tokens/s", "model TFLOP/s", "MFU", "peak GPU memory", "time vs qvl"], rows
     )
+    packing = p.get("packing")
+    if packing:  # 8 short rows one by one vs the same rows packed into one sequence
+        out += (
+            f"\n\nPacking: {packing['rows']} rows of {packing['row_len']} tokens "
+            f"({packing['image_tokens_per_row']} image tokens each), {packing['trained_tokens_per_step']} trained "
+            f"tokens per optimizer step, checkpointing {'on' if packing['checkpointing'] else 'off'}:\n\n"
+        )
+        out += table(
+            [
+                "configuration",
+                "attention",
+                "s / step",
+                "tokens/s",
+                "trained tokens/s",
+                "MFU",
+                "peak GPU memory",
+            ],
+            [
+                [
+                    r["configuration"],
+                    r["attention"],
+                    fmt(r["s_per_step"], 3),
+                    fmt(r["tokens_per_s"], 0),
+                    fmt(r["trained_tokens_per_s"], 0),
+                    f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-",
+                    fmt_bytes(r["peak_allocated_bytes"]),
+                ]
+                for r in packing["results"]
+            ],
+        )
+    return out
 
 
 SECTIONS = {
