@@ -277,25 +277,32 @@ def model_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cfg.cpu_dtype == "bfloat16" else torch.float32
 
 
-def load_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> PeftModel:
-    """Pretrained weights on ``device`` in ``dtype``, frozen, with fp32 LoRA adapters on the language model."""
+def load_base(name: str, device: torch.device, dtype: torch.dtype, attn_implementation: str = "sdpa") -> Any:
+    """The pretrained Qwen2.5-VL ``name`` (``tiny``, a checkpoint dir, a hub id) on ``device`` in ``dtype``,
+    as training and inference both load it; one-line QvlErrors for a config file, a missing attention
+    package or unreadable weights."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    path = resolve_model_path(cfg.model)
+    path = resolve_model_path(name)
     if Path(path).is_file():
         raise QvlError(f"{path}: a config file holds no weights; it is only usable with --dry-run")
-    check_attn_implementation(cfg.attn_implementation)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    check_attn_implementation(attn_implementation)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     if device.type == "cuda":
         kwargs["device_map"] = {"": device}
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kwargs)
     except OSError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QvlError(f"{cfg.model}: cannot load the weights ({first_line})") from None
-    model.to(device)
+        raise QvlError(f"{name}: cannot load the weights ({first_line})") from None
+    return model.to(device)
+
+
+def load_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> PeftModel:
+    """Pretrained weights on ``device`` in ``dtype``, frozen, with fp32 LoRA adapters on the language model."""
+    model = load_base(cfg.model, device, dtype, cfg.attn_implementation)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         checkpointing = {"use_reentrant": False}
@@ -347,22 +354,7 @@ def load_for_inference(
     """The base model (``tiny``, a checkpoint dir or hub id, or a merged export) in eval mode on ``device``,
     with the LoRA adapter directory ``adapter`` applied when given (unmerged: the adapter's own weights, as
     training saved them). Nothing is trainable; the KV cache is on (generation)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    device = device or torch.device("cpu")
-    path = resolve_model_path(model)
-    check_attn_implementation(attn_implementation)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
-    if device.type == "cuda":
-        kwargs["device_map"] = {"": device}
-    try:
-        base = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kwargs)
-    except OSError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QvlError(f"{model}: cannot load the weights ({first_line})") from None
-    base.to(device)
+    base = load_base(model, device or torch.device("cpu"), dtype, attn_implementation)
     base.config.use_cache = True
     loaded: Any = base
     if adapter:
