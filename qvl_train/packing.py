@@ -183,7 +183,8 @@ class RopeIndex:
         kwargs: dict[str, Any] = {"image_grid_thw": grids}
         if _rope_takes_token_types():  # newer transformers; older ones find the image tokens themselves
             kwargs["mm_token_type_ids"] = (input_ids == IMAGE_PAD_ID).int()[None]
-        owner = _RopeOwner(self.config, Qwen2_5_VLModel.get_vision_position_ids)
+        # getattr: releases whose get_rope_index computes the image positions inline have no such method
+        owner = _RopeOwner(self.config, getattr(Qwen2_5_VLModel, "get_vision_position_ids", None))
         positions, _deltas = Qwen2_5_VLModel.get_rope_index(owner, input_ids[None], **kwargs)
         return positions[:, 0]
 
