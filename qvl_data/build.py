@@ -43,6 +43,7 @@ from qvl_data.format import (
     SourceTotals,
 )
 from qvl_data.partition import DatasetIndex, Partition, data_files, make_plan
+from qvl_data.progress import rows_progress
 from qvl_data.schema import Rejection
 from qvl_data.sources import DatasetSpec, ReadOptions, resolve_datasets
 from qvl_data.task import (
@@ -159,41 +160,8 @@ def fingerprint(specs: list[DatasetSpec], dataset_dir: Path, config: BuildConfig
 
 
 def _progress(total: int, quiet: bool, label: str, get_time: Callable[[], float] | None = None):
-    """A rich progress bar over input rows with rows/s and images/s since the start (not a short-window
-    estimate, which jumps when a whole partition lands at once)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    class Rates(TextColumn):
-        def __init__(self) -> None:
-            super().__init__("")
-
-        def render(self, task):  # type: ignore[override]
-            elapsed = task.finished_time if task.finished else task.elapsed
-            if not elapsed or not task.completed:
-                return super().render(task)
-            images = task.fields.get("images", 0)
-            return f"{task.completed / elapsed:,.1f} rows/s {images / elapsed:,.1f} img/s"
-
-    progress = Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        Rates(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        disable=quiet,
-        transient=False,
-        get_time=get_time,
-    )
-    return progress, progress.add_task(label, total=total, images=0)
+    """The build's bar over input rows: rows/s and images/s since the start."""
+    return rows_progress(total, label, {"images": "img/s"}, quiet=quiet, get_time=get_time)
 
 
 # ------------------------------------------------------------------------------------------- the work dir

@@ -380,40 +380,13 @@ def dataset_records(
 
 
 def _progress(total: int, quiet: bool, label: str):
+    """The bar over prompts: rows/s and generated tokens/s since the start, on stderr (stdout may be piped)."""
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
-    class Rate(TextColumn):
-        def __init__(self) -> None:
-            super().__init__("")
+    from qvl_data.progress import rows_progress
 
-        def render(self, task):  # type: ignore[override]
-            elapsed = task.finished_time if task.finished else task.elapsed
-            if not elapsed or not task.completed:
-                return super().render(task)
-            return (
-                f"{task.completed / elapsed:,.2f} rows/s {task.fields.get('tokens', 0) / elapsed:,.1f} tok/s"
-            )
-
-    progress = Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        Rate(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True, highlight=False),
-        disable=quiet,
-    )
-    return progress, progress.add_task(label, total=total, tokens=0)
+    console = Console(stderr=True, highlight=False)
+    return rows_progress(total, label, {"tokens": "tok/s"}, quiet=quiet, decimals=2, console=console)
 
 
 def _windows(
