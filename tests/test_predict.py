@@ -230,9 +230,6 @@ def test_predict_failures_are_one_line(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ README snippet
 
 
-# peft's adapter loader calls an alias transformers 5 deprecates (qvl_train.model.load_for_inference, as the
-# snippet calls it, does not silence it; the commands do)
-@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 def test_the_readme_snippet_answers_one_question(tmp_path, demo_dir, capsys):
     # an adapter as training writes one (random, non-zero LoRA weights so that it changes the answer)
     from peft import LoraConfig, get_peft_model
