@@ -25,7 +25,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -167,16 +167,9 @@ class Generation:
     seed: int = 42
 
     @classmethod
-    def from_config(cls, cfg: Any, max_new_tokens: int | None = None) -> Generation:
-        return cls(
-            max_new_tokens=max_new_tokens or cfg.max_new_tokens,
-            do_sample=cfg.do_sample,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-            repetition_penalty=cfg.repetition_penalty,
-            seed=cfg.seed,
-        )
+    def from_config(cls, cfg: GenerationOptions) -> Generation:
+        """The decoding values of a predict or score config (fields of the same names)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
     def generation_config(self) -> GenerationConfig:
         """Every decoding value set explicitly: transformers fills unset ones from the checkpoint's
