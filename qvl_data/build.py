@@ -72,6 +72,7 @@ class BuildResult:
     sources: dict[str, SourceTotals] = field(default_factory=dict)
     partitions: int = 0
     reused: int = 0  # partitions whose completion record was still valid
+    processor_loads: int = 0  # partition tasks that had to load the processor first (0 once warmed up)
     driver_cpu_seconds: float = 0.0  # CPU of this process, not counting tasks run in it
     task_cpu_seconds: float = 0.0  # CPU of all the tasks, wherever they ran
 
@@ -216,7 +217,10 @@ def _index(
             indexes[spec.name] = DatasetIndex(**json.loads(path.read_text()))
     calls: list = [(index_task, (ctx, s.name, config.partition_rows)) for s in specs if s.name not in indexes]
     if need_processor:
-        calls.append((processor_task, (config.model,)))
+        # One processor task per worker that starts cold (Ray's), queued first so that they all load the
+        # processor side by side now, instead of one here and each other in its first partition while
+        # the rest wait. Their results are the same facts; one is kept.
+        calls[:0] = [(processor_task, (config.model,))] * max(1, executor.cold_workers)
     summary = None
     for result in executor.map_unordered(calls):
         if isinstance(result, DatasetIndex):
@@ -302,6 +306,7 @@ def run_pipeline(
         sources={name: _totals(entries, name) for name in config.dataset_names},
         partitions=len(plan),
         reused=sum(r.reused for r in results),
+        processor_loads=sum(r.loaded_processor for r in results),
         driver_cpu_seconds=time.process_time() - cpu_started - in_process_cpu,
         task_cpu_seconds=sum(r.cpu_seconds for r in results),
     )

@@ -28,6 +28,7 @@ class InProcess:
     """``--num-proc 1``: tasks run one after the other in this process."""
 
     workers = 1
+    cold_workers = 0  # workers that start without what the driver already loaded (the processor)
 
     def map_unordered(self, calls: Iterable[Call]) -> Iterator[Any]:
         for call in calls:
@@ -42,6 +43,7 @@ class LocalPool:
         self.workers = workers
         # fork is cheap and the driver holds nothing large; spawn where fork is unavailable.
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        self.cold_workers = 0 if method == "fork" else workers  # forked workers inherit the driver's
         self._pool = mp.get_context(method).Pool(workers)
 
     def map_unordered(self, calls: Iterable[Call]) -> Iterator[Any]:
@@ -83,6 +85,7 @@ class RayExecutor:
                     f"cannot start or reach Ray at {address or 'a new local cluster'}: {e}"
                 ) from None
         self.workers = int(ray.cluster_resources().get("CPU", workers))
+        self.cold_workers = self.workers  # each Ray worker is a fresh process: it imports and loads itself
         self._remote = ray.remote(num_cpus=1)(_run)
 
     def map_unordered(self, calls: Iterable[Call]) -> Iterator[Any]:

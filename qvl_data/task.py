@@ -59,6 +59,7 @@ class TaskResult:
     entry: PartitionEntry
     reused: bool = False
     cpu_seconds: float = 0.0  # this task's CPU time (not part of any written byte)
+    loaded_processor: bool = False  # this task loaded the processor into its process first
     rejections: list[Rejection] = field(default_factory=list)  # validate mode only
 
 
@@ -179,6 +180,7 @@ def partition_task(ctx: BuildContext, partition: Partition, check_only: bool = F
             Path(ctx.out_dir), ctx.encode.pixel_format, ctx.shard_bytes, prefix=f"part-{partition.index:05d}"
         )
     tokenizer = image_processor = None
+    loads = _PROCESSOR.get("loads", 0)
     for item in items:
         if isinstance(item, dict):
             if tokenizer is None:
@@ -194,12 +196,14 @@ def partition_task(ctx: BuildContext, partition: Partition, check_only: bool = F
             writer.write(item)
 
     entry = _entry(partition, image_digest, totals, reasons, writer.close() if writer else [])
+    loaded = _PROCESSOR.get("loads", 0) > loads
     if not ctx.write:
-        return TaskResult(entry, cpu_seconds=time.process_time() - started, rejections=rejections)
+        cpu = time.process_time() - started
+        return TaskResult(entry, cpu_seconds=cpu, loaded_processor=loaded, rejections=rejections)
     _write_rejected(rejected_path(ctx, partition.index), rejections)
     record = {"fingerprint": ctx.fingerprint, "partition": _partition_json(partition), "entry": asdict(entry)}
     write_json_atomic(record_path(ctx, partition.index), record)  # last: marks the partition done
-    return TaskResult(entry, cpu_seconds=time.process_time() - started)
+    return TaskResult(entry, cpu_seconds=time.process_time() - started, loaded_processor=loaded)
 
 
 def _entry(

@@ -1,5 +1,5 @@
 """qvl-train predict: the prompt template, shards vs dataset directory token for token, left-padded batches
-equal to one row at a time, the command's JSONL, and the README's ten-line snippet (tiny model, CPU)."""
+equal to one row at a time, the command's JSONL, and the README's Python snippet (tiny model, CPU)."""
 
 from __future__ import annotations
 

@@ -141,10 +141,13 @@ def test_outputs_byte_identical_across_executors(
     dataset_dir: Path, reference: Path, tmp_path: Path, executor
 ):
     if executor == "ray":
-        build(_config(dataset_dir, tmp_path, executor="ray", num_proc=2))
+        result = build(_config(dataset_dir, tmp_path, executor="ray", num_proc=2))
     else:
-        build(_config(dataset_dir, tmp_path, num_proc=2))
+        result = build(_config(dataset_dir, tmp_path, num_proc=2))
     assert _outputs(tmp_path) == _outputs(reference)
+    # Every worker had the processor before its first partition: forked from the driver that loaded it,
+    # or (Ray) loaded side by side with the others while the datasets were indexed.
+    assert result.processor_loads == 0
 
 
 def test_ray_loads_the_processor_once_per_worker(ray_executor):
