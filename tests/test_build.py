@@ -1,23 +1,15 @@
 """The demo build end to end: the docs/semantics.md section 5 figures,
-determinism across workers, no-op rebuilds, kill safety."""
+determinism across workers, no-op rebuilds, shard files split at --shard-size-mb."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
-import pytest
 
 from qvl_data import shards
 from qvl_data.build import build
 from qvl_data.config import BuildConfig
-from qvl_data.errors import QvlError
 from qvl_data.shards import ShardSet
 
 SPEC_TOTALS = {  # docs/semantics.md section 5
@@ -150,32 +142,30 @@ def test_second_build_via_cli_says_so(tmp_path: Path, demo_dir: Path):
     assert result.exit_code == 0 and "up to date" in result.output and "nothing to do" in result.output
 
 
-def test_killed_build_leaves_nothing_readable_and_rerun_completes(
-    tmp_path: Path, demo_dir: Path, demo_build: Path
+def test_small_shard_size_splits_a_partition_into_several_files_with_the_same_rows(
+    tmp_path: Path, demo_dir: Path
 ):
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "qvl_data.cli", "build", "--dataset-dir", str(demo_dir), "--out", str(out)]
-    cmd += ["--num-proc", "1", "--shard-size-mb", "1", "--quiet"]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first_shard = out / "shards" / "part-00000-000.arrow"
-    deadline = time.time() + 60
-    while not first_shard.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, f"build ended before it could be killed: {proc.stderr.read().decode()}"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert first_shard.exists() and not (out / "manifest.json").exists()
-    with pytest.raises(QvlError, match="not a complete qvl build"):
-        ShardSet(out)
+    # (a build killed half way is in tests/test_scale_out.py: nothing readable, then resumed)
+    def build_with(shard_size_mb: int, out: Path):
+        config = BuildConfig(
+            dataset_dir=str(demo_dir),
+            dataset="alpaca_en_demo",
+            out=str(out),
+            partition_rows=1000,  # one partition of 1,000 text rows (~1.5 MiB), in batches of 64
+            shard_size_mb=shard_size_mb,
+            quiet=True,
+        )
+        return build(config), ShardSet(out)
 
-    result = build(
-        BuildConfig(dataset_dir=str(demo_dir), out=str(out), num_proc=2, shard_size_mb=1, quiet=True)
+    (whole, whole_set), (split, split_set) = (
+        build_with(512, tmp_path / "whole"),
+        build_with(1, tmp_path / "split"),
     )
-    assert not result.skipped and len(result.manifest.shards) > 1
-    assert not list(out.rglob("*.tmp"))
-    # same rows as the reference demo build, whatever the shard split
-    columns = ["source", "index", "input_ids", "labels", "image_grid_thw", "pixels"]
-    rebuilt = pa.concat_tables(t.select(columns) for t in ShardSet(out).tables).combine_chunks()
-    reference = pa.concat_tables(t.select(columns) for t in ShardSet(demo_build).tables).combine_chunks()
-    assert rebuilt.equals(reference)
-    assert json.loads((out / "manifest.json").read_text())["totals"]["tokens"] == 190128
+    assert [p.index for p in split.manifest.partitions] == [0]
+    assert [s.file for s in whole.manifest.shards] == ["shards/part-00000-000.arrow"]
+    names = [s.file for s in split.manifest.shards]
+    assert len(names) == 2 and names == [f"shards/part-00000-{k:03d}.arrow" for k in range(len(names))]
+    assert split.manifest.shards[0].bytes >= 1 << 20  # a shard closes at the first batch past the size
+    assert not list((tmp_path / "split").rglob("*.tmp"))
+    table = pa.concat_tables(split_set.tables).combine_chunks()
+    assert table.equals(pa.concat_tables(whole_set.tables).combine_chunks())  # the same rows, in order

@@ -20,7 +20,9 @@ from helpers import chat, write_dataset, write_image
 from qvl_data.build import build, run_pipeline
 from qvl_data.cli import main
 from qvl_data.config import BuildConfig
+from qvl_data.errors import QvlError
 from qvl_data.partition import index_dataset, make_plan, partition_rows, partition_size
+from qvl_data.shards import ShardSet
 
 ray = pytest.importorskip("ray")  # a dev dependency: installed by the README's install command
 
@@ -138,10 +140,12 @@ def test_every_row_written_or_rejected_with_reason(reference: Path):
 
 @pytest.mark.parametrize("executor", ["local-2", "ray"])
 def test_outputs_byte_identical_across_executors(
-    dataset_dir: Path, reference: Path, tmp_path: Path, executor
+    dataset_dir: Path, reference: Path, tmp_path: Path, executor, request: pytest.FixtureRequest
 ):
     if executor == "ray":
+        request.getfixturevalue("ray_executor")  # the module's local Ray (started once): the build joins it
         result = build(_config(dataset_dir, tmp_path, executor="ray", num_proc=2))
+        assert ray.is_initialized()  # a Ray the build did not start is left running
     else:
         result = build(_config(dataset_dir, tmp_path, num_proc=2))
     assert _outputs(tmp_path) == _outputs(reference)
@@ -189,6 +193,8 @@ def test_killed_build_resumes_only_unfinished_partitions(demo_dir: Path, demo_bu
     proc.wait()
     done = len(list(parts.glob("*.json")))
     assert done >= 8 and not (out / "manifest.json").exists()
+    with pytest.raises(QvlError, match="not a complete qvl build"):  # nothing is readable yet
+        ShardSet(out)
 
     rerun = CliRunner().invoke(main, cmd[3:-3] + ["--num-proc", "2"])  # the same command, on a terminal
     assert rerun.exit_code == 0, rerun.output
