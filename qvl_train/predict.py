@@ -156,15 +156,16 @@ def check_generation(cfg: Any) -> None:
 
 @dataclass(frozen=True)
 class Generation:
-    """How answers are decoded (the generation options of a predict or score config)."""
+    """How answers are decoded (the generation options of a predict or score config). The defaults are
+    the commands' own, read from :class:`GenerationOptions` so that they live in one place."""
 
-    max_new_tokens: int = 1024
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 50
-    repetition_penalty: float = 1.0
-    seed: int = 42
+    max_new_tokens: int = GenerationOptions.max_new_tokens
+    do_sample: bool = GenerationOptions.do_sample
+    temperature: float = GenerationOptions.temperature
+    top_p: float = GenerationOptions.top_p
+    top_k: int = GenerationOptions.top_k
+    repetition_penalty: float = GenerationOptions.repetition_penalty
+    seed: int = GenerationOptions.seed
 
     @classmethod
     def from_config(cls, cfg: GenerationOptions) -> Generation:
