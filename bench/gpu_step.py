@@ -756,6 +756,22 @@ def summarize(payload: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
+def packing_table_rows(packing: dict[str, Any]) -> list[list[str]]:
+    """The packing table's rows, for the console here and the markdown of ``bench/report.py``."""
+    return [
+        [
+            r["configuration"],
+            r["attention"],
+            fmt(r["s_per_step"], 3),
+            fmt(r["tokens_per_s"], 0),
+            fmt(r["trained_tokens_per_s"], 0),
+            f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-",
+            fmt_bytes(r["peak_allocated_bytes"]),
+        ]
+        for r in packing["results"]
+    ]
+
+
 def print_tables(payload: dict[str, Any]) -> None:
     a, row = payload["args"], payload["row"]
     rows = [
@@ -803,18 +819,7 @@ def print_tables(payload: dict[str, Any]) -> None:
             f"image tokens each), {packing['trained_tokens_per_step']} trained tokens per optimizer step, "
             f"checkpointing {'on' if packing['checkpointing'] else 'off'}",
             ["configuration", "attention", "s / step", "tok/s", "trained tok/s", "MFU", "peak alloc"],
-            [
-                [
-                    r["configuration"],
-                    r["attention"],
-                    fmt(r["s_per_step"], 3),
-                    fmt(r["tokens_per_s"], 0),
-                    fmt(r["trained_tokens_per_s"], 0),
-                    f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-",
-                    fmt_bytes(r["peak_allocated_bytes"]),
-                ]
-                for r in packing["results"]
-            ],
+            packing_table_rows(packing),
         )
     if payload["checks"]:
         common.print_table(

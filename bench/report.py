@@ -16,6 +16,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import REPO, RESULTS_DIR, fmt, fmt_bytes, fmt_ratio
+from bench.gpu_step import packing_table_rows
 
 README = REPO / "bench" / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -263,18 +264,7 @@ def gpu_section(p: dict[str, Any]) -> str:
                 "MFU",
                 "peak GPU memory",
             ],
-            [
-                [
-                    r["configuration"],
-                    r["attention"],
-                    fmt(r["s_per_step"], 3),
-                    fmt(r["tokens_per_s"], 0),
-                    fmt(r["trained_tokens_per_s"], 0),
-                    f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-",
-                    fmt_bytes(r["peak_allocated_bytes"]),
-                ]
-                for r in packing["results"]
-            ],
+            packing_table_rows(packing),
         )
     return out
 
