@@ -123,8 +123,9 @@ def child_hf(cfg: dict[str, Any]) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     from qvl_train.checkpoint import seed_everything
-    from qvl_train.data import ShardDataset, collate, rank_rows, to_device
+    from qvl_train.data import ShardDataset, collate, rank_rows
     from qvl_train.model import load_model, tiny_model_dir
+    from qvl_train.steps import to_device
 
     hf_logging.set_verbosity_error()
     tiny_model_dir()

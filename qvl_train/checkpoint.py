@@ -20,8 +20,8 @@ import torch
 
 from qvl_data.errors import QvlError
 from qvl_train.config import TrainConfig
-from qvl_train.data import Plan
 from qvl_train.distributed import Dist
+from qvl_train.plan import Plan
 
 LOG_FILE = "trainer_log.jsonl"
 PLAN_FILE = "plan.json"

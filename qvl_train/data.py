@@ -1,21 +1,18 @@
-"""Data for training: the step plan, a map-style dataset over the mapped shards, the rank split, the collate.
+"""Data for training: a map-style dataset over the mapped shards, the rank split, the collate (the step plan
+is :mod:`qvl_train.plan`; a batch becomes model inputs in :func:`qvl_train.steps.to_device`).
 
-* :func:`make_plan` is the one place where rows turn into batches, optimizer steps and warmup steps
-  (docs/semantics.md section 7); the dry run, the progress bar and the loop all use it.
 * :class:`ShardDataset` reads rows from the memory-mapped Arrow shards. It opens them lazily in whichever
   process reads (a data-loader worker maps the files itself rather than receiving a pickled mapping), so the
   resident memory stays flat whatever the dataset size.
 * :class:`RankBatchSampler` is ``DistributedSampler`` (seeded permutation per epoch, padded by wrapping
   around, ``indices[rank::world]``) plus a start position, so a resumed run continues with exactly the next
   batch. The data loader deals its batches out to the workers.
-* :func:`collate` pads to a multiple of 8; :func:`to_device` expands uint8 pixels on the training device and
-  drops the attention mask of right-padded batches (causal attention: padding changes no trained token).
+* :func:`collate` pads to a multiple of 8.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,88 +20,12 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from qvl_data.errors import QvlError
-from qvl_data.format import ProcessorSummary
-from qvl_data.processor import IMAGE_PAD_ID, PAD_ID
+from qvl_data.processor import PAD_ID
 from qvl_data.shards import ShardSet, load_manifest
 from qvl_data.template import IGNORE_INDEX
 
 PAD_MULTIPLE = 8
 _COLUMNS = ("source", "index", "input_ids", "labels", "image_grid_thw", "pixels")
-
-
-# ------------------------------------------------------------------------------------------------ plan
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How many rows, batches and optimizer steps a run has. Steps never depend on anything else."""
-
-    rows: int
-    world_size: int
-    batch_size: int
-    grad_accum: int
-    per_rank_rows: int  # ceil(rows / world): the sampler pads by wrapping around, like DistributedSampler
-    per_rank_batches: int  # micro-batches per rank and epoch
-    steps_per_epoch: int  # optimizer steps per epoch: the last one may have fewer micro-batches
-    total_steps: int
-    warmup_steps: int
-    epochs: float  # epochs the total steps span
-    packing_len: int = 0  # with --packing: the token budget of a packed sequence; 0: not packed
-    packed_rows: int = 0  # with --packing: the dataset rows the packs hold (``rows`` counts the packs)
-
-    @property
-    def effective_batch(self) -> int:
-        return self.batch_size * self.grad_accum * self.world_size
-
-    def micro_batches(self, step: int) -> tuple[int, int, int]:
-        """``(epoch, first batch, number of batches)`` of global optimizer step ``step`` (0-based)."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        first = k * self.grad_accum
-        return epoch, first, min(self.grad_accum, self.per_rank_batches - first)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "effective_batch": self.effective_batch}
-
-
-def make_plan(
-    rows: int,
-    world_size: int,
-    batch_size: int,
-    grad_accum: int,
-    num_train_epochs: float,
-    max_steps: int = 0,
-    warmup_ratio: float = 0.0,
-    warmup_steps: int = 0,
-    packing_len: int = 0,
-    packed_rows: int = 0,
-) -> Plan:
-    """Rows -> steps (docs/semantics.md section 7): per-rank batches = ceil(ceil(N / world) / batch); steps per epoch =
-    ceil(per-rank batches / accumulation); total = max_steps or ceil(epochs * steps per epoch); warmup =
-    warmup_steps or ceil(warmup_ratio * total). 1096 rows, 2 ranks, accumulation 8, 3 epochs -> 207, 21.
-
-    With packing, N is the number of packed sequences (:func:`qvl_train.packing.pack_rows`) and ``batch``
-    counts packed sequences; ``packing_len`` and ``packed_rows`` (the rows they hold) are recorded."""
-    if rows < 1:
-        raise QvlError("the shards hold no rows")
-    per_rank_rows = math.ceil(rows / world_size)
-    per_rank_batches = math.ceil(per_rank_rows / batch_size)
-    steps_per_epoch = math.ceil(per_rank_batches / grad_accum)
-    total = max_steps if max_steps > 0 else math.ceil(num_train_epochs * steps_per_epoch)
-    warmup = warmup_steps if warmup_steps > 0 else math.ceil(warmup_ratio * total)
-    return Plan(
-        rows=rows,
-        world_size=world_size,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        per_rank_rows=per_rank_rows,
-        per_rank_batches=per_rank_batches,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total,
-        warmup_steps=warmup,
-        epochs=total / steps_per_epoch,
-        packing_len=packing_len,
-        packed_rows=packed_rows,
-    )
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -291,57 +212,3 @@ def collate(rows: list[dict[str, Any]], pad_id: int = PAD_ID, multiple: int = PA
         "trained_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),  # what the shifted loss counts
         "rows": [(r["row"], r["source"], r["index"]) for r in rows],
     }
-
-
-def is_right_padded(attention_mask: torch.Tensor) -> bool:
-    """True when every row is its tokens then only padding (what :func:`collate` builds), checked on the CPU.
-
-    Then the mask is not passed to the model: with causal attention a real token never attends to a later
-    padding position, and the 3-D RoPE positions of the real tokens do not depend on what follows them, so
-    every trained token's output is the same with or without it. Without a mask transformers keeps the fast
-    causal SDPA / flash path; with one (zeros in almost every batch, as rows are padded to a multiple of 8) it
-    builds a 4-D mask, which rules out the flash SDPA kernel and repeats K/V for grouped-query attention.
-    """
-    lengths = attention_mask.sum(dim=1, keepdim=True)
-    positions = torch.arange(attention_mask.shape[1])
-    return bool(torch.equal(attention_mask.bool(), positions < lengths))
-
-
-def to_device(
-    batch: dict[str, Any],
-    device: torch.device,
-    dtype: torch.dtype,
-    processor: ProcessorSummary,
-) -> dict[str, Any]:
-    """The model's keyword arguments on ``device``: uint8 patches become the processor's float32
-    ``pixel_values`` there (a lookup-table gather, bit-identical to the HF processor), then ``dtype``. No
-    ``attention_mask`` for right-padded batches (:func:`is_right_padded`). A packed batch
-    (:class:`qvl_train.packing.PackedCollate`) brings its per-row ``position_ids`` and, unless the model
-    uses flash attention, a block-diagonal causal mask (:func:`qvl_train.packing.packed_attention`)."""
-    from qvl_data.vision import pixel_values_from_uint8_torch
-
-    non_blocking = device.type == "cuda"
-    inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device, non_blocking=non_blocking)}
-    if "segments" in batch:  # packed
-        from qvl_train.packing import packed_attention
-
-        inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=non_blocking)
-        mask = packed_attention(batch, device, dtype)
-        if mask is not None:
-            inputs["attention_mask"] = mask
-    elif not is_right_padded(batch["attention_mask"]):
-        inputs["attention_mask"] = batch["attention_mask"].to(device, non_blocking=non_blocking)
-    if batch["pixels"] is not None:
-        pixels = batch["pixels"].to(device, non_blocking=non_blocking)
-        if pixels.dtype == torch.uint8:  # uint8 and webp shards
-            pixels = pixel_values_from_uint8_torch(
-                pixels,
-                processor.image_mean,
-                processor.image_std,
-                processor.rescale_factor,
-                processor.temporal_patch_size,
-            )
-        inputs["pixel_values"] = pixels.to(dtype)
-        inputs["image_grid_thw"] = batch["image_grid_thw"].to(device)
-    inputs["mm_token_type_ids"] = (inputs["input_ids"] == IMAGE_PAD_ID).int()  # 1 = image (3D RoPE positions)
-    return inputs

@@ -36,7 +36,7 @@ from qvl_train.checkpoint import (
     write_json,
 )
 from qvl_train.config import TrainConfig, to_dict
-from qvl_train.data import Plan, RankBatchSampler, ShardDataset, collate, make_plan, split_rows
+from qvl_train.data import RankBatchSampler, ShardDataset, collate, split_rows
 from qvl_train.distributed import Dist, setup_distributed, teardown_distributed, wrap_ddp
 from qvl_train.evaluate import eval_set_identity, evaluate, make_eval_loader
 from qvl_train.model import (
@@ -50,6 +50,7 @@ from qvl_train.model import (
     tiny_model_dir,
 )
 from qvl_train.packing import PackedBatchSampler, PackedCollate, PackedDataset, attention_kind
+from qvl_train.plan import Plan, make_plan
 from qvl_train.steps import autocast_for, input_builder, make_loader, make_optimizer, run_window
 
 # ------------------------------------------------------------------------------------------------ logs

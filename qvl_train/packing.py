@@ -143,7 +143,7 @@ def rank_packs(packs: int, epoch: int, seed: int, rank: int, world_size: int) ->
 class PackedBatchSampler(RankBatchSampler):
     """:class:`~qvl_train.data.RankBatchSampler` over packs: yields this rank's micro-batches (lists of
     ``batch_size`` pack numbers) of one epoch from a start batch on. ``rows`` is the number of packs; the
-    batch count per rank, and so the plan (:func:`qvl_train.data.make_plan` over packs), is the same."""
+    batch count per rank, and so the plan (:func:`qvl_train.plan.make_plan` over packs), is the same."""
 
     def batches(self) -> list[list[int]]:
         packs = rank_packs(self.rows, self.epoch, self.seed, self.rank, self.world_size)

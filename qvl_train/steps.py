@@ -1,4 +1,5 @@
-"""The training pieces, one home each: data loader, batch -> model inputs, autocast, loss, optimizer.
+"""The training pieces, one home each: data loader, batch -> model inputs (:func:`to_device`), autocast, loss,
+optimizer.
 
 Training (:mod:`qvl_train.loop`), evaluation, generation and the benchmarks call these instead of
 re-deriving them, so a change to how a batch reaches the model (uint8 pixels, the attention mask, the
@@ -24,9 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from qvl_data.format import ProcessorSummary
+from qvl_data.processor import IMAGE_PAD_ID
 from qvl_data.template import IGNORE_INDEX
-from qvl_train.data import collate, to_device
+from qvl_train.data import collate
 from qvl_train.distributed import Dist
+from qvl_train.packing import packed_attention
 
 # ------------------------------------------------------------------------------------------------ data
 
@@ -52,6 +55,58 @@ def make_loader(
     )
 
 
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is its tokens then only padding (what :func:`qvl_train.data.collate` builds), checked on the CPU.
+
+    Then the mask is not passed to the model: with causal attention a real token never attends to a later
+    padding position, and the 3-D RoPE positions of the real tokens do not depend on what follows them, so
+    every trained token's output is the same with or without it. Without a mask transformers keeps the fast
+    causal SDPA / flash path; with one (zeros in almost every batch, as rows are padded to a multiple of 8) it
+    builds a 4-D mask, which rules out the flash SDPA kernel and repeats K/V for grouped-query attention.
+    """
+    lengths = attention_mask.sum(dim=1, keepdim=True)
+    positions = torch.arange(attention_mask.shape[1])
+    return bool(torch.equal(attention_mask.bool(), positions < lengths))
+
+
+def to_device(
+    batch: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+    processor: ProcessorSummary,
+) -> dict[str, Any]:
+    """The model's keyword arguments on ``device``: uint8 patches become the processor's float32
+    ``pixel_values`` there (a lookup-table gather, bit-identical to the HF processor), then ``dtype``. No
+    ``attention_mask`` for right-padded batches (:func:`is_right_padded`). A packed batch
+    (:class:`qvl_train.packing.PackedCollate`) brings its per-row ``position_ids`` and, unless the model
+    uses flash attention, a block-diagonal causal mask (:func:`qvl_train.packing.packed_attention`)."""
+    from qvl_data.vision import pixel_values_from_uint8_torch
+
+    non_blocking = device.type == "cuda"
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device, non_blocking=non_blocking)}
+    if "segments" in batch:  # packed
+        inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=non_blocking)
+        mask = packed_attention(batch, device, dtype)
+        if mask is not None:
+            inputs["attention_mask"] = mask
+    elif not is_right_padded(batch["attention_mask"]):
+        inputs["attention_mask"] = batch["attention_mask"].to(device, non_blocking=non_blocking)
+    if batch["pixels"] is not None:
+        pixels = batch["pixels"].to(device, non_blocking=non_blocking)
+        if pixels.dtype == torch.uint8:  # uint8 and webp shards
+            pixels = pixel_values_from_uint8_torch(
+                pixels,
+                processor.image_mean,
+                processor.image_std,
+                processor.rescale_factor,
+                processor.temporal_patch_size,
+            )
+        inputs["pixel_values"] = pixels.to(dtype)
+        inputs["image_grid_thw"] = batch["image_grid_thw"].to(device)
+    inputs["mm_token_type_ids"] = (inputs["input_ids"] == IMAGE_PAD_ID).int()  # 1 = image (3D RoPE positions)
+    return inputs
+
+
 @functools.cache
 def model_takes_token_types() -> bool:
     """Whether this transformers' Qwen2.5-VL forward takes ``mm_token_type_ids`` (newer releases); older
@@ -64,7 +119,7 @@ def model_takes_token_types() -> bool:
 def batch_to_inputs(
     batch: dict[str, Any], device: torch.device, dtype: torch.dtype, processor: ProcessorSummary
 ) -> dict[str, Any]:
-    """A collated batch -> the model's keyword arguments on ``device`` (:func:`qvl_train.data.to_device`),
+    """A collated batch -> the model's keyword arguments on ``device`` (:func:`to_device`),
     minus the arguments this transformers release does not take."""
     inputs = to_device(batch, device, dtype, processor)
     if not model_takes_token_types():

@@ -17,10 +17,10 @@ from qvl_train.data import (
     ShardDataset,
     collate,
     epoch_order,
-    make_plan,
     rank_rows,
-    to_device,
 )
+from qvl_train.plan import make_plan
+from qvl_train.steps import to_device
 
 # ------------------------------------------------------------------------------------------------ plan
 

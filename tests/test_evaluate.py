@@ -20,10 +20,11 @@ from safetensors.torch import load_file
 from qvl_data.errors import QvlError
 from qvl_data.template import IGNORE_INDEX
 from qvl_train.config import TrainConfig
-from qvl_train.data import ShardDataset, collate, split_rows, to_device
+from qvl_train.data import ShardDataset, collate, split_rows
 from qvl_train.distributed import Dist
 from qvl_train.evaluate import eval_batches, evaluate, make_eval_loader
 from qvl_train.loop import train
+from qvl_train.steps import to_device
 
 CPU = torch.device("cpu")
 IM_END, NEWLINE = 151645, 198  # the two tokens that close every answer: the most frequent trained labels
@@ -358,7 +359,7 @@ def test_val_split_survives_a_resume_without_relogging_and_refuses_another_split
 
 def test_a_resume_compares_the_evaluation_sets_content_not_its_path(tmp_path):
     from qvl_train.checkpoint import check_resume
-    from qvl_train.data import make_plan
+    from qvl_train.plan import make_plan
 
     plan = make_plan(8, 1, 1, 4, 1.0)
     identity = {"val_size": 0.0, "eval_data": "/old/place/eval", "rows": 6, "digest": "ab" * 32}

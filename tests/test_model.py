@@ -108,7 +108,7 @@ def test_tiny_model_trainable_parameters_and_gradients():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
     row = _image_row()
-    from qvl_train.data import to_device
+    from qvl_train.steps import to_device
 
     inputs = to_device(collate([row]), torch.device("cpu"), torch.float32, PROCESSOR)
     model.train()
@@ -123,7 +123,7 @@ def test_tiny_model_trainable_parameters_and_gradients():
 def test_frozen_vision_tower_runs_no_backward():
     # Input-embedding hooks (transformers' checkpointing, peft) made patch_embed's output require grad, so
     # the frozen vision blocks joined the autograd graph: recomputed and back-propagated for nothing.
-    from qvl_train.data import to_device
+    from qvl_train.steps import to_device
 
     torch.manual_seed(0)
     model = load_model(TrainConfig(model="tiny", lora_dropout=0.0), torch.device("cpu"), torch.float32)

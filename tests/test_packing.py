@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from qvl_data.errors import QvlError
 from qvl_data.template import IGNORE_INDEX
 from qvl_train.config import TrainConfig
-from qvl_train.data import ShardDataset, collate, make_plan, to_device
+from qvl_train.data import ShardDataset, collate
 from qvl_train.distributed import Dist
 from qvl_train.loop import train
 from qvl_train.model import load_model, tiny_config
@@ -33,7 +33,8 @@ from qvl_train.packing import (
     pack_rows,
     rank_packs,
 )
-from qvl_train.steps import run_window
+from qvl_train.plan import make_plan
+from qvl_train.steps import run_window, to_device
 
 ROOT = Path(__file__).resolve().parent.parent
 SEVEN_B = ROOT / "examples" / "configs" / "qwen2_5_vl_7b.json"

@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 
 from qvl_train.__main__ import main
 from qvl_train.config import TrainConfig
-from qvl_train.data import ShardDataset, collate, to_device
+from qvl_train.data import ShardDataset, collate
 from qvl_train.distributed import Dist, wrap_ddp
 from qvl_train.loop import train
-from qvl_train.steps import lr_factor, run_window, token_loss_sum
+from qvl_train.steps import lr_factor, run_window, to_device, token_loss_sum
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "examples" / "qwen2_5vl_lora_sft.yaml"
@@ -320,7 +320,7 @@ def test_refused_resume_changes_nothing_in_the_output_dir(demo_build, tmp_path, 
 def test_resume_with_another_world_size_says_rank_in_the_singular(tmp_path):
     from qvl_data.errors import QvlError
     from qvl_train.checkpoint import check_resume
-    from qvl_train.data import make_plan
+    from qvl_train.plan import make_plan
 
     checkpoint = tmp_path / "checkpoint-1"
     checkpoint.mkdir()
@@ -341,7 +341,7 @@ def test_resume_refuses_a_packing_change_even_with_equal_counts(tmp_path):
     """Packed and unpacked plans can agree on every count; the checkpoint still belongs to the other run."""
     from qvl_data.errors import QvlError
     from qvl_train.checkpoint import check_resume
-    from qvl_train.data import make_plan
+    from qvl_train.plan import make_plan
 
     checkpoint = tmp_path / "checkpoint-1"
     checkpoint.mkdir()

@@ -12,8 +12,8 @@ import torch
 from qvl_data.errors import QvlError
 from qvl_train.checkpoint import check_shared_output_dir, decide_start, save_checkpoint
 from qvl_train.config import TrainConfig
-from qvl_train.data import make_plan
 from qvl_train.distributed import Dist
+from qvl_train.plan import make_plan
 
 PLAN = make_plan(8, 2, 1, 1, 2.0)  # 4 batches per rank and epoch -> 4 steps per epoch, 8 in all
 
