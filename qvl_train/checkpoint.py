@@ -12,6 +12,7 @@ import os
 import random
 import secrets
 import shutil
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 from qvl_data.errors import QvlError
 from qvl_train.config import TrainConfig
 from qvl_train.distributed import Dist
+from qvl_train.meter import Window
 from qvl_train.plan import Plan
 
 LOG_FILE = "trainer_log.jsonl"
@@ -29,6 +31,59 @@ PLOT_FILE = "training_loss.png"
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+# ----------------------------------------------------------------------------------------- the state
+
+
+@dataclass
+class TrainState:
+    """trainer_state.json: where a run stands at a checkpoint, and what a resume must match.
+
+    On disk the data position is ``"data": {"epoch", "batches_done"}`` and ``plan`` is
+    :meth:`Plan.to_dict`; checkpoints from before evaluation (no ``eval_set``) or the later fields read
+    with their defaults."""
+
+    step: int  # optimizer steps done
+    epoch: int  # the data position of the next step: its epoch ...
+    batches_done: int  # ... and the micro-batches of that epoch already trained (per rank)
+    world_size: int
+    seed: int
+    plan: Plan
+    elapsed_s: float = 0.0  # wall time of the run up to the checkpoint
+    pending: Window = field(default_factory=Window)  # the log window open at the checkpoint
+    eval_set: dict[str, Any] = field(default_factory=dict)  # evaluate.eval_set_identity; {}: none
+    config: dict[str, Any] = field(default_factory=dict)  # the run's TrainConfig (for the record)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "data": {"epoch": self.epoch, "batches_done": self.batches_done},
+            "world_size": self.world_size,
+            "seed": self.seed,
+            "plan": self.plan.to_dict(),
+            "elapsed_s": self.elapsed_s,
+            "pending": self.pending.to_dict(),
+            "eval_set": self.eval_set,
+            "config": self.config,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        """KeyError (the missing key) or TypeError where ``data`` is not a trainer state."""
+        plan = Plan(**{f.name: data["plan"][f.name] for f in fields(Plan) if f.name in data["plan"]})
+        return cls(
+            step=data["step"],
+            epoch=data["data"]["epoch"],
+            batches_done=data["data"]["batches_done"],
+            world_size=data["world_size"],
+            seed=data["seed"],
+            plan=plan,
+            elapsed_s=data.get("elapsed_s", 0.0),
+            pending=Window(**data.get("pending", {})),
+            eval_set=data.get("eval_set", {}),
+            config=data.get("config", {}),
+        )
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
@@ -101,7 +156,7 @@ def save_checkpoint(
     model: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    state: dict[str, Any],
+    state: TrainState,
     dist: Dist,
     save_total_limit: int,
 ) -> Path:
@@ -123,7 +178,7 @@ def save_checkpoint(
         model.save_pretrained(tmp, safe_serialization=True)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        write_json(tmp / STATE_FILE, state)  # last: marks the content complete
+        write_json(tmp / STATE_FILE, state.to_dict())  # last: marks the content complete
         for path in tmp.iterdir():
             if path.is_file():
                 with open(path, "rb") as f:
@@ -140,7 +195,7 @@ def save_checkpoint(
 
 def load_checkpoint(
     path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, dist: Dist
-) -> dict:
+) -> TrainState:
     """Restore adapter, optimizer, scheduler and this rank's RNG; return the trainer state (which
     :func:`check_resume` has already found to belong to this run)."""
     from peft import set_peft_model_state_dict
@@ -164,11 +219,18 @@ def load_checkpoint(
 _ARTEFACTS = (LOG_FILE, PLAN_FILE, PLOT_FILE, *ADAPTER_FILES)
 
 
-def read_state(checkpoint: Path) -> dict[str, Any]:
+def read_state(checkpoint: Path) -> TrainState:
+    path = checkpoint / STATE_FILE
     try:
-        return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise QvlError(f"{checkpoint / STATE_FILE}: cannot read the trainer state ({e})") from None
+        raise QvlError(f"{path}: cannot read the trainer state ({e})") from None
+    try:
+        return TrainState.from_dict(data)
+    except KeyError as e:
+        raise QvlError(f"{path}: no {e} (not a qvl-train checkpoint)") from None
+    except (TypeError, AttributeError) as e:
+        raise QvlError(f"{path}: not a qvl-train trainer state ({e})") from None
 
 
 def _ranks(n: int) -> str:
@@ -187,44 +249,41 @@ def check_resume(
     no evaluation). Called before anything is written, so a refused resume leaves the output directory as it
     was."""
     state = read_state(checkpoint)
-    try:
-        if state["world_size"] != world_size:
+    if state.world_size != world_size:
+        raise QvlError(
+            f"{checkpoint}: saved by {_ranks(state.world_size)}, resumed with {world_size}; the data "
+            "split would differ (resume with the same number of processes)"
+        )
+    # val_size decides which rows train, and an eval curve whose rows change midway compares nothing;
+    # checked before the plan, whose row count a new val_size changes too, so the message says why
+    if _eval_key(state.eval_set) != _eval_key(eval_set or {}):
+        raise QvlError(
+            f"{checkpoint}: evaluation set was {_describe_eval(state.eval_set)}, now "
+            f"{_describe_eval(eval_set or {})}; not the same run"
+        )
+    # packing_len / packed_rows: a packed run resumed unpacked (or with another budget) trains other
+    # sequences even where the counts happen to agree; checkpoints from before packing have neither (0)
+    for key in (
+        "rows",
+        "total_steps",
+        "steps_per_epoch",
+        "grad_accum",
+        "batch_size",
+        "packing_len",
+        "packed_rows",
+    ):
+        if getattr(state.plan, key) != getattr(plan, key):
             raise QvlError(
-                f"{checkpoint}: saved by {_ranks(state['world_size'])}, resumed with {world_size}; the data "
-                "split would differ (resume with the same number of processes)"
+                f"{checkpoint}: {key} was {getattr(state.plan, key)}, now {getattr(plan, key)}; not the same run"
             )
-        # val_size decides which rows train, and an eval curve whose rows change midway compares nothing;
-        # checked before the plan, whose row count a new val_size changes too, so the message says why
-        saved_eval = state.get("eval_set", {})  # checkpoints written before evaluation existed have none
-        if _eval_key(saved_eval) != _eval_key(eval_set or {}):
-            raise QvlError(
-                f"{checkpoint}: evaluation set was {_describe_eval(saved_eval)}, now "
-                f"{_describe_eval(eval_set or {})}; not the same run"
-            )
-        # packing_len / packed_rows: a packed run resumed unpacked (or with another budget) trains other
-        # sequences even where the counts happen to agree; checkpoints from before packing have neither (0)
-        for key in (
-            "rows",
-            "total_steps",
-            "steps_per_epoch",
-            "grad_accum",
-            "batch_size",
-            "packing_len",
-            "packed_rows",
-        ):
-            if state["plan"].get(key, 0) != getattr(plan, key):
-                raise QvlError(
-                    f"{checkpoint}: {key} was {state['plan'][key]}, now {getattr(plan, key)}; not the same run"
-                )
-        if state["seed"] != cfg.seed:
-            raise QvlError(f"{checkpoint}: seed was {state['seed']}, now {cfg.seed}; not the same run")
-        epoch, first, _ = plan.micro_batches(state["step"])
-        if (state["data"]["epoch"], state["data"]["batches_done"]) != (epoch, first):
-            raise QvlError(
-                f"{checkpoint}: data-loader state {state['data']} does not match step {state['step']}"
-            )
-    except KeyError as e:
-        raise QvlError(f"{checkpoint / STATE_FILE}: no {e} (not a qvl-train checkpoint)") from None
+    if state.seed != cfg.seed:
+        raise QvlError(f"{checkpoint}: seed was {state.seed}, now {cfg.seed}; not the same run")
+    epoch, first, _ = plan.micro_batches(state.step)
+    if (state.epoch, state.batches_done) != (epoch, first):
+        raise QvlError(
+            f"{checkpoint}: data-loader state {{'epoch': {state.epoch}, 'batches_done': {state.batches_done}}} "
+            f"does not match step {state.step}"
+        )
 
 
 def _eval_key(identity: dict[str, Any]) -> tuple:

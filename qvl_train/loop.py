@@ -1,4 +1,4 @@
-"""The training loop, start to end in one file (nanoGPT style).
+"""The training recipe, start to end (torchtune / nanoGPT style): :func:`_train` reads top to bottom.
 
     setup (torchrun env -> DDP)  ->  shards (+ held-out split) + plan  ->  model + LoRA  ->  AdamW + warmup/cosine
     ->  for each optimizer step: take the step's micro-batches, count their trained tokens on all ranks,
@@ -6,17 +6,18 @@
     ->  adapter + log + plot in output_dir
 
 The pieces it is made of live where evaluation, generation and the benchmarks use them too: ranks and DDP in
-:mod:`qvl_train.distributed`, the loader, model inputs, loss (and its normalisation) and optimizer in
-:mod:`qvl_train.steps`, checkpoints and the start decision in :mod:`qvl_train.checkpoint`, held-out
-evaluation in :mod:`qvl_train.evaluate`, and with --packing the packs, their sampler and collate in
-:mod:`qvl_train.packing`.
+:mod:`qvl_train.distributed`, the step plan in :mod:`qvl_train.plan`, the loader, model inputs, loss (and its
+normalisation) and optimizer in :mod:`qvl_train.steps`, the log window in :mod:`qvl_train.meter`, checkpoints,
+the trainer state and the start decision in :mod:`qvl_train.checkpoint`, held-out evaluation in
+:mod:`qvl_train.evaluate`, with --packing the packs, their sampler and collate in :mod:`qvl_train.packing`,
+and what the run prints and plots in :mod:`qvl_train.report`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from qvl_data.errors import QvlError
 from qvl_train.checkpoint import (
     LOG_FILE,
     PLAN_FILE,
-    PLOT_FILE,
+    TrainState,
     append_jsonl,
     load_checkpoint,
     prepare_output_dir,
@@ -39,6 +40,7 @@ from qvl_train.config import TrainConfig, to_dict
 from qvl_train.data import RankBatchSampler, ShardDataset, collate, split_rows
 from qvl_train.distributed import Dist, setup_distributed, teardown_distributed, wrap_ddp
 from qvl_train.evaluate import eval_set_identity, evaluate, make_eval_loader
+from qvl_train.meter import Meter, position
 from qvl_train.model import (
     TINY,
     check_compatible,
@@ -51,108 +53,8 @@ from qvl_train.model import (
 )
 from qvl_train.packing import PackedBatchSampler, PackedCollate, PackedDataset, attention_kind
 from qvl_train.plan import Plan, make_plan
+from qvl_train.report import eval_line, hms, plan_table, plot_loss, train_line, training_progress
 from qvl_train.steps import autocast_for, input_builder, make_loader, make_optimizer, run_window
-
-# ------------------------------------------------------------------------------------------------ logs
-
-
-def plot_loss(out_dir: Path) -> Path | None:
-    """training_loss.png: the logged loss (raw and exponentially smoothed) and eval loss against the step."""
-    records = []
-    if (out_dir / LOG_FILE).is_file():
-        records = [
-            json.loads(line) for line in (out_dir / LOG_FILE).read_text(encoding="utf-8").splitlines() if line
-        ]
-    points = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    if not points:
-        return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    steps, losses = zip(*points, strict=True)
-    weight = 1.8 * (1 / (1 + math.exp(-0.05 * len(losses))) - 0.5)  # LLaMA-Factory's smoothing weight
-    smoothed, last = [], losses[0]
-    for value in losses:
-        last = last * weight + (1 - weight) * value
-        smoothed.append(last)
-    figure = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
-    ax.plot(steps, losses, color="#1f77b4", alpha=0.4, label="loss")
-    ax.plot(steps, smoothed, color="#1f77b4", label="smoothed")
-    if evals:
-        ax.plot(*zip(*evals, strict=True), color="#ff7f0e", marker="o", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"training loss of {out_dir}")
-    ax.legend()
-    figure.tight_layout()
-    path = out_dir / PLOT_FILE
-    figure.savefig(path, dpi=100)
-    return path
-
-
-def train_line(record: dict[str, Any]) -> str:
-    """The console line of a training log record."""
-    return (
-        f"step {record['step']}/{record['total_steps']}  epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  "
-        f"lr {record['lr']:.3e}  grad_norm {record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s  "
-        f"{record['samples_per_s']:.2f} samples/s  elapsed {_hms(record['elapsed_s'])}  eta {_hms(record['eta_s'])}"
-    )
-
-
-def eval_line(record: dict[str, Any]) -> str:
-    """The console line of an evaluation log record."""
-    return (
-        f"eval step {record['step']}/{record['total_steps']}  eval_loss {record['eval_loss']:.4f}  "
-        f"eval_accuracy {record['eval_accuracy']:.4f}  ({record['eval_tokens']:,} tokens, "
-        f"{record['eval_rows']:,} rows, {record['eval_s']:.1f} s)"
-    )
-
-
-# ----------------------------------------------------------------------------------------------- plan
-
-
-def plan_table(plan: Plan, params: dict[str, Any], cfg: TrainConfig, eval_rows: int = 0):
-    from rich.table import Table
-
-    table = Table(title="qvl-train plan", show_header=False, title_justify="left")
-    rows = [
-        ("rows", _rows_text(plan)),
-        *_eval_rows(cfg, eval_rows),
-        ("world size", str(plan.world_size)),
-        ("batches per rank and epoch", f"{plan.per_rank_batches:,} (batch {plan.batch_size})"),
-        ("optimizer steps per epoch", f"{plan.steps_per_epoch:,} (accumulation {plan.grad_accum})"),
-        ("total optimizer steps", f"{plan.total_steps:,} ({plan.epochs:g} epochs)"),
-        ("warmup steps", f"{plan.warmup_steps:,}"),
-        ("effective batch", f"{plan.effective_batch:,}"),
-        ("learning rate", f"{cfg.learning_rate:g} {cfg.lr_scheduler_type}"),
-        ("trainable params", f"{params['trainable']:,} ({params['percent']:.4f}%)"),
-        ("all params", f"{params['total']:,}"),
-    ]
-    for key, value in rows:
-        table.add_row(key, value)
-    return table
-
-
-def _rows_text(plan: Plan) -> str:
-    if plan.packing_len:  # the batches below count packed sequences
-        return f"{plan.packed_rows:,} in {plan.rows:,} packed sequences of <= {plan.packing_len:,} tokens"
-    return f"{plan.rows:,}"
-
-
-def _eval_rows(cfg: TrainConfig, eval_rows: int) -> list[tuple[str, str]]:
-    """The plan table's evaluation lines: which rows, and when."""
-    if cfg.eval_data:
-        rows = f"{eval_rows:,} ({cfg.eval_data})"
-    elif cfg.val_size:
-        rows = f"{eval_rows:,} held out of the rows (val_size {cfg.val_size:g})"
-    else:
-        return [("eval rows", "none")]
-    every = f"every {cfg.eval_steps:,} steps and at the end" if cfg.eval_steps else "at the end"
-    return [("eval rows", rows), ("evaluation", every)]
-
 
 # ------------------------------------------------------------------------------------------------ setup
 
@@ -230,26 +132,41 @@ def setup_loader(
     )
 
 
-def training_progress(console: Any, enabled: bool) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def setup_eval_loader(
+    cfg: TrainConfig, eval_set: ShardDataset | None, dist: Dist, dtype: torch.dtype
+) -> tuple[torch.utils.data.DataLoader | None, Callable[[dict[str, Any]], dict[str, Any]] | None]:
+    """The evaluation set's loader and input builder (an --eval-data build's own processor), or Nones. Its own
+    loader and generator: evaluating never moves the training stream."""
+    if eval_set is None:
+        return None, None
+    loader = make_eval_loader(eval_set, cfg.per_device_eval_batch_size, dist, cfg.dataloader_num_workers)
+    return loader, input_builder(dist.device, dtype, eval_set.processor)
 
-    return Progress(
-        TextColumn("[bold]training"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-    )
+
+@dataclass
+class Run:
+    """What the steps of one run share: its options, ranks, plan and output directory, the model (the PEFT
+    model, not DDP's wrapper: evaluation and saving use it), optimizer and schedule, and the evaluation set's
+    loader and inputs (None without one)."""
+
+    cfg: TrainConfig
+    dist: Dist
+    plan: Plan
+    out: Path
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    autocast: Callable[[], Any]
+    eval_loader: torch.utils.data.DataLoader | None
+    eval_inputs: Callable[[dict[str, Any]], dict[str, Any]] | None
+    eval_identity: dict[str, Any]
+    console: Any = None  # the progress bar's console while the loop runs
+
+    def log(self, record: dict[str, Any], line: Callable[[dict[str, Any]], str]) -> None:
+        """Append ``record`` to trainer_log.jsonl and print its console line (rank 0)."""
+        if self.dist.main:
+            append_jsonl(self.out / LOG_FILE, [record])
+            self.console.print(line(record), soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -268,80 +185,45 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     from rich.console import Console
 
     console = Console(highlight=False, quiet=not dist.main)
-    if cfg.world_size and not cfg.dry_run and cfg.world_size != dist.world_size:
-        raise QvlError(
-            f"world_size {cfg.world_size} requested but torchrun started {dist.world_size} process(es)"
-        )
+    world_size = planned_world_size(cfg, dist)
     train_rows, eval_set = setup_eval(cfg)
-    dataset, plan = setup_data(
-        cfg, cfg.world_size if cfg.dry_run and cfg.world_size else dist.world_size, train_rows
-    )
+    dataset, plan = setup_data(cfg, world_size, train_rows)
     eval_rows = len(eval_set) if eval_set is not None else 0
     if cfg.dry_run:
-        params = param_report(meta_model(cfg, model_config(cfg.model)))
-        console.print(plan_table(plan, params, cfg, eval_rows))
-        return {"plan": plan.to_dict(), "params": params, "eval_rows": eval_rows}
+        return dry_run(cfg, plan, eval_rows, console)
 
-    # ---- output dir, model, optimizer
+    # ---- output dir (a refused resume raises here, before any write), model, optimizer, resume
     out = Path(cfg.output_dir)
     eval_identity = eval_set_identity(eval_set, cfg.val_size, cfg.eval_data)
-    # a refused resume (another plan, seed or evaluation set) raises here, before any write
     resume = prepare_output_dir(cfg, plan, dist, eval_identity)
     model, dtype = setup_model(cfg, dist)
     params = param_report(model)
     console.print(plan_table(plan, params, cfg, eval_rows))
     trainable, optimizer, scheduler = make_optimizer(model, cfg, plan.warmup_steps, plan.total_steps)
-
-    # ---- resume
-    step, elapsed_before = 0, 0.0
-    pending = {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "seconds": 0.0}
-    if resume is not None:
-        state = load_checkpoint(resume, model, optimizer, scheduler, dist)  # check_resume passed
-        step, elapsed_before, pending = state["step"], state["elapsed_s"], state["pending"]
-        epoch, first, _ = plan.micro_batches(step)
-        if dist.main:
-            truncate_jsonl(out / LOG_FILE, step)
-            console.print(f"resumed from {resume} at step {step} (epoch {epoch}, batch {first})")
-        if cfg.log_samples:
-            truncate_jsonl(out / f"samples-rank{dist.rank}.jsonl", step)
-
+    autocast = autocast_for(dist.device, dtype)
+    eval_loader, eval_inputs = setup_eval_loader(cfg, eval_set, dist, dtype)
+    run = Run(
+        cfg, dist, plan, out, model, optimizer, scheduler, autocast, eval_loader, eval_inputs, eval_identity
+    )
+    state = resume_from(run, resume, console) if resume is not None else None
     if dist.main:  # after the resume loaded: a refused resume leaves the old plan.json in place
-        write_json(
-            out / PLAN_FILE,
-            {"plan": plan.to_dict(), "params": params, "eval_rows": eval_rows, "config": to_dict(cfg)},
-        )
+        write_json(out / PLAN_FILE, {**dry_run_summary(plan, params, eval_rows), "config": to_dict(cfg)})
 
-    # ---- data
+    # ---- the loop
     sampler, loader = setup_loader(cfg, dataset, dist)
     to_inputs = input_builder(dist.device, dtype, dataset.processor)
-    autocast = autocast_for(dist.device, dtype)
     ddp = wrap_ddp(model, dist) if dist.world_size > 1 else model
-    eval_loader, eval_inputs = None, None
-    if eval_set is not None:  # its own loader and generator: evaluating never moves the training stream
-        eval_loader = make_eval_loader(
-            eval_set, cfg.per_device_eval_batch_size, dist, cfg.dataloader_num_workers
-        )
-        eval_inputs = input_builder(dist.device, dtype, eval_set.processor)  # an --eval-data build's own
-
-    # ---- loop
+    meter = Meter(plan, state.step, state.elapsed_s, state.pending) if state else Meter(plan)
+    step = state.step if state else 0
     stop = min(plan.total_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else plan.total_steps
-    start_step, run_start, interval_start = step, time.perf_counter(), time.perf_counter()
-    last_record: dict[str, Any] = {}
     last_eval: dict[str, Any] = {}
-    samples_file = out / f"samples-rank{dist.rank}.jsonl"
     model.train()
-    progress = training_progress(console, dist.main)
-    task = progress.add_task("steps", total=plan.total_steps, completed=step)
-    iterator, iterator_epoch = None, None
-    with progress:
-        while step < stop:
-            epoch, first, count = plan.micro_batches(step)
-            if iterator_epoch != epoch:
-                sampler.set_epoch(epoch, first)
-                iterator, iterator_epoch = iter(loader), epoch
-            window = [next(iterator) for _ in range(count)]
+    with training_progress(console, dist.main) as progress:
+        run.console = progress.console
+        task = progress.add_task("steps", total=plan.total_steps, completed=step)
+        for epoch, window in step_windows(plan, sampler, loader, step, stop):
             if cfg.log_samples:
-                append_jsonl(samples_file, _sample_records(window, step + 1, epoch, dist.rank))
+                log_samples(run, window, step + 1, epoch)
             lr = scheduler.get_last_lr()[0]
             loss, tokens, rows = run_window(ddp, window, dist, to_inputs, autocast)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
@@ -350,107 +232,135 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             progress.advance(task)
-
-            now = time.perf_counter()
-            pending["loss"] += loss
-            pending["steps"] += 1
-            pending["tokens"] += tokens
-            pending["samples"] += rows
+            meter.add(loss, tokens, rows)
             if step % cfg.logging_steps == 0 or step == plan.total_steps:
-                seconds = pending["seconds"] + now - interval_start
-                elapsed = elapsed_before + now - run_start
-                record = {
-                    "step": step,
-                    "total_steps": plan.total_steps,
-                    "epoch": round(step / plan.steps_per_epoch, 4),
-                    "loss": pending["loss"] / pending["steps"],
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "trained_tokens": pending["tokens"],
-                    "tokens_per_s": pending["tokens"] / max(seconds, 1e-9),
-                    "samples_per_s": pending["samples"] / max(seconds, 1e-9),
-                    "elapsed_s": round(elapsed, 3),
-                    "eta_s": round((now - run_start) / (step - start_step) * (plan.total_steps - step), 3),
-                }
-                if dist.main:
-                    append_jsonl(out / LOG_FILE, [record])
-                    progress.console.print(train_line(record), soft_wrap=True)
-                last_record = record
-                pending = {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "seconds": 0.0}
-                interval_start = now
+                run.log(meter.record(step, lr, float(grad_norm)), train_line)
+            last_eval = maybe_evaluate(run, step, meter) or last_eval
+            maybe_save(run, step, stop, meter)
 
-            at_end = step == plan.total_steps
-            # before the checkpoint: a resume from checkpoint-N never redoes (or re-logs) step N's evaluation
-            if eval_loader is not None and (at_end or (cfg.eval_steps > 0 and step % cfg.eval_steps == 0)):
-                evaluating = time.perf_counter()
-                # the model, not DDP's wrapper: a forward outside DDP leaves its reducer state alone
-                result = evaluate(model, eval_loader, dist, eval_inputs, autocast)
-                seconds = time.perf_counter() - evaluating
-                last_eval = {
-                    "step": step,
-                    "total_steps": plan.total_steps,
-                    "epoch": round(step / plan.steps_per_epoch, 4),
-                    **result,
-                    "eval_s": round(seconds, 3),
-                }
-                if dist.main:
-                    append_jsonl(out / LOG_FILE, [last_eval])
-                    progress.console.print(eval_line(last_eval), soft_wrap=True)
-                interval_start += seconds  # throughput excludes evaluation
-            if (cfg.save_steps > 0 and step % cfg.save_steps == 0) or at_end or step == stop:
-                pending_now = {
-                    **pending,
-                    "seconds": pending["seconds"] + time.perf_counter() - interval_start,
-                }
-                next_epoch, next_first, _ = plan.micro_batches(step)
-                state = {
-                    "step": step,
-                    "data": {"epoch": next_epoch, "batches_done": next_first},
-                    "world_size": dist.world_size,
-                    "seed": cfg.seed,
-                    "plan": plan.to_dict(),
-                    "elapsed_s": elapsed_before + time.perf_counter() - run_start,
-                    "pending": pending_now,
-                    "eval_set": eval_identity,
-                    "config": to_dict(cfg),
-                }
-                saving = time.perf_counter()
-                save_checkpoint(out, step, model, optimizer, scheduler, state, dist, cfg.save_total_limit)
-                if dist.main and cfg.plot_loss:
-                    plot_loss(out)
-                interval_start += time.perf_counter() - saving  # throughput excludes checkpointing
+    finished = finish(run, step, meter, console)
+    summary = {"step": step, "finished": finished, "last_log": meter.last, "last_eval": last_eval}
+    return {"plan": plan.to_dict(), "params": params, **summary}
 
-    # ---- final output
-    finished = step >= plan.total_steps
-    if finished and dist.main:
-        model.save_pretrained(out, safe_serialization=True)
-        if cfg.plot_loss:
-            plot_loss(out)
-    dist.barrier()
-    elapsed = elapsed_before + time.perf_counter() - run_start
-    console.print(
-        f"{'done' if finished else 'stopped'} at step {step}/{plan.total_steps} in {_hms(elapsed)}; "
-        f"{'adapter' if finished else 'checkpoint'} in {out}"
+
+def planned_world_size(cfg: TrainConfig, dist: Dist) -> int:
+    """The ranks the plan is for: torchrun's, or with --dry-run the --world-size asked for."""
+    if cfg.dry_run:
+        return cfg.world_size or dist.world_size
+    if cfg.world_size and cfg.world_size != dist.world_size:
+        raise QvlError(
+            f"world_size {cfg.world_size} requested but torchrun started {dist.world_size} process(es)"
+        )
+    return dist.world_size
+
+
+def dry_run_summary(plan: Plan, params: dict[str, Any], eval_rows: int) -> dict[str, Any]:
+    return {"plan": plan.to_dict(), "params": params, "eval_rows": eval_rows}
+
+
+def dry_run(cfg: TrainConfig, plan: Plan, eval_rows: int, console: Any) -> dict[str, Any]:
+    """--dry-run: the plan table of the model built on the meta device (no weights), and its summary."""
+    params = param_report(meta_model(cfg, model_config(cfg.model)))
+    console.print(plan_table(plan, params, cfg, eval_rows))
+    return dry_run_summary(plan, params, eval_rows)
+
+
+def step_windows(
+    plan: Plan, sampler: RankBatchSampler, loader: torch.utils.data.DataLoader, step: int, stop: int
+) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """``(epoch, micro-batches)`` of each optimizer step from ``step`` to ``stop``: the sampler restarts at
+    each epoch, and on a resume at the checkpoint's position within its epoch."""
+    iterator, iterator_epoch = None, None
+    for current in range(step, stop):
+        epoch, first, count = plan.micro_batches(current)
+        if iterator_epoch != epoch:
+            sampler.set_epoch(epoch, first)
+            iterator, iterator_epoch = iter(loader), epoch
+        yield epoch, [next(iterator) for _ in range(count)]
+
+
+def resume_from(run: Run, checkpoint: Path, console: Any) -> TrainState:
+    """Load ``checkpoint`` (which :func:`qvl_train.checkpoint.check_resume` accepted) into the run, drop what
+    was logged after it, and say where the run continues."""
+    state = load_checkpoint(checkpoint, run.model, run.optimizer, run.scheduler, run.dist)
+    if run.dist.main:
+        truncate_jsonl(run.out / LOG_FILE, state.step)
+        console.print(
+            f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch}, batch {state.batches_done})"
+        )
+    if run.cfg.log_samples:
+        truncate_jsonl(run.out / f"samples-rank{run.dist.rank}.jsonl", state.step)
+    return state
+
+
+def maybe_evaluate(run: Run, step: int, meter: Meter) -> dict[str, Any] | None:
+    """Evaluate every eval_steps steps and at the end, and log the record (returned; None when not due).
+    It runs before the checkpoint, so a resume from checkpoint-N never redoes (or re-logs) step N's
+    evaluation; its time is left out of the training throughput."""
+    cfg, at_end = run.cfg, step == run.plan.total_steps
+    if run.eval_loader is None or not (at_end or (cfg.eval_steps > 0 and step % cfg.eval_steps == 0)):
+        return None
+    started = time.perf_counter()
+    # the model, not DDP's wrapper: a forward outside DDP leaves its reducer state alone
+    result = evaluate(run.model, run.eval_loader, run.dist, run.eval_inputs, run.autocast)
+    seconds = time.perf_counter() - started
+    record = {**position(run.plan, step), **result, "eval_s": round(seconds, 3)}
+    run.log(record, eval_line)
+    meter.exclude(seconds)
+    return record
+
+
+def maybe_save(run: Run, step: int, stop: int, meter: Meter) -> Path | None:
+    """Save checkpoint-N every save_steps steps, at the end and at --stop-at-step (with the log window open
+    at that step, so a resumed run logs the same records); its time is left out of the throughput."""
+    cfg, plan = run.cfg, run.plan
+    if not ((cfg.save_steps > 0 and step % cfg.save_steps == 0) or step in (plan.total_steps, stop)):
+        return None
+    epoch, first, _ = plan.micro_batches(step)  # where the next step starts
+    state = TrainState(
+        step=step,
+        epoch=epoch,
+        batches_done=first,
+        world_size=run.dist.world_size,
+        seed=cfg.seed,
+        plan=plan,
+        elapsed_s=meter.elapsed(),
+        pending=meter.pending(),
+        eval_set=run.eval_identity,
+        config=to_dict(cfg),
     )
-    return {
-        "plan": plan.to_dict(),
-        "params": params,
-        "step": step,
-        "finished": finished,
-        "last_log": last_record,
-        "last_eval": last_eval,
-    }
+    started = time.perf_counter()
+    path = save_checkpoint(
+        run.out, step, run.model, run.optimizer, run.scheduler, state, run.dist, cfg.save_total_limit
+    )
+    if run.dist.main and cfg.plot_loss:
+        plot_loss(run.out)
+    meter.exclude(time.perf_counter() - started)
+    return path
 
 
-def _sample_records(window: list[dict[str, Any]], step: int, epoch: int, rank: int) -> list[dict[str, Any]]:
-    """What --log-samples appends: which rows this rank trained on at this step."""
-    return [
+def finish(run: Run, step: int, meter: Meter, console: Any) -> bool:
+    """A finished run saves the adapter (and the plot) in output_dir; a stopped one leaves its checkpoint.
+    Returns whether the run finished."""
+    finished = step >= run.plan.total_steps
+    if finished and run.dist.main:
+        run.model.save_pretrained(run.out, safe_serialization=True)
+        if run.cfg.plot_loss:
+            plot_loss(run.out)
+    run.dist.barrier()
+    console.print(
+        f"{'done' if finished else 'stopped'} at step {step}/{run.plan.total_steps} in {hms(meter.elapsed())}; "
+        f"{'adapter' if finished else 'checkpoint'} in {run.out}"
+    )
+    return finished
+
+
+def log_samples(run: Run, window: list[dict[str, Any]], step: int, epoch: int) -> None:
+    """--log-samples: append which rows this rank trains on at ``step`` to samples-rank<rank>.jsonl."""
+    rank = run.dist.rank
+    records = [
         {"step": step, "epoch": epoch, "rank": rank, "row": row, "source": source, "index": index}
         for batch in window
         for row, source, index in batch["rows"]
     ]
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    append_jsonl(run.out / f"samples-rank{rank}.jsonl", records)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from qvl_data.errors import QvlError
-from qvl_train.checkpoint import check_shared_output_dir, decide_start, save_checkpoint
+from qvl_train.checkpoint import TrainState, check_shared_output_dir, decide_start, save_checkpoint
 from qvl_train.config import TrainConfig
 from qvl_train.distributed import Dist
 from qvl_train.plan import make_plan
@@ -89,7 +89,8 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         model = torch.nn.Linear(2, 2)
         optimizer = torch.optim.AdamW(model.parameters())
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-        final = save_checkpoint(private, 3, _Adapter(), optimizer, scheduler, {"step": 3}, dist, 0)
+        state = TrainState(step=3, epoch=0, batches_done=3, world_size=2, seed=42, plan=PLAN)
+        final = save_checkpoint(private, 3, _Adapter(), optimizer, scheduler, state, dist, 0)
         result["saved"] = sorted(str(p.relative_to(private)) for p in private.rglob("*.pt"))
         result["final"] = str(final)
     finally:
