@@ -8,10 +8,13 @@ identically on every rank and before anything is written, whether a run starts a
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import secrets
 import shutil
+import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ import torch
 from qvl_data.errors import QvlError
 from qvl_train.config import TrainConfig
 from qvl_train.distributed import Dist
+from qvl_train.lock import LOCK_FILE, OutputLock
 from qvl_train.meter import Window
 from qvl_train.plan import Plan
 
@@ -54,6 +58,9 @@ class TrainState:
     pending: Window = field(default_factory=Window)  # the log window open at the checkpoint
     eval_set: dict[str, Any] = field(default_factory=dict)  # evaluate.eval_set_identity; {}: none
     config: dict[str, Any] = field(default_factory=dict)  # the run's TrainConfig (for the record)
+    # the --data build's manifest fingerprint: another build of as many rows (another --cutoff-len) is
+    # another run; "" in checkpoints from before it was recorded (then only the counts are compared)
+    data_fingerprint: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +73,7 @@ class TrainState:
             "pending": self.pending.to_dict(),
             "eval_set": self.eval_set,
             "config": self.config,
+            "data_fingerprint": self.data_fingerprint,
         }
 
     @classmethod
@@ -83,6 +91,7 @@ class TrainState:
             pending=Window(**data.get("pending", {})),
             eval_set=data.get("eval_set", {}),
             config=data.get("config", {}),
+            data_fingerprint=data.get("data_fingerprint", ""),
         )
 
 
@@ -162,35 +171,76 @@ def save_checkpoint(
 ) -> Path:
     """checkpoint-N/: adapter (safetensors), optimizer.pt, scheduler.pt, rng_state_<rank>.pt and
     trainer_state.json (step, data-loader position, pending log sums), written into checkpoint-N.tmp and
-    renamed when complete. Everything loads with ``torch.load(weights_only=True)``."""
+    renamed when complete. Everything loads with ``torch.load(weights_only=True)``.
+
+    A failed write (disk full, permissions) removes the .tmp directory and raises QvlError on every rank; the
+    checkpoints saved before stay as they were (older ones are pruned only after the rename)."""
     final = out_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = out_dir / f"{CHECKPOINT_PREFIX}{step}.tmp"
+    error = None
     if dist.main:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save
-        tmp.mkdir(parents=True)
-    dist.barrier()
+        error = _write_or_say(tmp, lambda: tmp.mkdir(parents=True))
+    _raise_on_every_rank(error, dist)
     # every rank creates it too (a no-op on a shared output_dir): a rank that does not see rank 0's
     # directory writes its RNG state into its own rather than failing with FileNotFoundError
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), tmp / f"rng_state_{dist.rank}.pt")
-    dist.barrier()
+    error = _write_or_say(tmp, lambda: _write_rng_state(tmp, dist.rank))
+    if int(dist.sum(1.0 if error else 0.0).item()):  # on every rank: the ones that wrote do not wait
+        raise QvlError(error or f"{tmp}: another rank could not write its RNG state there (see its error)")
     if dist.main:
-        model.save_pretrained(tmp, safe_serialization=True)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        write_json(tmp / STATE_FILE, state.to_dict())  # last: marks the content complete
-        for path in tmp.iterdir():
-            if path.is_file():
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if save_total_limit > 0:
+        error = _write_or_say(tmp, lambda: _write_checkpoint(tmp, final, model, optimizer, scheduler, state))
+        if error is None and save_total_limit > 0:
             for old in checkpoints(out_dir)[:-save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    _raise_on_every_rank(error, dist)
     return final
+
+
+def _write_rng_state(tmp: Path, rank: int) -> None:
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
+
+
+def _write_checkpoint(
+    tmp: Path, final: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState
+) -> None:
+    """Rank 0's part of :func:`save_checkpoint`: the files, fsynced, then the rename."""
+    model.save_pretrained(tmp, safe_serialization=True)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    write_json(tmp / STATE_FILE, state.to_dict())  # last: marks the content complete
+    for path in tmp.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _write_or_say(tmp: Path, write: Any) -> str | None:
+    """Run ``write``; on a failed write remove ``tmp`` and return the one-line error, else None. torch.save
+    and safetensors report a full disk as RuntimeError / SafetensorError, not OSError."""
+    from safetensors import SafetensorError
+
+    try:
+        write()
+    except (OSError, RuntimeError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = getattr(e, "filename", None) or tmp
+        reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+        return (
+            f"{where}: cannot write the checkpoint ({reason}); the checkpoints saved before are intact: free "
+            "space (or fix the permissions) and run the same command with --resume auto"
+        )
+    return None
+
+
+def _raise_on_every_rank(error: str | None, dist: Dist) -> None:
+    """Rank 0's error (or None) raised on every rank, so no rank waits at a barrier for a rank that failed."""
+    error = dist.broadcast_object(error)
+    if error:
+        raise QvlError(error)
 
 
 def load_checkpoint(
@@ -243,12 +293,20 @@ def check_resume(
     cfg: TrainConfig,
     world_size: int,
     eval_set: dict[str, Any] | None = None,
+    fingerprint: str = "",
 ) -> None:
-    """QvlError unless ``checkpoint`` belongs to this run (same ranks, plan, seed, evaluation set and data
-    position). ``eval_set`` is :func:`qvl_train.evaluate.eval_set_identity` of this run (None or ``{}``:
-    no evaluation). Called before anything is written, so a refused resume leaves the output directory as it
-    was."""
+    """QvlError unless ``checkpoint`` belongs to this run (same ranks, plan, seed, evaluation set, data
+    build and data position). ``eval_set`` is :func:`qvl_train.evaluate.eval_set_identity` of this run (None
+    or ``{}``: no evaluation); ``fingerprint`` the --data build's manifest fingerprint ("": not compared, nor
+    where the checkpoint predates it). Called before anything is written, so a refused resume leaves the
+    output directory as it was."""
     state = read_state(checkpoint)
+    if fingerprint and state.data_fingerprint and state.data_fingerprint != fingerprint:
+        raise QvlError(
+            f"{checkpoint}: trained on the build with fingerprint {state.data_fingerprint[:12]}, but --data "
+            f"{cfg.data} has fingerprint {fingerprint[:12]} (another build, e.g. another --cutoff-len); "
+            "not the same run: resume with the same --data, or train into another --output-dir"
+        )
     if state.world_size != world_size:
         raise QvlError(
             f"{checkpoint}: saved by {_ranks(state.world_size)}, resumed with {world_size}; the data "
@@ -302,23 +360,33 @@ def _describe_eval(identity: dict[str, Any]) -> str:
 
 
 def find_start(
-    cfg: TrainConfig, plan: Plan, world_size: int, eval_set: dict[str, Any] | None = None
+    cfg: TrainConfig,
+    plan: Plan,
+    world_size: int,
+    eval_set: dict[str, Any] | None = None,
+    fingerprint: str = "",
+    notes: list[str] | None = None,
 ) -> tuple[Path | None, bool]:
     """This process's view of where to start: ``(checkpoint to resume or None, clear the old run)``.
-    Refuses to mix with an old run unless overwrite_output_dir, which deletes that run's files."""
+    Refuses to mix with an old run unless overwrite_output_dir, which deletes that run's files. With
+    ``--resume auto`` a damaged latest checkpoint (:func:`checkpoint_damage`) is passed over for the newest
+    one that loads; ``notes`` gets one line for each checkpoint passed over."""
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise QvlError(
+            f"{out}: --output-dir is a file, not a directory; pass a directory (created if missing)"
+        )
     resume: Path | None = None
     if cfg.resume == "auto":
-        found = checkpoints(out)
-        resume = found[-1] if found else None
+        resume = newest_loadable(checkpoints(out), world_size, notes if notes is not None else [])
     elif cfg.resume:
         resume = Path(cfg.resume)
         if not is_complete_checkpoint(resume):
             raise QvlError(f"{resume}: not a complete checkpoint (expected checkpoint-N/ with {STATE_FILE})")
     if resume is not None:
-        check_resume(resume, plan, cfg, world_size, eval_set)
+        check_resume(resume, plan, cfg, world_size, eval_set, fingerprint)
         return resume, False
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
         if not cfg.overwrite_output_dir:
             if cfg.resume == "auto":
                 problem, hint = "is not empty and holds no complete checkpoint", ""
@@ -331,17 +399,65 @@ def find_start(
     return None, False
 
 
+def checkpoint_damage(checkpoint: Path, world_size: int) -> str | None:
+    """Why ``checkpoint`` would not load (a missing or truncated file: its trainer state, adapter, optimizer,
+    scheduler or a rank's RNG state), or None. Each file is read in full, on the CPU."""
+    from safetensors.torch import load_file
+
+    files = [STATE_FILE, ADAPTER_FILES[0], "optimizer.pt", "scheduler.pt"]
+    files += [f"rng_state_{rank}.pt" for rank in range(world_size)]
+    for name in files:
+        path = checkpoint / name
+        try:
+            if name == STATE_FILE:
+                read_state(checkpoint)
+            elif name.endswith(".safetensors"):
+                load_file(str(path), device="cpu")
+            else:
+                torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            return f"no {name}"
+        except Exception as e:  # noqa: BLE001 - whatever the reader says, the file does not load
+            return f"{name} does not load: {(str(e).splitlines() or [type(e).__name__])[0][:160]}"
+    return None
+
+
+def newest_loadable(found: list[Path], world_size: int, notes: list[str]) -> Path | None:
+    """The newest of ``found`` (oldest first) that loads; a line in ``notes`` for each one passed over.
+    QvlError when there are checkpoints and none loads."""
+    for checkpoint in reversed(found):
+        damage = checkpoint_damage(checkpoint, world_size)
+        if damage is None:
+            if notes:
+                notes.append(f"resuming from {checkpoint.name}, the newest checkpoint that loads")
+            return checkpoint
+        notes.append(f"{checkpoint}: damaged ({damage}); passed over")
+    if found:
+        raise QvlError(
+            f"{found[-1].parent}: no checkpoint loads ({'; '.join(notes)}); pass --overwrite-output-dir true "
+            "to start afresh"
+        )
+    return None
+
+
 def decide_start(
-    cfg: TrainConfig, plan: Plan, dist: Dist, eval_set: dict[str, Any] | None = None
+    cfg: TrainConfig,
+    plan: Plan,
+    dist: Dist,
+    eval_set: dict[str, Any] | None = None,
+    fingerprint: str = "",
 ) -> tuple[Path | None, bool]:
     """Rank 0 decides (:func:`find_start`) and every rank follows: ranks that each picked "the latest
     checkpoint" from their own view of the directory could resume at different steps and hang. A refusal
-    is raised on every rank, with rank 0's message."""
+    is raised on every rank, with rank 0's message; rank 0 prints why it passed over a damaged checkpoint."""
     decision: dict[str, Any] = {"resume": None, "clear": False, "error": None}
     if dist.main:
+        notes: list[str] = []
         try:
-            resume, clear = find_start(cfg, plan, dist.world_size, eval_set)
+            resume, clear = find_start(cfg, plan, dist.world_size, eval_set, fingerprint, notes)
             decision = {"resume": None if resume is None else str(resume), "clear": clear, "error": None}
+            if notes:
+                print(f"warning: {' '.join(notes)}", file=sys.stderr)
         except QvlError as e:
             decision["error"] = str(e)
     decision = dist.broadcast_object(decision)
@@ -377,26 +493,48 @@ def check_shared_output_dir(out: Path, dist: Dist) -> None:
 
 
 def prepare_output_dir(
-    cfg: TrainConfig, plan: Plan, dist: Dist, eval_set: dict[str, Any] | None = None
+    cfg: TrainConfig,
+    plan: Plan,
+    dist: Dist,
+    eval_set: dict[str, Any] | None = None,
+    fingerprint: str = "",
+    hold: ExitStack | None = None,
 ) -> Path | None:
-    """Decide where to start (:func:`decide_start`), clear an old run if asked, create output_dir and check
-    that every rank sees it. Returns the checkpoint to resume from, or None. Nothing is written before
-    the decision, so a refused start leaves the directory as it was."""
+    """Decide where to start (:func:`decide_start`), take the output directory's lock (rank 0; held until
+    ``hold`` closes), clear an old run if asked, create output_dir and check that every rank sees it.
+    Returns the checkpoint to resume from, or None. Nothing is written before the decision, so a refused
+    start leaves the directory as it was; a second run into the same directory stops at the lock."""
     out = Path(cfg.output_dir)
-    resume, clear = decide_start(cfg, plan, dist, eval_set)
+    resume, clear = decide_start(cfg, plan, dist, eval_set, fingerprint)
     dist.barrier()  # every rank has decided before anything is deleted
+    error = None
     if dist.main:
-        if clear:
-            for path in out.iterdir():
-                if path.name in _ARTEFACTS or path.name.startswith((CHECKPOINT_PREFIX, "samples-rank")):
-                    if path.is_dir():
-                        shutil.rmtree(path)
-                    else:
-                        path.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = OutputLock(out).acquire()
+            if hold is not None:
+                hold.callback(lock.release)
+            if clear:
+                _clear_run(out)
+        except QvlError as e:
+            error = str(e)
+        except OSError as e:
+            error = f"{e.filename or out}: cannot prepare the output directory ({e.strerror or e})"
+    error = dist.broadcast_object(error)
+    if error:
+        raise QvlError(error)
     check_shared_output_dir(out, dist)
     return resume
+
+
+def _clear_run(out: Path) -> None:
+    """--overwrite-output-dir: delete what an earlier run wrote in ``out`` (and nothing else)."""
+    for path in out.iterdir():
+        if path.name in _ARTEFACTS or path.name.startswith((CHECKPOINT_PREFIX, "samples-rank")):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
@@ -418,6 +556,12 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """One JSON line per record; a non-finite float (an evaluation set without trained tokens) is written
+    as null, so every line stays valid JSON."""
     with open(path, "a", encoding="utf-8") as f:
         for record in records:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(_finite(record), allow_nan=False) + "\n")
+
+
+def _finite(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from qvl_data.errors import QvlError
 from qvl_train.checkpoint import TrainState, check_shared_output_dir, decide_start, save_checkpoint
@@ -19,7 +20,8 @@ PLAN = make_plan(8, 2, 1, 1, 2.0)  # 4 batches per rank and epoch -> 4 steps per
 
 
 def _checkpoint(out: Path, step: int) -> None:
-    """A complete checkpoint-<step> of PLAN (only what the start decision reads)."""
+    """A complete checkpoint-<step> of PLAN: the trainer state, and small files in place of the adapter,
+    optimizer, scheduler and RNG states (the start decision checks that they load)."""
     epoch, first, _ = PLAN.micro_batches(step)
     state = {
         "step": step,
@@ -28,8 +30,12 @@ def _checkpoint(out: Path, step: int) -> None:
         "plan": PLAN.to_dict(),
         "data": {"epoch": epoch, "batches_done": first},
     }
-    (out / f"checkpoint-{step}").mkdir(parents=True)
-    (out / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps(state))
+    checkpoint = out / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    save_file({"w": torch.zeros(1)}, checkpoint / "adapter_model.safetensors")
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state_0.pt", "rng_state_1.pt"):
+        torch.save({}, checkpoint / name)
 
 
 class _Adapter:
