@@ -15,20 +15,25 @@ and what the run prints and plots in :mod:`qvl_train.report`.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from qvl_data.errors import QvlError
+from qvl_data.format import Manifest
+from qvl_data.shards import load_manifest
 from qvl_train.checkpoint import (
     LOG_FILE,
     PLAN_FILE,
     TrainState,
     append_jsonl,
+    checkpoints,
     load_checkpoint,
     prepare_output_dir,
     save_checkpoint,
@@ -59,13 +64,20 @@ from qvl_train.steps import autocast_for, input_builder, make_loader, make_optim
 # ------------------------------------------------------------------------------------------------ setup
 
 
-def setup_eval(cfg: TrainConfig) -> tuple[list[int] | None, ShardDataset | None]:
+def setup_eval(cfg: TrainConfig, console: Any = None) -> tuple[list[int] | None, ShardDataset | None]:
     """``(training rows of --data or None for all, evaluation set or None)``: --val-size holds rows of --data
     out by their id (:func:`qvl_train.data.split_rows`: the same split on every rank, world size and resume);
     --eval-data is a whole separate build (checked against the model's config)."""
     if cfg.eval_data:
         eval_set = ShardDataset(cfg.eval_data)
         check_compatible(model_config(cfg.model), eval_set.processor, cfg.model)
+        differences = build_differences(load_manifest(Path(cfg.data)), eval_set.manifest)
+        if differences and console is not None:
+            console.print(
+                f"warning: --eval-data {cfg.eval_data} was built with another {', '.join(differences)} than "
+                f"--data {cfg.data}; its eval loss does not measure the rows the model trains on",
+                soft_wrap=True,
+            )
         return None, eval_set
     if cfg.val_size:
         train_rows, val_rows = split_rows(cfg.data, cfg.val_size, cfg.seed, cfg.max_rows)
@@ -75,6 +87,16 @@ def setup_eval(cfg: TrainConfig) -> tuple[list[int] | None, ShardDataset | None]
             "eval_steps needs an evaluation set: --val-size (rows held out of --data) or --eval-data"
         )
     return None, None
+
+
+def build_differences(train: Manifest, other: Manifest) -> list[str]:
+    """What makes ``other``'s rows encoded unlike ``train``'s: ``"processor (a vs b)"``, template, cutoff_len."""
+    pairs = {
+        "processor": (train.processor.digest[:12], other.processor.digest[:12]),
+        "template": (train.options.template, other.options.template),
+        "cutoff_len": (train.options.cutoff_len, other.options.cutoff_len),
+    }
+    return [f"{name} ({a} vs {b})" for name, (a, b) in pairs.items() if a != b]
 
 
 def setup_data(
@@ -159,7 +181,8 @@ class Run:
     autocast: Callable[[], Any]
     eval_loader: torch.utils.data.DataLoader | None
     eval_inputs: Callable[[dict[str, Any]], dict[str, Any]] | None
-    eval_identity: dict[str, Any]
+    eval_identity: dict[str, Any] = field(default_factory=dict)  # recorded in each checkpoint ...
+    fingerprint: str = ""  # ... with the --data build's fingerprint
     console: Any = None  # the progress bar's console while the loop runs
 
     def log(self, record: dict[str, Any], line: Callable[[dict[str, Any]], str]) -> None:
@@ -173,20 +196,37 @@ class Run:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or with ``dry_run`` only plan) the training; returns a summary. QvlError for user errors."""
+    """Run (or with ``dry_run`` only plan) the training; returns a summary. QvlError for user errors, and
+    for Ctrl-C and failed writes into output_dir (one line saying how to continue)."""
     dist = setup_distributed(cfg)
     try:
-        return _train(cfg, dist)
+        with ExitStack() as hold:  # the output directory's lock, released however the run ends
+            return _train(cfg, dist, hold)
+    except KeyboardInterrupt:
+        raise QvlError(f"interrupted; {how_to_continue(cfg)}") from None
+    except OSError as e:
+        out = Path(cfg.output_dir).resolve()
+        if not e.filename or out not in Path(e.filename).resolve().parents:
+            raise
+        raise QvlError(f"{e.filename}: cannot write ({e.strerror or e}); {how_to_continue(cfg)}") from None
     finally:
         teardown_distributed()
 
 
-def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
+def how_to_continue(cfg: TrainConfig) -> str:
+    """What a stopped run's user can do next: resume from its last complete checkpoint, if it has one."""
+    saved = checkpoints(Path(cfg.output_dir))
+    if saved:
+        return f"the same command with --resume auto continues from {saved[-1]}"
+    return "no checkpoint was saved yet: the same command with --overwrite-output-dir true starts afresh"
+
+
+def _train(cfg: TrainConfig, dist: Dist, hold: ExitStack) -> dict[str, Any]:
     from rich.console import Console
 
     console = Console(highlight=False, quiet=not dist.main)
     world_size = planned_world_size(cfg, dist)
-    train_rows, eval_set = setup_eval(cfg)
+    train_rows, eval_set = setup_eval(cfg, console)
     dataset, plan = setup_data(cfg, world_size, train_rows)
     eval_rows = len(eval_set) if eval_set is not None else 0
     if cfg.dry_run:
@@ -195,16 +235,16 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     # ---- output dir (a refused resume raises here, before any write), model, optimizer, resume
     out = Path(cfg.output_dir)
     eval_identity = eval_set_identity(eval_set, cfg.val_size, cfg.eval_data)
-    resume = prepare_output_dir(cfg, plan, dist, eval_identity)
+    fingerprint = dataset.manifest.fingerprint
+    resume = prepare_output_dir(cfg, plan, dist, eval_identity, fingerprint, hold)
     model, dtype = setup_model(cfg, dist)
     params = param_report(model)
     console.print(plan_table(plan, params, cfg, eval_rows))
     trainable, optimizer, scheduler = make_optimizer(model, cfg, plan.warmup_steps, plan.total_steps)
     autocast = autocast_for(dist.device, dtype)
     eval_loader, eval_inputs = setup_eval_loader(cfg, eval_set, dist, dtype)
-    run = Run(
-        cfg, dist, plan, out, model, optimizer, scheduler, autocast, eval_loader, eval_inputs, eval_identity
-    )
+    run = Run(cfg, dist, plan, out, model, optimizer, scheduler, autocast, eval_loader, eval_inputs)
+    run.eval_identity, run.fingerprint = eval_identity, fingerprint
     state = resume_from(run, resume, console) if resume is not None else None
     if dist.main:  # after the resume loaded: a refused resume leaves the old plan.json in place
         write_json(out / PLAN_FILE, {**dry_run_summary(plan, params, eval_rows), "config": to_dict(cfg)})
@@ -227,6 +267,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
             lr = scheduler.get_last_lr()[0]
             loss, tokens, rows = run_window(ddp, window, dist, to_inputs, autocast)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
+            check_finite(run, step + 1, loss, grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -293,6 +334,21 @@ def resume_from(run: Run, checkpoint: Path, console: Any) -> TrainState:
     return state
 
 
+def check_finite(run: Run, step: int, loss: float, grad_norm: torch.Tensor) -> None:
+    """Stop at the first step whose loss or gradient norm is not finite, before the optimizer applies it:
+    nothing NaN is logged or saved, and the checkpoints saved before stay the last good ones. The same on
+    every rank (the loss is summed over ranks, the gradients are synchronised)."""
+    norm = float(grad_norm)
+    if math.isfinite(loss) and math.isfinite(norm):
+        return
+    saved = checkpoints(run.out)
+    kept = f"{saved[-1]} is the last good checkpoint" if saved else "no checkpoint was saved before it"
+    raise QvlError(
+        f"step {step}: the loss is {loss:g} and the gradient norm {norm:g} (not finite); stopped before "
+        f"applying it, {kept}; lower --learning-rate (now {run.cfg.learning_rate:g}) or check --max-grad-norm"
+    )
+
+
 def maybe_evaluate(run: Run, step: int, meter: Meter) -> dict[str, Any] | None:
     """Evaluate every eval_steps steps and at the end, and log the record (returned; None when not due).
     It runs before the checkpoint, so a resume from checkpoint-N never redoes (or re-logs) step N's
@@ -328,6 +384,7 @@ def maybe_save(run: Run, step: int, stop: int, meter: Meter) -> Path | None:
         pending=meter.pending(),
         eval_set=run.eval_identity,
         config=to_dict(cfg),
+        data_fingerprint=run.fingerprint,
     )
     started = time.perf_counter()
     path = save_checkpoint(

@@ -22,7 +22,7 @@ def plot_loss(out_dir: Path) -> Path | None:
             json.loads(line) for line in (out_dir / LOG_FILE).read_text(encoding="utf-8").splitlines() if line
         ]
     points = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
     if not points:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
