@@ -7,7 +7,9 @@ existing engine for more than one machine; qvl does not schedule anything itself
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -76,8 +78,16 @@ class RayExecutor:
             options: dict[str, Any] = {"include_dashboard": False, "logging_level": "warning"}
             if address:
                 options["address"] = address
+                # ray.init retries an address that does not answer for minutes (a stale "current cluster"
+                # file of an earlier local Ray is enough): look first, and fail in one line.
+                check_ray_address(address)
             else:
                 options["num_cpus"] = workers
+                # A Ray started here for this build enables token authentication by default and says so
+                # on every run; that is the secure setting for a cluster nobody else joins: no notice.
+                logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+                    logging.ERROR
+                )
             try:
                 ray.init(**options)
             except (ConnectionError, RuntimeError, ValueError) as e:
@@ -103,6 +113,36 @@ class RayExecutor:
             self._ray.shutdown()
 
     terminate = close
+
+
+RAY_START_HINT = "start one with `ray start --head` (or leave out --ray-address to start Ray for this build)"
+
+
+def check_ray_address(address: str, timeout: float = 3.0) -> None:
+    """QvlError in about ``timeout`` seconds unless something accepts a connection at the Ray address
+    ``address`` (``auto``, ``host:port`` or ``ray://host:port``) as ``ray.init`` would resolve it."""
+    target = address.removeprefix("ray://")
+    if not address.startswith("ray://"):
+        from ray._private.services import get_ray_address_from_environment
+
+        try:  # RAY_ADDRESS wins, then "auto" reads the cluster file of the last `ray start` on this machine
+            target = get_ray_address_from_environment(address, None)
+        except ConnectionError:
+            raise QvlError(
+                f"--ray-address {address}: no running Ray cluster found; {RAY_START_HINT}"
+            ) from None
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise QvlError(
+            f"--ray-address {address}: expected auto, HOST:PORT or ray://HOST:PORT, got {target!r}"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        tried = target if target == address else f"{target} (what {address} resolved to)"
+        raise QvlError(
+            f"--ray-address {address}: no Ray cluster answers at {tried} ({e.strerror or e}); {RAY_START_HINT}"
+        ) from None
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,9 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+from rich.cells import cell_len
 from rich.console import Console, Group, RenderableType
+from rich.containers import Lines
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -262,9 +265,70 @@ def conversation_runs(
     return runs
 
 
+class UnbrokenTokensText(Text):
+    """Text whose ``unbroken`` spans (the control tokens, image badges) are never split across two lines.
+
+    rich folds a word longer than the line (a run of CJK text has no spaces) at any character, which can cut
+    ``<|im_end|>`` into ``<|im_e`` and ``nd|>``; here a line break that would fall inside such a span
+    moves to its start (or, for a span at the start of a line, to its end)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unbroken: list[tuple[int, int]] = []
+
+    def append_unbroken(self, text: str, style: str) -> None:
+        start = len(self)
+        self.append(text, style)
+        self.unbroken.append((start, len(self)))
+
+    def wrap(  # type: ignore[override]
+        self, console: Console, width: int, *, justify: Any = None, overflow: Any = None, **kwargs: Any
+    ) -> Lines:
+        """rich's word wrap (its own steps: divide, strip, justify, truncate) with these break points."""
+        justify, overflow = justify or self.justify or "default", overflow or self.overflow or "fold"
+        lines, line_start = Lines(), 0
+        for line in self.split(allow_blank=True):
+            spans = [(max(a - line_start, 0), min(b - line_start, len(line))) for a, b in self.unbroken]
+            spans = [(a, b) for a, b in spans if a < b]
+            new_lines = line.divide(break_offsets(line.plain, width, spans))
+            for new_line in new_lines:
+                new_line.rstrip_end(width)
+            new_lines.justify(console, width, justify=justify, overflow=overflow)
+            for new_line in new_lines:
+                new_line.truncate(width, overflow=overflow)
+            lines.extend(new_lines)
+            line_start += len(line) + 1  # split() drops the "\n"
+        return lines
+
+
+def break_offsets(text: str, width: int, unbroken: list[tuple[int, int]]) -> list[int]:
+    """Where a line of ``text`` breaks to fit ``width`` cells: greedily after whole words (runs of
+    non-space with their trailing spaces) and around ``unbroken`` spans; a word wider than the line is
+    folded at characters, a span only when it alone is wider than the line."""
+    units, pos = [], 0
+    for a, b in sorted(unbroken):
+        units += [(pos + m.start(), pos + m.end()) for m in re.finditer(r"\s*\S+\s*", text[pos:a])]
+        units.append((a, b))
+        pos = b
+    units += [(pos + m.start(), pos + m.end()) for m in re.finditer(r"\s*\S+\s*|\s+", text[pos:])]
+    offsets: list[int] = []
+    used = 0  # cells on the current line
+    for start, end in units:
+        if used and used + cell_len(text[start:end].rstrip()) > width:
+            offsets.append(start)
+            used = 0
+        for k in range(start, end):  # character by character: a fold only where the unit is wider than a line
+            cells = cell_len(text[k])
+            if used and used + cells > width and not text[k].isspace():
+                offsets.append(k)
+                used = 0
+            used += cells
+    return offsets
+
+
 def runs_to_text(runs: list[Run]) -> Text:
     """The conversation as styled rich Text (markers always present, styles dropped without colour)."""
-    out = Text()
+    out = UnbrokenTokensText()
     for run in runs:
         if run.trained:
             out.append(TRAINED_OPEN, STYLE_MARKER)
@@ -280,7 +344,10 @@ def runs_to_text(runs: list[Run]) -> Text:
                 style = f"{STYLE_SPECIAL} bold" if run.trained else f"{STYLE_SPECIAL} dim"
             else:
                 style = STYLE_TRAINED if run.trained else STYLE_MASKED
-            out.append(text, style)
+            if piece.kind == "text":
+                out.append(text, style)
+            else:
+                out.append_unbroken(text, style)
         if run.trained:
             out.append(NEWLINE_MARK * trailing, STYLE_TRAINED)
             out.append(TRAINED_CLOSE, STYLE_MARKER)

@@ -57,7 +57,11 @@ def run_notebook(
         }
         (spec_dir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
         specs = KernelSpecManager(kernel_dirs=[kernels], ensure_native_kernel=False)
-        km = KernelManager(kernel_name=_KERNEL, kernel_spec_manager=specs)
+        # IPC sockets in the private temp dir instead of TCP on localhost: nothing on the network, and no
+        # "running over TCP without encryption" warning from the kernel
+        km = KernelManager(
+            kernel_name=_KERNEL, kernel_spec_manager=specs, transport="ipc", ip=str(Path(kernels) / "ipc")
+        )
         client = NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": os.getcwd()}})
         try:
             client.execute()
@@ -65,5 +69,10 @@ def run_notebook(
             nbformat.write(nb, out)  # keep what ran, so the failing cell can be read
             last = [line for line in str(e).splitlines() if line.strip()][-1:]
             raise QvlError(f"the notebook failed (outputs so far in {out}): {' '.join(last)}") from None
+        finally:
+            # nbclient leaves a kernel it was handed running; stopped here it does not outlive us and
+            # print "Parent appears to have exited"
+            if km.has_kernel:
+                km.shutdown_kernel(now=False)
     nbformat.write(nb, out)
     return out

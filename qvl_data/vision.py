@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -77,6 +78,12 @@ ImageErrorCode = Literal["image_missing", "image_unreadable", "image_too_large"]
 PixelFormat = Literal["uint8", "float32"]
 
 
+def _without_path(error: Exception, path: str) -> str:
+    """Pillow's message without the path it sometimes quotes: the rejection names the path once, itself."""
+    text = re.sub(r"\s*<_io\.\w+ name=[^>]*>", "", str(error))  # Pillow quotes the file object it read
+    return text.replace(f" {path!r}", "").replace(f" {path}", "")
+
+
 class ImageError(Exception):
     """An image could not be used; ``code`` is machine-readable, ``message`` is for humans.
 
@@ -125,9 +132,9 @@ def open_image(path: str | os.PathLike[str], max_pixels: int | None = MAX_IMAGE_
         # PIL would otherwise keep the file open for later seeks (which we never do).
         fh = open(path_str, "rb")  # closed in the finally below
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-        raise ImageError("image_missing", f"image file not found: {path_str!r}") from e
+        raise ImageError("image_missing", "image file not found") from e
     except OSError as e:
-        raise ImageError("image_unreadable", f"cannot open {path_str!r}: {e}") from e
+        raise ImageError("image_unreadable", f"cannot open it: {e.strerror or e}") from e
 
     try:
         try:
@@ -136,25 +143,27 @@ def open_image(path: str | os.PathLike[str], max_pixels: int | None = MAX_IMAGE_
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 img = Image.open(fh)
         except Image.DecompressionBombError as e:
-            raise ImageError("image_too_large", f"{path_str!r}: {e}") from e
+            raise ImageError("image_too_large", _without_path(e, path_str)) from e
         except Exception as e:  # PIL raises many exception types for corrupt headers
-            raise ImageError("image_unreadable", f"cannot identify image {path_str!r}: {e}") from e
+            raise ImageError(
+                "image_unreadable", f"not an image Pillow can read ({_without_path(e, path_str)})"
+            ) from e
 
         width, height = img.size
         if width <= 0 or height <= 0:
-            raise ImageError("image_unreadable", f"{path_str!r} has an empty size {width}x{height}")
+            raise ImageError("image_unreadable", f"empty image size {width}x{height}")
         if max_pixels is not None and width * height > max_pixels:
             raise ImageError(
                 "image_too_large",
-                f"{path_str!r} is {width}x{height} = {width * height} pixels, limit is {max_pixels}",
+                f"{width}x{height} = {width * height} pixels, limit is {max_pixels}",
             )
 
         try:
             img.load()
         except Image.DecompressionBombError as e:  # e.g. a later frame/tile larger than the header said
-            raise ImageError("image_too_large", f"{path_str!r}: {e}") from e
+            raise ImageError("image_too_large", _without_path(e, path_str)) from e
         except Exception as e:  # truncated/corrupt data raises OSError, ValueError, ...
-            raise ImageError("image_unreadable", f"cannot decode image {path_str!r}: {e}") from e
+            raise ImageError("image_unreadable", f"cannot decode it ({_without_path(e, path_str)})") from e
         return img
     finally:
         fh.close()

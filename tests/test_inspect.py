@@ -18,6 +18,7 @@ from qvl_data.inspect import (
     NEWLINE_MARK,
     TRAINED_CLOSE,
     TRAINED_OPEN,
+    break_offsets,
     conversation_runs,
     manifest_tokenizer,
     open_shards,
@@ -285,3 +286,28 @@ def test_unnormalize_inverts_float32_pixels() -> None:
     f32 = pixel_values_from_uint8(u8, processor.image_mean, processor.image_std, processor.rescale_factor)
     assert f32.shape == (8, 1176)
     np.testing.assert_array_equal(unnormalize_patches(f32, processor), u8)
+
+
+def _panel_lines(columns: int, demo_build: Path) -> str:
+    result = run(
+        "inspect", str(demo_build), "--source", "mllm_demo", "--sample", "6", "--no-color", columns=columns
+    )
+    assert result.exit_code == 0, result.output
+    return "\n".join(line.strip("│ ") for line in result.stdout.splitlines())
+
+
+@pytest.mark.parametrize("columns", [30, 40, 46, 50, 60, 80])
+def test_control_tokens_are_never_split_across_lines(demo_build: Path, columns: int) -> None:
+    # mllm_demo's answers are runs of Chinese without spaces, which rich folds at any character
+    text = _panel_lines(columns, demo_build)
+    unwrapped = _panel_lines(400, demo_build)
+    for token in ("<|im_start|>", "<|im_end|>"):
+        assert text.count(token) == unwrapped.count(token) > 0, token
+
+
+def test_break_offsets_break_before_an_unbroken_span_not_inside_it() -> None:
+    text = "他们在做什么？" + "<|im_end|>"
+    # 14 cells of Chinese + a 10-cell token on an 18-cell line: the token moves to the next line whole
+    assert break_offsets(text, 18, [(7, 17)]) == [7]
+    # a word wider than the line is still folded at characters
+    assert break_offsets("abcdefghij", 4, []) == [4, 8]

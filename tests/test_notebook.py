@@ -25,7 +25,7 @@ def test_notebook_is_committed_without_outputs() -> None:
 
 
 def test_notebook_command_runs_it_on_a_build_and_keeps_the_outputs(
-    tmp_path: Path, demo_build: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, demo_build: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:
     """The documented command (`qvl-data notebook BUILD --out FILE`) runs the committed notebook on a
     build with a kernel of this interpreter, and the written notebook holds every output."""
@@ -37,6 +37,8 @@ def test_notebook_command_runs_it_on_a_build_and_keeps_the_outputs(
     result = CliRunner().invoke(main, ["notebook", str(demo_build), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert result.output.strip() == f"wrote {out}"
+    # the kernel writes to the real stderr: no transport warning, no "Parent appears to have exited"
+    assert "WARNING" not in capfd.readouterr().err
     nb = nbformat.read(out, as_version=4)
     assert nb.cells[0].source == nbformat.read(NOTEBOOK, as_version=4).cells[0].source
 
