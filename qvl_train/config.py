@@ -133,6 +133,11 @@ class TrainConfig:
     log_samples: bool = False
     """Each rank appends the (step, epoch, source, index) of every row it trains on to
     samples-rank<R>.jsonl in output_dir (to audit the data split)."""
+    report_to: str = "none"
+    """Also send the log records (and the plan and config as hyper-parameters) to experiment trackers:
+    ``none``, or a comma-separated list of tensorboard, wandb, mlflow, trackio (each an optional extra, e.g.
+    ``pip install -e ".[tensorboard]"``); rank 0 only. TensorBoard writes to output_dir/tensorboard; the others
+    follow their own settings (WANDB_MODE=offline, MLFLOW_TRACKING_URI, TRACKIO_PROJECT)."""
     ddp_timeout: int = 1800
     """Seconds before a collective operation times out."""
     world_size: int = 0
@@ -194,6 +199,9 @@ class TrainConfig:
             raise QvlError(
                 "give either val_size (a split of --data) or eval_data (a separate build), not both"
             )
+        from qvl_train.trackers import parse_report_to
+
+        parse_report_to(self.report_to)  # an unknown tracker fails here, dry run included
         unknown = [m for m in self.lora_modules if m not in LORA_MODULES]
         if unknown or not self.lora_modules:
             raise QvlError(

@@ -60,6 +60,7 @@ from qvl_train.packing import PackedBatchSampler, PackedCollate, PackedDataset, 
 from qvl_train.plan import Plan, make_plan
 from qvl_train.report import eval_line, hms, plan_table, plot_loss, train_line, training_progress
 from qvl_train.steps import autocast_for, input_builder, make_loader, make_optimizer, run_window
+from qvl_train.trackers import Trackers, open_trackers, parse_report_to
 
 # ------------------------------------------------------------------------------------------------ setup
 
@@ -184,12 +185,15 @@ class Run:
     eval_identity: dict[str, Any] = field(default_factory=dict)  # recorded in each checkpoint ...
     fingerprint: str = ""  # ... with the --data build's fingerprint
     console: Any = None  # the progress bar's console while the loop runs
+    trackers: Trackers = field(default_factory=lambda: Trackers([], []))  # --report-to (rank 0)
 
     def log(self, record: dict[str, Any], line: Callable[[dict[str, Any]], str]) -> None:
-        """Append ``record`` to trainer_log.jsonl and print its console line (rank 0)."""
+        """Append ``record`` to trainer_log.jsonl, print its console line and send it to the trackers
+        (rank 0)."""
         if self.dist.main:
             append_jsonl(self.out / LOG_FILE, [record])
             self.console.print(line(record), soft_wrap=True)
+            self.trackers.log(record)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -246,8 +250,13 @@ def _train(cfg: TrainConfig, dist: Dist, hold: ExitStack) -> dict[str, Any]:
     run = Run(cfg, dist, plan, out, model, optimizer, scheduler, autocast, eval_loader, eval_inputs)
     run.eval_identity, run.fingerprint = eval_identity, fingerprint
     state = resume_from(run, resume, console) if resume is not None else None
+    summary = {**dry_run_summary(plan, params, eval_rows), "config": to_dict(cfg)}
     if dist.main:  # after the resume loaded: a refused resume leaves the old plan.json in place
-        write_json(out / PLAN_FILE, {**dry_run_summary(plan, params, eval_rows), "config": to_dict(cfg)})
+        write_json(out / PLAN_FILE, summary)
+    run.trackers = open_trackers(
+        parse_report_to(cfg.report_to), out, out.name, summary, state.step if state else None, dist.main
+    )
+    hold.callback(run.trackers.close)
 
     # ---- the loop
     sampler, loader = setup_loader(cfg, dataset, dist)
@@ -272,7 +281,7 @@ def _train(cfg: TrainConfig, dist: Dist, hold: ExitStack) -> dict[str, Any]:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            progress.advance(task)
+            progress.update(task, advance=1, eta=meter.eta(step))
             meter.add(loss, tokens, rows)
             if step % cfg.logging_steps == 0 or step == plan.total_steps:
                 run.log(meter.record(step, lr, float(grad_norm)), train_line)

@@ -65,6 +65,13 @@ class Meter:
         seconds = self.window.seconds + time.perf_counter() - self.interval_start
         return Window(**{**self.window.to_dict(), "seconds": seconds})
 
+    def eta(self, step: int, now: float | None = None) -> float:
+        """Seconds left after ``step`` at this run's pace so far (since its start or resume): the log record's
+        and the progress bar's estimate alike."""
+        now = time.perf_counter() if now is None else now
+        done = step - self.start_step
+        return (now - self.run_start) / done * (self.plan.total_steps - step) if done > 0 else 0.0
+
     def record(self, step: int, lr: float, grad_norm: float) -> dict[str, Any]:
         """The training log record of the window ending at ``step``; opens the next window."""
         now = time.perf_counter()
@@ -79,9 +86,7 @@ class Meter:
             "tokens_per_s": window.tokens / seconds,
             "samples_per_s": window.samples / seconds,
             "elapsed_s": round(self.elapsed_before + now - self.run_start, 3),
-            "eta_s": round(
-                (now - self.run_start) / (step - self.start_step) * (self.plan.total_steps - step), 3
-            ),
+            "eta_s": round(self.eta(step, now), 3),
         }
         self.window, self.interval_start = Window(), now
         return self.last

@@ -21,12 +21,23 @@ def plot_loss(out_dir: Path) -> Path | None:
         records = [
             json.loads(line) for line in (out_dir / LOG_FILE).read_text(encoding="utf-8").splitlines() if line
         ]
+    figure = loss_figure(records, f"training loss of {out_dir}")
+    if figure is None:
+        return None
+    path = out_dir / PLOT_FILE
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def loss_figure(records: list[dict[str, Any]], title: str) -> Any:
+    """The matplotlib Figure of :func:`plot_loss` (None without a training record)."""
     points = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
     if not points:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     steps, losses = zip(*points, strict=True)
     weight = 1.8 * (1 / (1 + math.exp(-0.05 * len(losses))) - 0.5)  # LLaMA-Factory's smoothing weight
@@ -43,29 +54,28 @@ def plot_loss(out_dir: Path) -> Path | None:
         ax.plot(*zip(*evals, strict=True), color="#ff7f0e", marker="o", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(f"training loss of {out_dir}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    ax.ticklabel_format(axis="y", useOffset=False)  # 11.96, not 0.01 with "+1.195e1" above the axis
+    ax.set_title(title)
     ax.legend()
     figure.tight_layout()
-    path = out_dir / PLOT_FILE
-    figure.savefig(path, dpi=100)
-    return path
+    return figure
 
 
 def train_line(record: dict[str, Any]) -> str:
-    """The console line of a training log record."""
+    """The console line of a training log record, within 80 columns for runs of up to 99,999 steps (epoch,
+    samples/s and elapsed time are in trainer_log.jsonl and on the progress bar)."""
     return (
-        f"step {record['step']}/{record['total_steps']}  epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  "
-        f"lr {record['lr']:.3e}  grad_norm {record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s  "
-        f"{record['samples_per_s']:.2f} samples/s  elapsed {hms(record['elapsed_s'])}  eta {hms(record['eta_s'])}"
+        f"step {record['step']}/{record['total_steps']} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+        f"grad {record['grad_norm']:.3g} {record['tokens_per_s']:,.0f} tok/s eta {hms(record['eta_s'])}"
     )
 
 
 def eval_line(record: dict[str, Any]) -> str:
-    """The console line of an evaluation log record."""
+    """The console line of an evaluation log record (within 80 columns)."""
     return (
-        f"eval step {record['step']}/{record['total_steps']}  eval_loss {record['eval_loss']:.4f}  "
-        f"eval_accuracy {record['eval_accuracy']:.4f}  ({record['eval_tokens']:,} tokens, "
-        f"{record['eval_rows']:,} rows, {record['eval_s']:.1f} s)"
+        f"eval step {record['step']}/{record['total_steps']} loss {record['eval_loss']:.4f} "
+        f"accuracy {record['eval_accuracy']:.4f} ({record['eval_rows']:,} rows, {record['eval_s']:.1f} s)"
     )
 
 
@@ -116,22 +126,27 @@ def _eval_rows(cfg: TrainConfig, eval_rows: int) -> list[tuple[str, str]]:
 
 
 def training_progress(console: Any, enabled: bool) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    """The steps bar. Its ETA is the task field ``eta`` (seconds), which the loop sets from the same
+    :meth:`qvl_train.meter.Meter.eta` as the step lines: rich's own estimate, from a short window of recent
+    steps (and after a resume, from none), disagreed with them."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    class Eta(TextColumn):
+        def __init__(self) -> None:
+            super().__init__("")
+
+        def render(self, task):  # type: ignore[override]
+            eta = task.fields.get("eta")
+            return Text("eta -:--:--" if eta is None else f"eta {hms(eta)}", style="progress.remaining")
+
+    from rich.text import Text
 
     return Progress(
         TextColumn("[bold]training"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
+        Eta(),
         console=console,
         disable=not enabled,
     )
