@@ -152,8 +152,20 @@ def short_help(f: dataclasses.Field, doc: str) -> str:
 
 # ----------------------------------------------------------------------------------------- click options
 
+
+class _Bool(click.types.BoolParamType):
+    """click's boolean with a plain message (click's lists every spelling, the empty string first)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            self.fail(f"{value!r} is not true or false (yes/no, 1/0 and on/off work too)", param, ctx)
+
+
+BOOL = _Bool()
 BOOL_METAVAR = "[BOOL]"
-_CLICK_TYPES = {int: (click.INT, "N"), float: (click.FLOAT, "X"), bool: (click.BOOL, BOOL_METAVAR)}
+_CLICK_TYPES = {int: (click.INT, "N"), float: (click.FLOAT, "X"), bool: (BOOL, BOOL_METAVAR)}
 
 
 def _click_type(kind: Any, f: dataclasses.Field) -> tuple[Any, str | None, bool]:
@@ -177,7 +189,7 @@ class ConfigOption(click.Option):
 
     def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
         record = super().get_help_record(ctx)
-        if record and self.type is click.BOOL:  # listed as a flag; the help's last line says --x false
+        if record and self.type is BOOL:  # listed as a flag; the help's last line says --x false
             return record[0].removesuffix(" " + BOOL_METAVAR), record[1]
         return record
 
@@ -197,7 +209,7 @@ def click_options(cls: type, stages: Iterable[str] | None = None) -> list[click.
             continue
         click_type, metavar, multiple = _click_type(hints[f.name], f)
         # a boolean: --x alone is true; --x false (or no, 0, off) sets it off
-        extra = {"is_flag": False, "flag_value": True} if click_type is click.BOOL else {}
+        extra = {"is_flag": False, "flag_value": True} if click_type is BOOL else {}
         options.append(
             ConfigOption(
                 [flag(f), f.name],
@@ -241,7 +253,7 @@ class OptionsCommand(click.Command):
         if other:
             with formatter.section("More options"):
                 formatter.write_dl(other)
-        if any(isinstance(p, ConfigOption) and p.type is click.BOOL for p in self.params):
+        if any(isinstance(p, ConfigOption) and p.type is BOOL for p in self.params):
             formatter.write_paragraph()
             formatter.write_text(BOOLEAN_HELP)
 
@@ -252,9 +264,10 @@ def config_option(help_text: str) -> click.Option:
     )
 
 
-def usage_error_line(error: click.ClickException) -> str:
+def usage_error_line(error: click.ClickException, prog: str | None = None) -> str:
     """A click usage error in one line: the mistake, a did-you-mean for a mistyped option, where help is."""
-    where = f" (see {error.ctx.command_path} --help)" if getattr(error, "ctx", None) else ""
+    command = error.ctx.command_path if getattr(error, "ctx", None) else prog
+    where = f" (see {command} --help)" if command else ""
     if isinstance(error, click.NoSuchOption):
         close = error.possibilities or _close_options(error)
         hint = f"; did you mean {close[0]}?" if close else ""
