@@ -29,6 +29,8 @@ class CommandGroup(click.Group):
     command_class = OptionsCommand
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: ANN001
+        if not standalone_mode:  # the caller handles errors and exit codes
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as e:
@@ -43,9 +45,7 @@ class CommandGroup(click.Group):
         except click.Abort:
             click.echo("Aborted!", err=True)
             sys.exit(1)
-        if standalone_mode:
-            sys.exit(rv if isinstance(rv, int) else 0)
-        return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def _build_options(*stages: str) -> list[click.Option]:

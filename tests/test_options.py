@@ -162,3 +162,15 @@ def test_help_fits_80_columns_with_the_common_options_first(command, monkeypatch
         for option in ("--config", "--dataset-dir", "--dataset ", "--out", "--model", "--num-proc"):
             assert common < text.index(f"\n  {option}") < more, option
         assert more < text.index("\n  --pixel-format") and more < text.index("\n  --set-var")
+
+
+def test_the_readme_table_lists_every_build_option_and_what_is_hashed():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| option | default | hashed | meaning |") :].split("\n\n", 1)[0]
+    hashed = {}
+    for row in table.splitlines()[2:]:
+        names, _, mark = (cell.strip() for cell in row.strip("|").split("|")[:3])
+        for name in names.replace("`", "").split(" / "):
+            hashed[name.split()[0]] = mark
+    expected = {"option": "value", "input": "content", None: ""}
+    assert hashed == {flag(f): expected[declared(f, "output")] for f in dataclasses.fields(BuildConfig)}
