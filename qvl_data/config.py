@@ -41,7 +41,13 @@ class BuildConfig:
     the commands' options, the YAML keys, and (``output``) what the fingerprint hashes and the manifest
     records under ``options``."""
 
-    dataset_dir: str | None = option(None, common=True, output=OUTPUT_INPUT, stage="read")
+    dataset_dir: str | None = option(
+        None,
+        common=True,
+        output=OUTPUT_INPUT,
+        stage="read",
+        help="Folder with dataset_info.json and the data files. Default: the demo data.",
+    )
     """Folder holding dataset_info.json and the data files; default: the cached LLaMA-Factory demo data."""
     dataset: str = option(
         DEMO_DATASETS,
@@ -59,16 +65,18 @@ class BuildConfig:
         help="Checkpoint dir or hub id of the tokenizer + image processor; default: the embedded one.",
     )
     """Local checkpoint dir or hub id whose tokenizer + image processor to use; default: the embedded one."""
-    out: str = option("data/qvl-demo", common=True, stage="write")
+    out: str = option("data/qvl-demo", common=True, stage="write", help="Output directory.")
     """Output directory (manifest.json, rejected.jsonl, shards/)."""
-    num_proc: int = option(0, common=True, stage="encode")
+    num_proc: int = option(
+        0, common=True, stage="encode", help="Worker processes of the local executor (0: one per CPU)."
+    )
     """Worker processes of the local executor; 0 means one per CPU."""
     executor: str = option(
         "local",
         common=True,
         stage="encode",
         choices=EXECUTORS,
-        help="Where the tasks run: a local process pool, or a Ray cluster (same bytes). [default: local]",
+        help="Where the tasks run: a local process pool, or a Ray cluster (same bytes).",
     )
     """Where the partition tasks run: local (a process pool of --num-proc workers) or ray (a Ray cluster;
     pip install -e ".[ray]"). The output is byte-identical either way."""
@@ -80,40 +88,83 @@ class BuildConfig:
     """With --executor ray: the address of a running cluster (e.g. ray://head:10001 or auto); default: start
     a Ray on this machine for the build. Every node must see the datasets, images and --out at the same
     paths."""
-    partition_rows: int = option(0, output=OUTPUT_OPTION, stage="write")
+    partition_rows: int = option(
+        0,
+        output=OUTPUT_OPTION,
+        stage="write",
+        help="Rows per partition, the unit of work and of resuming (0: auto).",
+    )
     """Rows per partition (one task, its own shard files, resumed as a whole); 0 = auto: max(32, rows/1024)
     per dataset."""
-    cutoff_len: int = option(2048, common=True, output=OUTPUT_OPTION, stage="encode")
+    cutoff_len: int = option(
+        2048,
+        common=True,
+        output=OUTPUT_OPTION,
+        stage="encode",
+        help="Max tokens per row (image spans are never cut).",
+    )
     """Maximum tokens per row, truncated as LLaMA-Factory does (image spans are never cut)."""
-    image_max_pixels: int = option(DEFAULT_IMAGE_MAX_PIXELS, output=OUTPUT_OPTION, stage="encode")
+    image_max_pixels: int = option(
+        DEFAULT_IMAGE_MAX_PIXELS,
+        output=OUTPUT_OPTION,
+        stage="encode",
+        help="Pre-resize images above this many pixels.",
+    )
     """Pre-resize images above this many pixels (LLaMA-Factory's image_max_pixels)."""
-    image_min_pixels: int = option(DEFAULT_IMAGE_MIN_PIXELS, output=OUTPUT_OPTION, stage="encode")
+    image_min_pixels: int = option(
+        DEFAULT_IMAGE_MIN_PIXELS,
+        output=OUTPUT_OPTION,
+        stage="encode",
+        help="Pre-resize images below this many pixels.",
+    )
     """Pre-resize images below this many pixels up to it."""
-    mask_history: bool = option(False, output=OUTPUT_OPTION, stage="encode")
+    mask_history: bool = option(
+        False,
+        output=OUTPUT_OPTION,
+        stage="encode",
+        help="Train only on the last answer of each conversation.",
+    )
     """Train only on the last answer of each conversation (and truncate last turn first)."""
     pixel_format: str = option(
         "uint8",
         output=OUTPUT_OPTION,
         stage="write",
         choices=PIXEL_FORMATS,
-        help="Stored pixels: uint8 "
-        "patches, lossless webp (smallest), or float32 pixel_values (README). [default: uint8]",
+        metavar="FORMAT",
+        help="Stored pixels: uint8, webp (lossless, smallest) or float32 (see README).",
     )
     """Stored pixels. uint8: patches before rescale/normalize (1/8 of float32, fastest to load); webp: those
     patches as one lossless WebP per image (~1/20 of float32 on photos; ~7 ms per 512x512 image to decode
     in the loader); float32: the processor's pixel_values."""
-    shard_size_mb: int = option(256, output=OUTPUT_OPTION, stage="write")
+    shard_size_mb: int = option(
+        256,
+        output=OUTPUT_OPTION,
+        stage="write",
+        help="Start a new shard file past this many MiB.",
+    )
     """Start a new shard once one exceeds this many MiB."""
     set_vars: list[str] = option(
-        default_factory=list, output=OUTPUT_OPTION, stage="read", name="set_var", metavar="KEY=VALUE"
+        default_factory=list,
+        output=OUTPUT_OPTION,
+        stage="read",
+        name="set_var",
+        metavar="KEY=VALUE",
+        help="Substitute {{KEY}} in the text (repeatable; off by default).",
     )
     """Substitute {{KEY}} in the text (e.g. --set-var name=Qwen; repeatable). Off by default, like
     LLaMA-Factory."""
-    media_dir: str | None = option(None, output=OUTPUT_OPTION, stage="read")
+    media_dir: str | None = option(
+        None,
+        output=OUTPUT_OPTION,
+        stage="read",
+        help="Folder image paths are relative to. Default: the dataset dir.",
+    )
     """Folder image paths are relative to; default: the dataset dir."""
-    allow_outside_images: bool = option(False, output=OUTPUT_OPTION, stage="read")
+    allow_outside_images: bool = option(
+        False, output=OUTPUT_OPTION, stage="read", help="Accept images outside the dataset (or media) dir."
+    )
     """Accept image paths that resolve outside the dataset (or media) directory."""
-    force: bool = option(False, stage="write")
+    force: bool = option(False, stage="write", help="Rebuild even if the output is up to date.")
     """Rebuild even when the output's fingerprint matches."""
     quiet: bool = option(False, stage="encode")
     """No progress bar or summary."""

@@ -82,9 +82,7 @@ class TrainConfig:
     """Linear warmup over ceil(warmup_ratio * total steps) optimizer steps."""
     warmup_steps: int = 0
     """Warmup steps; overrides warmup_ratio when > 0."""
-    num_train_epochs: float = option(
-        3.0, common=True, help="Passes over the data (fractions allowed). [default: 3.0]"
-    )
+    num_train_epochs: float = option(3.0, common=True, help="Passes over the data (fractions allowed).")
     """Passes over the data (fractions allowed: total steps = ceil(epochs * steps per epoch))."""
     max_steps: int = option(0, common=True)
     """Total optimizer steps; overrides num_train_epochs when > 0 (the data is cycled as needed)."""
