@@ -21,6 +21,9 @@ from qvl_data.options import (
 )
 from qvl_data.schema import rejection_line
 
+# click >= 8.2 raises this for a group called without a command (8.1 printed the help and exited)
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
 
 class CommandGroup(click.Group):
     """qvl-data's group: its commands list the common options first, and every whole-run problem or
@@ -33,6 +36,9 @@ class CommandGroup(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_IS_HELP as e:  # `qvl-data` alone: the help, as click prints it
+            e.show()
+            sys.exit(e.exit_code)
         except click.UsageError as e:
             click.echo(f"error: {usage_error_line(e)}", err=True)
             sys.exit(2)
