@@ -41,35 +41,15 @@ class BuildConfig:
     the commands' options, the YAML keys, and (``output``) what the fingerprint hashes and the manifest
     records under ``options``."""
 
-    dataset_dir: str | None = option(
-        None,
-        common=True,
-        output=OUTPUT_INPUT,
-        stage="read",
-        help="Folder with dataset_info.json and the data files. Default: the demo data.",
-    )
+    dataset_dir: str | None = option(None, common=True, output=OUTPUT_INPUT, stage="read")
     """Folder holding dataset_info.json and the data files; default: the cached LLaMA-Factory demo data."""
-    dataset: str = option(
-        DEMO_DATASETS,
-        common=True,
-        output=OUTPUT_INPUT,
-        stage="read",
-        help="Comma-separated dataset names from dataset_info.json. Default: the three demo sets.",
-    )
+    dataset: str = option(DEMO_DATASETS, common=True, output=OUTPUT_INPUT, stage="read")
     """Comma-separated dataset names from dataset_info.json, built in this order."""
-    model: str | None = option(
-        None,
-        common=True,
-        output=OUTPUT_INPUT,
-        stage="encode",
-        help="Checkpoint dir or hub id of the tokenizer + image processor; default: the embedded one.",
-    )
+    model: str | None = option(None, common=True, output=OUTPUT_INPUT, stage="encode")
     """Local checkpoint dir or hub id whose tokenizer + image processor to use; default: the embedded one."""
-    out: str = option("data/qvl-demo", common=True, stage="write", help="Output directory.")
+    out: str = option("data/qvl-demo", common=True, stage="write")
     """Output directory (manifest.json, rejected.jsonl, shards/)."""
-    num_proc: int = option(
-        0, common=True, stage="encode", help="Worker processes of the local executor (0: one per CPU)."
-    )
+    num_proc: int = option(0, common=True, stage="encode")
     """Worker processes of the local executor; 0 means one per CPU."""
     executor: str = option(
         "local",
@@ -96,34 +76,13 @@ class BuildConfig:
     )
     """Rows per partition (one task, its own shard files, resumed as a whole); 0 = auto: max(32, rows/1024)
     per dataset."""
-    cutoff_len: int = option(
-        2048,
-        common=True,
-        output=OUTPUT_OPTION,
-        stage="encode",
-        help="Max tokens per row (image spans are never cut).",
-    )
+    cutoff_len: int = option(2048, common=True, output=OUTPUT_OPTION, stage="encode")
     """Maximum tokens per row, truncated as LLaMA-Factory does (image spans are never cut)."""
-    image_max_pixels: int = option(
-        DEFAULT_IMAGE_MAX_PIXELS,
-        output=OUTPUT_OPTION,
-        stage="encode",
-        help="Pre-resize images above this many pixels.",
-    )
+    image_max_pixels: int = option(DEFAULT_IMAGE_MAX_PIXELS, output=OUTPUT_OPTION, stage="encode")
     """Pre-resize images above this many pixels (LLaMA-Factory's image_max_pixels)."""
-    image_min_pixels: int = option(
-        DEFAULT_IMAGE_MIN_PIXELS,
-        output=OUTPUT_OPTION,
-        stage="encode",
-        help="Pre-resize images below this many pixels.",
-    )
+    image_min_pixels: int = option(DEFAULT_IMAGE_MIN_PIXELS, output=OUTPUT_OPTION, stage="encode")
     """Pre-resize images below this many pixels up to it."""
-    mask_history: bool = option(
-        False,
-        output=OUTPUT_OPTION,
-        stage="encode",
-        help="Train only on the last answer of each conversation.",
-    )
+    mask_history: bool = option(False, output=OUTPUT_OPTION, stage="encode")
     """Train only on the last answer of each conversation (and truncate last turn first)."""
     pixel_format: str = option(
         "uint8",
@@ -136,35 +95,18 @@ class BuildConfig:
     """Stored pixels. uint8: patches before rescale/normalize (1/8 of float32, fastest to load); webp: those
     patches as one lossless WebP per image (~1/20 of float32 on photos; ~7 ms per 512x512 image to decode
     in the loader); float32: the processor's pixel_values."""
-    shard_size_mb: int = option(
-        256,
-        output=OUTPUT_OPTION,
-        stage="write",
-        help="Start a new shard file past this many MiB.",
-    )
+    shard_size_mb: int = option(256, output=OUTPUT_OPTION, stage="write")
     """Start a new shard once one exceeds this many MiB."""
     set_vars: list[str] = option(
-        default_factory=list,
-        output=OUTPUT_OPTION,
-        stage="read",
-        name="set_var",
-        metavar="KEY=VALUE",
-        help="Substitute {{KEY}} in the text (repeatable; off by default).",
+        default_factory=list, output=OUTPUT_OPTION, stage="read", name="set_var", metavar="KEY=VALUE"
     )
     """Substitute {{KEY}} in the text (e.g. --set-var name=Qwen; repeatable). Off by default, like
     LLaMA-Factory."""
-    media_dir: str | None = option(
-        None,
-        output=OUTPUT_OPTION,
-        stage="read",
-        help="Folder image paths are relative to. Default: the dataset dir.",
-    )
+    media_dir: str | None = option(None, output=OUTPUT_OPTION, stage="read")
     """Folder image paths are relative to; default: the dataset dir."""
-    allow_outside_images: bool = option(
-        False, output=OUTPUT_OPTION, stage="read", help="Accept images outside the dataset (or media) dir."
-    )
+    allow_outside_images: bool = option(False, output=OUTPUT_OPTION, stage="read")
     """Accept image paths that resolve outside the dataset (or media) directory."""
-    force: bool = option(False, stage="write", help="Rebuild even if the output is up to date.")
+    force: bool = option(False, stage="write")
     """Rebuild even when the output's fingerprint matches."""
     quiet: bool = option(False, stage="encode")
     """No progress bar or summary."""
