@@ -154,3 +154,13 @@ def test_help_fits_80_columns_with_the_common_options_first(monkeypatch):
     assert more < text.index("\n  --adam-beta1 ")
     assert "--max_steps" not in text  # the YAML spelling works but is not listed twice
     assert parse_config(["--max_steps", "4"]).max_steps == 4
+
+
+def test_a_mistyped_command_is_named_with_a_suggestion(capsys):
+    from qvl_train.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["predcit", "--max-rows", "1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no such command 'predcit' (did you mean predict?)") and err.count("\n") == 1
