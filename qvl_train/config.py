@@ -28,6 +28,9 @@ SCHEDULERS = ("cosine", "linear", "constant")
 
 @dataclass
 class TrainConfig:
+    """The options of ``qvl-train``, each declared once (qvl_data/options.py): a field is the option
+    ``--field-name`` and the YAML key ``field_name``; ``common`` ones lead --help."""
+
     model: str = option(
         "tiny",
         common=True,
