@@ -164,3 +164,15 @@ def test_a_mistyped_command_is_named_with_a_suggestion(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no such command 'predcit' (did you mean predict?)") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["predict", "score", "export"])
+def test_every_command_help_fits_80_columns(command, monkeypatch, capsys):
+    from qvl_train.__main__ import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"Usage: qvl-train {command} [OPTIONS]" in text and max(map(len, text.splitlines())) <= 80
