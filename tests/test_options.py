@@ -179,4 +179,6 @@ def test_the_readme_table_lists_every_build_option_and_what_is_hashed():
 def test_qvl_data_alone_prints_its_help_and_a_mistyped_command_gets_a_suggestion():
     assert "Commands:" in CliRunner().invoke(main, []).output
     result = CliRunner().invoke(main, ["buidl"])
-    assert result.exit_code == 2 and result.output.count("\n") == 1 and "Did you mean 'build'?" in result.output
+    assert (
+        result.exit_code == 2 and result.output.count("\n") == 1 and "Did you mean 'build'?" in result.output
+    )
