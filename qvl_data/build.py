@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from qvl_data.format import (
     Rejected,
     SourceTotals,
 )
+from qvl_data.options import output_options
 from qvl_data.partition import DatasetIndex, Partition, data_files, make_plan
 from qvl_data.progress import rows_progress
 from qvl_data.schema import Rejection
@@ -78,22 +79,19 @@ class BuildResult:
 
 
 def encode_options(config: BuildConfig) -> EncodeOptions:
+    """The task's encoding options: the BuildConfig fields of the same names."""
     return EncodeOptions(
-        cutoff_len=config.cutoff_len,
-        image_max_pixels=config.image_max_pixels,
-        image_min_pixels=config.image_min_pixels,
-        mask_history=config.mask_history,
-        pixel_format=config.pixel_format,
+        **{f.name: getattr(config, f.name) for f in fields(EncodeOptions) if hasattr(config, f.name)}
     )
 
 
 def read_options(config: BuildConfig, dataset_dir: Path) -> ReadOptions:
-    set_vars = tuple(tuple(item.split("=", 1)) for item in config.set_vars)
+    options = build_options(config)
     return ReadOptions(
         dataset_dir=dataset_dir,
-        media_dir=Path(config.media_dir).resolve() if config.media_dir else None,
+        media_dir=Path(options.media_dir) if options.media_dir else None,
         allow_outside_images=config.allow_outside_images,
-        set_vars=set_vars,  # type: ignore[arg-type]
+        set_vars=tuple(tuple(item.split("=", 1)) for item in config.set_vars),  # type: ignore[arg-type]
     )
 
 
@@ -120,21 +118,20 @@ def library_versions() -> dict[str, str]:
 
 
 def build_options(config: BuildConfig) -> BuildOptions:
-    return BuildOptions(
-        cutoff_len=config.cutoff_len,
-        image_max_pixels=config.image_max_pixels,
-        image_min_pixels=config.image_min_pixels,
-        mask_history=config.mask_history,
-        pixel_format=config.pixel_format,
-        set_vars=list(config.set_vars),
-        partition_rows=config.partition_rows,
-    )
+    """The BuildConfig fields declared ``output="option"``: what the fingerprint hashes and the manifest
+    records under ``options`` (one set, so the manifest shows exactly what decided the bytes)."""
+    values = {name: getattr(config, name) for name in output_options(BuildConfig)}
+    values["set_vars"] = list(values["set_vars"])
+    # where the images are, not how this run spelled it (a relative path names another folder elsewhere)
+    values["media_dir"] = str(Path(config.media_dir).resolve()) if config.media_dir else None
+    return BuildOptions(**values)
 
 
 def fingerprint(specs: list[DatasetSpec], dataset_dir: Path, config: BuildConfig, versions: dict) -> str:
     """Hash of everything the output depends on except the images: data files by content, processor files,
-    template, output-changing options, library versions and qvl's version. Images are checked per
-    partition by their tasks (path, size, mtime), so deciding "nothing to do" reads no image."""
+    template, :func:`build_options` (as the manifest records them), library versions and qvl's version.
+    Images are checked per partition by their tasks (path, size, mtime), so deciding "nothing to do" reads
+    no image."""
     from qvl_data.demo import sha256_file
     from qvl_data.processor import processor_files_digest
 
@@ -152,7 +149,6 @@ def fingerprint(specs: list[DatasetSpec], dataset_dir: Path, config: BuildConfig
         f"{template.SYSTEM_FORMAT}{template.USER_FORMAT}{template.ASSISTANT_FORMAT}{template.DEFAULT_SYSTEM}".encode()
     )
     h.update(json.dumps(asdict(build_options(config)), sort_keys=True).encode())
-    h.update(f"{config.media_dir} {config.allow_outside_images} {config.shard_size_mb}".encode())
     h.update(json.dumps(versions, sort_keys=True).encode())
     return h.hexdigest()
 

@@ -1,94 +1,63 @@
-"""``qvl-data``: thin click commands over the pipeline; no logic lives here."""
+"""``qvl-data``: thin click commands over the pipeline; no logic lives here. The build options are generated
+from BuildConfig's fields (qvl_data/config.py), the others are the commands' own."""
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from qvl_data.config import DEMO_DATASETS, BuildConfig, load_config
+from qvl_data.config import BuildConfig, load_config
 from qvl_data.errors import QvlError
+from qvl_data.options import (
+    CONTEXT_SETTINGS,
+    OptionsCommand,
+    add_options,
+    click_options,
+    config_option,
+    usage_error_line,
+)
 from qvl_data.schema import rejection_line
-from qvl_data.shards import PIXEL_FORMATS
+
+# click >= 8.2 raises this for a group called without a command (8.1 printed the help and exited)
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
-def _fail_cleanly(fn):
-    """Whole-run problems print one line and exit 2, never a traceback."""
+class CommandGroup(click.Group):
+    """qvl-data's group: its commands list the common options first, and every whole-run problem or
+    usage mistake prints one ``error: ...`` line and exits 2 (click's own usage block would be 4 lines)."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    command_class = OptionsCommand
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: ANN001
+        if not standalone_mode:  # the caller handles errors and exit codes
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
-            return fn(*args, **kwargs)
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_IS_HELP as e:  # `qvl-data` alone: the help, as click prints it
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            click.echo(f"error: {usage_error_line(e)}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
         except QvlError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
-
-    return wrapper
-
-
-def _dataset_options(fn):
-    options = [
-        click.option(
-            "--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of build options."
-        ),
-        click.option(
-            "--dataset-dir",
-            help="Folder with dataset_info.json and the data files. Default: the LLaMA-Factory demo data.",
-        ),
-        click.option("--dataset", help=f"Comma-separated dataset names. Default: {DEMO_DATASETS}."),
-        click.option("--media-dir", help="Folder image paths are relative to. Default: the dataset dir."),
-        click.option(
-            "--allow-outside-images",
-            is_flag=True,
-            default=None,
-            help="Accept images outside the dataset dir.",
-        ),
-        click.option(
-            "--set-var",
-            "set_vars",
-            multiple=True,
-            metavar="KEY=VALUE",
-            help="Substitute {{KEY}} in the text (e.g. --set-var name=Qwen). Off by default, like LLaMA-Factory.",
-        ),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
-def _encode_options(fn):
-    options = [
-        click.option(
-            "--model", help="Checkpoint dir or hub id for tokenizer + image processor. Default: embedded."
-        ),
-        click.option(
-            "--num-proc", type=int, help="Worker processes of the local executor (default: one per CPU)."
-        ),
-        click.option(
-            "--executor",
-            type=click.Choice(["local", "ray"]),
-            help="Where tasks run: local (default; a process pool of --num-proc workers) or ray (a Ray "
-            'cluster; pip install -e ".[ray]"). The output is byte-identical either way.',
-        ),
-        click.option(
-            "--ray-address",
-            help="With --executor ray: a running cluster's address (e.g. auto); default: start Ray here. "
-            "Every node must see the datasets, images and --out at the same paths.",
-        ),
-        click.option("--cutoff-len", type=int, help="Max tokens per row (default 2048)."),
-        click.option(
-            "--image-max-pixels", type=int, help="Pre-resize images above this many pixels (262144)."
-        ),
-        click.option("--image-min-pixels", type=int, help="Pre-resize images below this many pixels (1024)."),
-        click.option("--mask-history", is_flag=True, default=None, help="Train only on the last answer."),
-        click.option("--quiet", is_flag=True, default=None, help="No progress bar."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+def _build_options(*stages: str) -> list[click.Option]:
+    """--config and the BuildConfig options of ``stages``, generated from their declarations."""
+    config = config_option("YAML file of build options (keys: the long options with _ for -).")
+    return [config, *click_options(BuildConfig, stages)]
 
 
 def _config(config_path: str | None, **overrides) -> BuildConfig:
@@ -108,22 +77,21 @@ def _encode_config(config_path: str | None, **overrides) -> BuildConfig:
     return config
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CommandGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_name="qvl")
 def main() -> None:
     """qvl-data: validate, convert and encode Qwen2.5-VL SFT datasets into Arrow shards, offline.
 
     \b
-    qvl-data build                      the three demo datasets -> ./data/qvl-demo
-    qvl-data build --dataset-dir my_data --dataset mine --out shards/ --num-proc 16
+    qvl-data build                    the three demo datasets -> ./data/qvl-demo
+    qvl-data build --dataset-dir my_data --dataset mine --out out/ --num-proc 16
     qvl-data validate --dataset-dir my_data --dataset mine
     qvl-data convert --dataset-dir my_data --dataset mine --out unified.parquet
-    qvl-data inspect --sample 3         look at what will be trained on
+    qvl-data inspect --sample 3       look at what will be trained on
     """
 
 
 @main.command("demo-data")
-@_fail_cleanly
 def demo_data() -> None:
     """Fetch (once, through pip) and verify LLaMA-Factory 0.9.5's demo datasets; print their folder."""
     from qvl_data.demo import fetch_demo_data
@@ -132,24 +100,7 @@ def demo_data() -> None:
 
 
 @main.command()
-@_dataset_options
-@_encode_options
-@click.option("--out", help="Output directory (default data/qvl-demo).")
-@click.option(
-    "--pixel-format",
-    type=click.Choice(list(PIXEL_FORMATS)),
-    help="Stored pixels: uint8 (default; 1/8 of float32, fastest to load), webp (lossless, ~1/20 of float32 "
-    "on photos, decoded in the loader), float32 (the processor's pixel_values).",
-)
-@click.option("--shard-size-mb", type=int, help="Shard size bound in MiB (default 256).")
-@click.option(
-    "--partition-rows",
-    type=int,
-    help="Rows per partition, the unit of work (one task, its own shard files, resumed as a whole). "
-    "Default 0 = auto: max(32, rows/1024) per dataset.",
-)
-@click.option("--force", is_flag=True, default=None, help="Rebuild even if the output is up to date.")
-@_fail_cleanly
+@add_options(_build_options("read", "encode", "write"))
 def build(config_path: str | None, **overrides) -> None:
     """Validate, encode and shard datasets. Bad rows go to rejected.jsonl, never silently dropped.
 
@@ -175,12 +126,10 @@ def build(config_path: str | None, **overrides) -> None:
 
 
 @main.command()
-@_dataset_options
-@_encode_options
+@add_options(_build_options("read", "encode"))
 @click.option(
     "--report", type=click.Path(dir_okay=False), help="Also write every rejected row as JSON lines here."
 )
-@_fail_cleanly
 def validate(config_path: str | None, report: str | None, **overrides) -> None:
     """Run every check the build runs (images decoded, rows encoded) and report each bad row.
 
@@ -203,9 +152,8 @@ def validate(config_path: str | None, report: str | None, **overrides) -> None:
 
 
 @main.command()
-@_dataset_options
+@add_options(_build_options("read"))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Parquet file to write.")
-@_fail_cleanly
 def convert(config_path: str | None, out: str, **overrides) -> None:
     """Convert rows to the unified schema (schemas/unified_record.schema.json) as Parquet; no tokenization.
 
@@ -232,7 +180,6 @@ def convert(config_path: str | None, out: str, **overrides) -> None:
 @click.option("--tokens", is_flag=True, help="Add a per-token table: position, id, token text, label.")
 @click.option("--rejected", is_flag=True, help="List the rejected rows with their reasons.")
 @click.option("--color/--no-color", default=None, help="Colour on or off (default: only on a terminal).")
-@_fail_cleanly
 def inspect_command(shards_dir: str, color: bool | None, **options) -> None:
     """Show rows of SHARDS_DIR (default data/qvl-demo) exactly as they will be trained on.
 
@@ -240,9 +187,10 @@ def inspect_command(shards_dir: str, color: bool | None, **options) -> None:
     ⟦...⟧   trained text (labels = ids); everything outside is masked (-100)
     ↵       a trained line break (the newline after <|im_end|>)
     [image 1 · 12×22 patches · 66 tokens]
-            one image span: <|vision_start|> + 66 × <|image_pad|> + <|vision_end|>
-    With colour, trained text is also green and masked text dim; the markers stay, so piped
-    output (no colour) shows the same distinction.
+            one image span: <|vision_start|> + 66 × <|image_pad|>
+            + <|vision_end|>
+    With colour, trained text is also green and masked text dim; the markers
+    stay, so piped output (no colour) shows the same distinction.
     """
     from qvl_data.inspect import inspect_rows, make_console
 
@@ -259,7 +207,6 @@ def inspect_command(shards_dir: str, color: bool | None, **options) -> None:
 @click.option(
     "--timeout", type=click.IntRange(min=1), default=600, show_default=True, help="Seconds per cell."
 )
-@_fail_cleanly
 def notebook_command(shards_dir: str, out: str | None, timeout: int) -> None:
     """Run notebooks/dataset_qa.ipynb on SHARDS_DIR (default data/qvl-demo) and keep its outputs.
 
@@ -274,7 +221,6 @@ def notebook_command(shards_dir: str, out: str | None, timeout: int) -> None:
 @click.argument("shards_dir", required=False, default=BuildConfig.out)
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON, for scripts.")
 @click.option("--color/--no-color", default=None, help="Colour on or off (default: only on a terminal).")
-@_fail_cleanly
 def stats_command(shards_dir: str, as_json: bool, color: bool | None) -> None:
     """Rows, tokens, trained ratio, lengths, images, rejections and storage of SHARDS_DIR.
 

@@ -1,19 +1,32 @@
-"""Build configuration: one dataclass, loadable from YAML, overridable from the CLI."""
+"""Build configuration: one dataclass, loadable from YAML, overridable from the CLI (both generated from its
+fields, see qvl_data/options.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
 from qvl_data.demo import DEMO_DATASETS as DEMO_DATASET_NAMES
 from qvl_data.errors import QvlError
+from qvl_data.executors import EXECUTORS
+from qvl_data.options import (
+    OUTPUT_INPUT,
+    OUTPUT_OPTION,
+    declared,
+    flag,
+    option,
+    public_name,
+    suggest,
+    yaml_aliases,
+)
 from qvl_data.processor import CONTROL_TOKENS
 from qvl_data.shards import PIXEL_FORMATS
+from qvl_data.vision import DEFAULT_IMAGE_MAX_PIXELS, DEFAULT_IMAGE_MIN_PIXELS
 
 # The --dataset default: the demo sets of qvl_data/demo.py (their one home), as the option spells them.
 DEMO_DATASETS = ",".join(DEMO_DATASET_NAMES)
@@ -24,50 +37,79 @@ T = TypeVar("T")
 
 @dataclass
 class BuildConfig:
-    dataset_dir: str | None = None
-    """Folder holding dataset_info.json and the data files; default: the cached LLaMA-Factory demo data."""
-    dataset: str = DEMO_DATASETS
-    """Comma-separated dataset names from dataset_info.json, built in this order."""
-    model: str | None = None
-    """Local checkpoint dir or hub id whose tokenizer + image processor to use; default: the embedded one."""
-    out: str = "data/qvl-demo"
-    """Output directory (manifest.json, rejected.jsonl, shards/)."""
-    num_proc: int = 0
-    """Worker processes of the local executor; 0 means one per CPU."""
-    executor: str = "local"
-    """Where the partition tasks run: local (a process pool of --num-proc workers) or ray (a Ray cluster)."""
-    ray_address: str | None = None
-    """With --executor ray: the address of a running cluster (e.g. ray://head:10001 or auto); default: start
-    a Ray on this machine for the build."""
-    partition_rows: int = 0
-    """Rows per partition (one task, its own shard files); 0 = auto: max(32, rows/1024) per dataset."""
-    cutoff_len: int = 2048
-    """Maximum tokens per row, truncated as LLaMA-Factory does (image spans are never cut)."""
-    image_max_pixels: int = 262144
-    """Pre-resize images above this many pixels (LLaMA-Factory's image_max_pixels)."""
-    image_min_pixels: int = 1024
-    """Pre-resize images below this many pixels up to it."""
-    mask_history: bool = False
-    """Train only on the last answer of each conversation (and truncate last turn first)."""
-    pixel_format: str = "uint8"
-    """uint8: patches before rescale/normalize (1/8 of float32); webp: those patches as one lossless WebP
-    per image (~1/20 of float32 on photos; ~7 ms per 512x512 image to decode in the loader); float32: the
-    processor's pixel_values."""
-    shard_size_mb: int = 256
-    """Start a new shard once one exceeds this size."""
-    set_vars: list[str] = field(default_factory=list)
-    """KEY=VALUE substitutions of {{KEY}} in the text (e.g. name=qvl); off by default, like the reference."""
-    media_dir: str | None = None
-    """Folder image paths are relative to; default: dataset_dir."""
-    allow_outside_images: bool = False
-    """Accept image paths that resolve outside the dataset (or media) directory."""
-    force: bool = False
-    """Rebuild even when the output's fingerprint matches."""
-    quiet: bool = False
-    """No progress bar or summary."""
+    """The options of ``qvl-data convert | validate | build``, each declared once (see qvl_data/options.py):
+    the commands' options, the YAML keys, and (``output``) what the fingerprint hashes and the manifest
+    records under ``options``."""
 
-    # YAML keys are the long option names with "_"; these options' field names differ from them.
-    YAML_ALIASES: ClassVar[dict[str, str]] = {"set_var": "set_vars"}
+    dataset_dir: str | None = option(None, common=True, output=OUTPUT_INPUT, stage="read")
+    """Folder holding dataset_info.json and the data files; default: the cached LLaMA-Factory demo data."""
+    dataset: str = option(DEMO_DATASETS, common=True, output=OUTPUT_INPUT, stage="read")
+    """Comma-separated dataset names from dataset_info.json, built in this order."""
+    model: str | None = option(None, common=True, output=OUTPUT_INPUT, stage="encode")
+    """Local checkpoint dir or hub id whose tokenizer + image processor to use; default: the embedded one."""
+    out: str = option("data/qvl-demo", common=True, stage="write")
+    """Output directory (manifest.json, rejected.jsonl, shards/)."""
+    num_proc: int = option(0, common=True, stage="encode")
+    """Worker processes of the local executor; 0 means one per CPU."""
+    executor: str = option(
+        "local",
+        common=True,
+        stage="encode",
+        choices=EXECUTORS,
+        help="Where the tasks run: a local process pool, or a Ray cluster (same bytes).",
+    )
+    """Where the partition tasks run: local (a process pool of --num-proc workers) or ray (a Ray cluster;
+    pip install -e ".[ray]"). The output is byte-identical either way."""
+    ray_address: str | None = option(
+        None,
+        stage="encode",
+        help="With --executor ray: a running cluster's address (e.g. auto); default: start Ray here.",
+    )
+    """With --executor ray: the address of a running cluster (e.g. ray://head:10001 or auto); default: start
+    a Ray on this machine for the build. Every node must see the datasets, images and --out at the same
+    paths."""
+    partition_rows: int = option(
+        0,
+        output=OUTPUT_OPTION,
+        stage="write",
+        help="Rows per partition, the unit of work and of resuming (0: auto).",
+    )
+    """Rows per partition (one task, its own shard files, resumed as a whole); 0 = auto: max(32, rows/1024)
+    per dataset."""
+    cutoff_len: int = option(2048, common=True, output=OUTPUT_OPTION, stage="encode")
+    """Maximum tokens per row, truncated as LLaMA-Factory does (image spans are never cut)."""
+    image_max_pixels: int = option(DEFAULT_IMAGE_MAX_PIXELS, output=OUTPUT_OPTION, stage="encode")
+    """Pre-resize images above this many pixels (LLaMA-Factory's image_max_pixels)."""
+    image_min_pixels: int = option(DEFAULT_IMAGE_MIN_PIXELS, output=OUTPUT_OPTION, stage="encode")
+    """Pre-resize images below this many pixels up to it."""
+    mask_history: bool = option(False, output=OUTPUT_OPTION, stage="encode")
+    """Train only on the last answer of each conversation (and truncate last turn first)."""
+    pixel_format: str = option(
+        "uint8",
+        output=OUTPUT_OPTION,
+        stage="write",
+        choices=PIXEL_FORMATS,
+        metavar="FORMAT",
+        help="Stored pixels: uint8, webp (lossless, smallest) or float32 (see README).",
+    )
+    """Stored pixels. uint8: patches before rescale/normalize (1/8 of float32, fastest to load); webp: those
+    patches as one lossless WebP per image (~1/20 of float32 on photos; ~7 ms per 512x512 image to decode
+    in the loader); float32: the processor's pixel_values."""
+    shard_size_mb: int = option(256, output=OUTPUT_OPTION, stage="write")
+    """Start a new shard once one exceeds this many MiB."""
+    set_vars: list[str] = option(
+        default_factory=list, output=OUTPUT_OPTION, stage="read", name="set_var", metavar="KEY=VALUE"
+    )
+    """Substitute {{KEY}} in the text (e.g. --set-var name=Qwen; repeatable). Off by default, like
+    LLaMA-Factory."""
+    media_dir: str | None = option(None, output=OUTPUT_OPTION, stage="read")
+    """Folder image paths are relative to; default: the dataset dir."""
+    allow_outside_images: bool = option(False, output=OUTPUT_OPTION, stage="read")
+    """Accept image paths that resolve outside the dataset (or media) directory."""
+    force: bool = option(False, stage="write")
+    """Rebuild even when the output's fingerprint matches."""
+    quiet: bool = option(False, stage="encode")
+    """No progress bar or summary."""
 
     def __post_init__(self) -> None:
         # YAML spellings: `dataset: [a, b]` and `set_var: {name: x}` are natural there.
@@ -82,8 +124,8 @@ class BuildConfig:
             raise QvlError(
                 f"--pixel-format must be one of {', '.join(PIXEL_FORMATS)}, got {self.pixel_format!r}"
             )
-        if self.executor not in ("local", "ray"):
-            raise QvlError(f"--executor must be local or ray, got {self.executor!r}")
+        if self.executor not in EXECUTORS:
+            raise QvlError(f"--executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
         at_least = {
             "num_proc": 0,
             "partition_rows": 0,
@@ -118,10 +160,10 @@ class BuildConfig:
         return self.num_proc or os.cpu_count() or 1
 
 
-def option_name(field_name: str) -> str:
+def option_name(field_name: str, cls: type = BuildConfig) -> str:
     """The command-line spelling of a config field, for messages (``cutoff_len`` -> ``--cutoff-len``)."""
-    aliases = {v: k for k, v in BuildConfig.YAML_ALIASES.items()}
-    return "--" + aliases.get(field_name, field_name).replace("_", "-")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return flag(fields[field_name]) if field_name in fields else "--" + field_name.replace("_", "-")
 
 
 def check_types(config: Any) -> None:
@@ -141,14 +183,17 @@ def check_types(config: Any) -> None:
             continue
         if not ok:
             expected = {"list[str]": "a list of strings", "str | None": "a string"}.get(kind, f"a {kind}")
-            raise QvlError(f"{option_name(f.name)} must be {expected}, got {value!r}")
+            raise QvlError(f"{option_name(f.name, type(config))} must be {expected}, got {value!r}")
 
 
 def load_config(cls: type[T], yaml_path: str | None, overrides: dict[str, Any]) -> T:
-    """``cls`` from YAML (if given) with ``overrides`` (non-None CLI values) on top; unknown keys fail."""
+    """``cls`` from YAML (if given) with ``overrides`` (non-None CLI values) on top. An unknown key fails with
+    a did-you-mean; a ``cli_only`` option that the file sets true fails with the reason."""
     values: dict[str, Any] = {}
+    where = ""
     if yaml_path:
         path = Path(yaml_path)
+        where = f"{path}: "
         if not path.is_file():
             raise QvlError(f"{path}: config file does not exist")
         try:
@@ -157,12 +202,24 @@ def load_config(cls: type[T], yaml_path: str | None, overrides: dict[str, Any]) 
             raise QvlError(f"{path}: invalid YAML ({e})") from None
         if not isinstance(loaded, dict):
             raise QvlError(f"{path}: expected a mapping of option names to values")
-        aliases = getattr(cls, "YAML_ALIASES", {})
+        aliases = yaml_aliases(cls)
         for key, value in loaded.items():
             values[aliases.get(key, key)] = value
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise QvlError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in sorted(set(values) | set(given)):
+        if name not in fields:
+            known = [public_name(f) for f in fields.values()]
+            raise QvlError(
+                f"{where}unknown option {name!r}{suggest(str(name), known)}; the keys are the long options of "
+                "--help with _ for -"
+            )
+    for name, value in values.items():
+        reason = declared(fields[name], "cli_only")
+        if reason and value is True and name not in given:
+            raise QvlError(
+                f"{yaml_path}: {public_name(fields[name])} {reason}, so it is a command-line choice only; "
+                f"remove it from the config file and pass {flag(fields[name])} when you mean it"
+            )
+    values.update(given)
     return cls(**values)

@@ -23,11 +23,12 @@ from qvl_data.template import IGNORE_INDEX, encode_conversation, encode_prompt
 
 @dataclass(frozen=True)
 class EncodeOptions:
-    """Everything that changes the encoded output besides the record and the processor."""
+    """Everything that changes the encoded output besides the record and the processor: a task's view of
+    the BuildConfig fields of the same names (qvl_data/config.py declares them and their defaults)."""
 
     cutoff_len: int = 2048
-    image_max_pixels: int = 262144  # pre-resize bound (the reference yaml's image_max_pixels)
-    image_min_pixels: int = 1024
+    image_max_pixels: int = vision.DEFAULT_IMAGE_MAX_PIXELS  # pre-resize bounds (the reference yaml's)
+    image_min_pixels: int = vision.DEFAULT_IMAGE_MIN_PIXELS
     mask_history: bool = False
     # "uint8": patches before rescale/normalize; "float32": pixel_values as is; "webp": the uint8 patches of
     # each image as one lossless WebP

@@ -107,7 +107,9 @@ class ProcessorSummary:
 
 @dataclass
 class BuildOptions:
-    """The options that change the output (all part of the fingerprint)."""
+    """The options that decide the output's bytes, as the fingerprint hashes them: the fields of
+    ``qvl_data.config.BuildConfig`` declared ``output="option"``, plus the template. (The inputs, hashed
+    by content, are the manifest's own fields: dataset_dir, datasets, processor, versions.)"""
 
     cutoff_len: int
     image_max_pixels: int
@@ -117,6 +119,10 @@ class BuildOptions:
     set_vars: list[str]
     partition_rows: int  # as given; 0 = auto (see qvl_data/partition.py)
     template: str = "qwen2_vl"
+    # None in a manifest written before qvl recorded them (they were hashed all along)
+    shard_size_mb: int | None = None
+    media_dir: str | None = None  # absolute; None: the dataset dir
+    allow_outside_images: bool | None = None
 
 
 @dataclass

@@ -56,7 +56,8 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """What row conversion needs beyond the row itself."""
+    """What row conversion needs beyond the row itself: a task's view of BuildConfig's read options
+    (qvl_data/config.py declares them; qvl_data/build.py: read_options maps them)."""
 
     dataset_dir: Path
     media_dir: Path | None = None  # image paths are relative to this; default: dataset_dir

@@ -15,6 +15,7 @@ import os
 import sys
 
 from qvl_data.errors import QvlError
+from qvl_data.options import suggest
 
 #: command -> module with a ``run(argv) -> None`` that parses its own options
 COMMANDS = {"predict": "qvl_train.predict", "score": "qvl_train.score", "export": "qvl_train.export"}
@@ -26,6 +27,11 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] in COMMANDS:
             importlib.import_module(COMMANDS[argv[0]]).run(argv[1:])
             return
+        if argv and not argv[0].startswith("-"):  # training takes options only: this was meant as a command
+            raise QvlError(
+                f"no such command {argv[0]!r}{suggest(argv[0], COMMANDS)}; the commands are "
+                f"{', '.join(COMMANDS)}, and qvl-train alone trains (see qvl-train --help)"
+            )
         from qvl_train.config import parse_config
 
         config = parse_config(argv)

@@ -1,23 +1,25 @@
 """The training configuration: one dataclass whose field docstrings are the documentation.
 
 Values come from the dataclass defaults, then a YAML file (``--config``), then ``--key value`` command-line
-arguments generated from the fields (``--max-steps 20`` and ``--max_steps 20`` both work; booleans accept
-``--dry-run`` alone or ``--dry-run false``). Unknown keys and invalid values are one-line errors.
+options generated from the fields by qvl_data/options.py, as qvl-data's are (``--max-steps 20``; the YAML
+spelling ``--max_steps 20`` works too; booleans accept ``--dry-run`` alone or ``--dry-run false``). Unknown
+keys, mistyped options (with a did-you-mean; no prefix matching) and invalid values are one-line errors.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
-import inspect
-import textwrap
+import sys
 import typing
 from dataclasses import dataclass
 from typing import Any
 
+import click
+
+from qvl_data import options
 from qvl_data.config import load_config
 from qvl_data.errors import QvlError
+from qvl_data.options import option
 
 #: The decoder-layer linears of the language model that LoRA may wrap (docs/semantics.md section 7).
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -26,36 +28,56 @@ SCHEDULERS = ("cosine", "linear", "constant")
 
 @dataclass
 class TrainConfig:
-    model: str = "tiny"
+    """The options of ``qvl-train``, each declared once (qvl_data/options.py): a field is the option
+    ``--field-name`` and the YAML key ``field_name``; ``common`` ones lead --help."""
+
+    model: str = option(
+        "tiny",
+        common=True,
+        help="A Qwen2.5-VL checkpoint dir, a hub id, or tiny (a random 39 M-parameter one, for CPU demos).",
+    )
     """Base model: a local Qwen2.5-VL checkpoint dir, a hub id, or ``tiny`` (a random 39 M-parameter
     Qwen2.5-VL built and cached locally, for CPU demos and tests). With --dry-run it may also be a config.json."""
-    data: str = "data/qvl-demo"
+    data: str = option("data/qvl-demo", common=True)
     """Shard directory written by ``qvl-data build`` (manifest.json + shards/)."""
-    output_dir: str = "saves/qwen2_5vl-7b/lora/sft"
+    output_dir: str = option("saves/qwen2_5vl-7b/lora/sft", common=True)
     """Where the adapter, checkpoints, plan, log and loss plot go."""
-    overwrite_output_dir: bool = False
+    overwrite_output_dir: bool = option(
+        False,
+        common=True,
+        cli_only="deletes the earlier run's checkpoints",
+        help="Start afresh in an output_dir holding a run (deletes its checkpoints); command line only.",
+    )
     """Start afresh in an output_dir that already holds a run (its checkpoints, adapter, log and plot are
     deleted). Without it such a directory is an error, unless resuming. Command line only: a config file
     that sets it true is refused, so re-running a recipe never deletes checkpoints by default."""
-    resume: str = ""
+    resume: str = option(
+        "",
+        common=True,
+        help="auto: continue from the latest checkpoint in output_dir; a path: from that checkpoint.",
+    )
     """``auto``: continue from the latest complete checkpoint in output_dir (start afresh if there is none);
     a path: continue from that checkpoint dir; empty: start afresh."""
 
-    lora_rank: int = 8
+    lora_rank: int = option(8, common=True)
     """LoRA rank r."""
     lora_alpha: int = 16
     """LoRA alpha (the update is scaled by alpha / r)."""
     lora_dropout: float = 0.1
     """Dropout on the LoRA input."""
-    lora_target: str = ",".join(LORA_MODULES)
+    lora_target: str = option(
+        ",".join(LORA_MODULES),
+        common=True,
+        help="Comma-separated language-model linears to wrap, or all (default: all seven).",
+    )
     """Comma-separated decoder-layer linears of the *language model* to wrap (``all`` = all seven). The vision
     tower's MLP has the same names and is never wrapped."""
 
-    per_device_train_batch_size: int = 1
+    per_device_train_batch_size: int = option(1, common=True)
     """Rows per micro-batch on each rank."""
-    gradient_accumulation_steps: int = 8
+    gradient_accumulation_steps: int = option(8, common=True)
     """Micro-batches per optimizer step on each rank."""
-    learning_rate: float = 1e-4
+    learning_rate: float = option(1e-4, common=True)
     """Peak learning rate (AdamW)."""
     lr_scheduler_type: str = "cosine"
     """After the warmup: ``cosine`` (to 0), ``linear`` (to 0) or ``constant``."""
@@ -63,9 +85,9 @@ class TrainConfig:
     """Linear warmup over ceil(warmup_ratio * total steps) optimizer steps."""
     warmup_steps: int = 0
     """Warmup steps; overrides warmup_ratio when > 0."""
-    num_train_epochs: float = 3.0
+    num_train_epochs: float = option(3.0, common=True, help="Passes over the data (fractions allowed).")
     """Passes over the data (fractions allowed: total steps = ceil(epochs * steps per epoch))."""
-    max_steps: int = 0
+    max_steps: int = option(0, common=True)
     """Total optimizer steps; overrides num_train_epochs when > 0 (the data is cycled as needed)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
@@ -90,7 +112,10 @@ class TrainConfig:
     """Attention kernel passed to transformers (sdpa, eager, flash_attention_2)."""
     device: str = "auto"
     """``auto`` (CUDA if available, else CPU), ``cuda`` or ``cpu``."""
-    dataloader_num_workers: int = 0
+    dataloader_num_workers: int = option(
+        0,
+        help="Data-loader workers per rank; 0 (the default) loads in the training process, which is the faster path for qvl shards (bench/loader.py).",
+    )
     """Data-loader worker processes per rank. 0 (the default) loads in the training process, which is the
     faster path for qvl shards: a row is a few preads (plus the webp decode), while handing each batch from
     a worker to the trainer costs milliseconds of shared-memory and socket traffic; bench/loader.py measured
@@ -99,7 +124,11 @@ class TrainConfig:
     max_rows: int = 0
     """Train on the first N rows of the shards only (0: all); for smoke tests and demos."""
 
-    val_size: float = 0.0
+    val_size: float = option(
+        0.0,
+        common=True,
+        help="Hold out rows of --data for evaluation: a fraction (0 < x < 1) or a row count.",
+    )
     """Hold out rows of --data for evaluation: a fraction (0 < x < 1) or a row count (>= 1). The split is by
     row id (a seeded hash of source and index), so it is the same on every rank, world size and resume.
     0: no split."""
@@ -110,7 +139,9 @@ class TrainConfig:
     per_device_eval_batch_size: int = 1
     """Rows per evaluation batch on each rank."""
 
-    packing: bool = False
+    packing: bool = option(
+        False, common=True, help="Pack several rows into one sequence of up to --packing-len tokens (README)."
+    )
     """Pack several rows into one sequence of up to --packing-len tokens (each row keeps its own 3-D
     positions; no token attends across rows; the loss is the same token mean). --per-device-train-batch-size
     and the plan's steps then count packed sequences, so lower --gradient-accumulation-steps to keep the rows
@@ -121,16 +152,20 @@ class TrainConfig:
 
     logging_steps: int = 10
     """Log every N optimizer steps (console + trainer_log.jsonl)."""
-    save_steps: int = 500
+    save_steps: int = option(500, common=True)
     """Write checkpoint-N every N optimizer steps (0: only at the end)."""
     save_total_limit: int = 0
     """Keep at most this many checkpoints, deleting the oldest (0: keep all)."""
     plot_loss: bool = True
     """Write training_loss.png at each checkpoint and at the end."""
-    stop_at_step: int = 0
+    stop_at_step: int = option(
+        0, help="Stop after this optimizer step with a checkpoint, as if interrupted (0: run to the end)."
+    )
     """Stop after this optimizer step, with a checkpoint, as if interrupted (the schedule still spans the
     whole run); continue later with --resume auto. For time-limited jobs and tests. 0: run to the end."""
-    log_samples: bool = False
+    log_samples: bool = option(
+        False, help="Each rank logs the rows it trains on to output_dir/samples-rank<R>.jsonl."
+    )
     """Each rank appends the (step, epoch, source, index) of every row it trains on to
     samples-rank<R>.jsonl in output_dir (to audit the data split)."""
     report_to: str = "none"
@@ -143,7 +178,11 @@ class TrainConfig:
     world_size: int = 0
     """Ranks to plan for with --dry-run (0: torchrun's WORLD_SIZE, else 1). A real run takes torchrun's; if
     set, it must agree."""
-    dry_run: bool = False
+    dry_run: bool = option(
+        False,
+        common=True,
+        help="Print the plan (rows, steps, warmup, trainable parameters) and exit; loads no weights.",
+    )
     """Print the plan (rows, steps, warmup, trainable parameters) and exit; the model is built on the meta
     device from its config alone, no weights are loaded."""
 
@@ -235,7 +274,7 @@ def coerce_types(config: Any) -> None:
                 converted = str(value)
             else:
                 converted = None
-        except (ValueError, argparse.ArgumentTypeError):
+        except ValueError:
             converted = None
         if converted is None:
             raise QvlError(f"{f.name}: expected {kind.__name__}, got {value!r}")
@@ -246,23 +285,8 @@ def coerce_types(config: Any) -> None:
 
 
 def field_docs(cls: type = TrainConfig) -> dict[str, str]:
-    """Field name -> its docstring (the string literal right after the field in the class body), over the
-    dataclass and its dataclass bases (a field a subclass declares again takes the subclass's text)."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        for node, nxt in zip(body, body[1:], strict=False):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                if (
-                    isinstance(nxt, ast.Expr)
-                    and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)
-                ):
-                    docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
+    """Field name -> its docstring (see :func:`qvl_data.options.field_docs`)."""
+    return options.field_docs(cls)
 
 
 def parse_bool(text: str | bool) -> bool:
@@ -273,12 +297,7 @@ def parse_bool(text: str | bool) -> bool:
         return True
     if value in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:  # one line, exit 2 (argparse's own code too)
-        raise QvlError(message)
+    raise ValueError(f"expected true or false, got {text!r}")
 
 
 TRAIN_DESCRIPTION = (
@@ -288,58 +307,53 @@ TRAIN_DESCRIPTION = (
 )
 
 
-def build_parser(
+def build_command(
     cls: type = TrainConfig, prog: str = "qvl-train", description: str = TRAIN_DESCRIPTION
-) -> argparse.ArgumentParser:
-    """An argparse parser with one ``--option`` per field of the config dataclass ``cls`` (its docstring as
-    the help), plus ``--config FILE.yaml``. Every qvl-train command builds its parser this way."""
-    parser = _Parser(prog=prog, description=description)
-    parser.add_argument(
-        "--config", help="YAML file of options (keys = the option names below, with underscores)."
+) -> click.Command:
+    """The click command of a config dataclass ``cls``: ``--config FILE.yaml`` plus one option per field
+    (qvl_data/options.py generates them from the fields' declarations). Its callback returns the YAML path
+    and the options given. Every qvl-train command builds its command line this way."""
+    params = [
+        options.config_option("YAML file of options (keys: the long options with _ for -)."),
+        *options.click_options(cls),
+    ]
+    return options.OptionsCommand(
+        prog,
+        params=params,
+        callback=lambda config_path, **given: (config_path, given),
+        help=description,
+        context_settings=options.CONTEXT_SETTINGS,
     )
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    # the command's own options first, in the order its class declares them, then the ones it inherits
-    own = list(cls.__dict__.get("__annotations__", {}))
-    for f in sorted(dataclasses.fields(cls), key=lambda f: own.index(f.name) if f.name in own else len(own)):
-        flags = [f"--{f.name}"]
-        if "_" in f.name:
-            flags.insert(0, f"--{f.name.replace('_', '-')}")
-        kind = hints[f.name]
-        help_text = f"{docs.get(f.name, '')} [default: {f.default!r}]".replace("%", "%%")
-        if kind is bool:
-            parser.add_argument(
-                *flags,
-                dest=f.name,
-                type=parse_bool,
-                nargs="?",
-                const=True,
-                default=None,
-                metavar="BOOL",
-                help=help_text,
-            )
-        else:
-            parser.add_argument(*flags, dest=f.name, type=kind, default=None, help=help_text)
-    return parser
+
+
+def help_text(cls: type = TrainConfig, prog: str = "qvl-train", description: str = TRAIN_DESCRIPTION) -> str:
+    """What ``--help`` prints (at most 80 columns)."""
+    command = build_command(cls, prog, description)
+    with click.Context(command, info_name=prog, **options.CONTEXT_SETTINGS) as ctx:
+        return command.get_help(ctx)
 
 
 def parse_tool_config(cls: type, argv: list[str] | None, prog: str, description: str) -> Any:
-    """An instance of the config dataclass ``cls`` from ``--config`` YAML plus command-line overrides."""
-    args = vars(build_parser(cls, prog, description).parse_args(argv))
-    return load_config(cls, args.pop("config"), args)
+    """An instance of the config dataclass ``cls`` from ``--config`` YAML plus command-line overrides. A
+    usage mistake (an unknown or mistyped option, a bad value) is a one-line QvlError; --help prints the
+    help and exits 0."""
+    command = build_command(cls, prog, description)
+    try:
+        parsed = command.main(sys.argv[1:] if argv is None else list(argv), prog, standalone_mode=False)
+    except click.UsageError as e:
+        raise QvlError(options.usage_error_line(e, prog)) from None
+    if not isinstance(parsed, tuple):  # --help: click printed it
+        sys.exit(parsed or 0)
+    yaml_path, given = parsed
+    given = {
+        name: (list(value) or None) if isinstance(value, tuple) else value for name, value in given.items()
+    }
+    return load_config(cls, yaml_path, given)
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """TrainConfig from ``--config`` YAML plus the command-line overrides; QvlError on any problem."""
-    args = vars(build_parser().parse_args(argv))
-    yaml_path = args.pop("config")
-    config = load_config(TrainConfig, yaml_path, args)
-    if config.overwrite_output_dir and args["overwrite_output_dir"] is None:  # it came from the file
-        raise QvlError(
-            f"{yaml_path}: overwrite_output_dir deletes the earlier run's checkpoints, so it is a command-line "
-            "choice only; remove it from the config file and pass --overwrite-output-dir when you mean it"
-        )
-    return config
+    return parse_tool_config(TrainConfig, argv, "qvl-train", TRAIN_DESCRIPTION)
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:

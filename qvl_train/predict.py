@@ -43,6 +43,7 @@ from qvl_data.processor import (
 )
 from qvl_data.schema import Record, Rejection
 from qvl_data.template import IGNORE_INDEX
+from qvl_data.vision import DEFAULT_IMAGE_MAX_PIXELS, DEFAULT_IMAGE_MIN_PIXELS
 from qvl_train.config import coerce_types, parse_tool_config
 
 if TYPE_CHECKING:
@@ -84,10 +85,10 @@ class GenerationOptions:
     """Penalty on tokens already in the prompt or answer (1.0: none; Qwen2.5-VL's own config uses 1.05)."""
     seed: int = 42
     """Seed of the sampling RNG."""
-    image_max_pixels: int = 262144
+    image_max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS
     """Images read here (a dataset directory, benchmark images): pre-resize those above this many pixels (the
     build's --image-max-pixels). Shards keep their build's pixels."""
-    image_min_pixels: int = 1024
+    image_min_pixels: int = DEFAULT_IMAGE_MIN_PIXELS
     """Images read here: pre-resize those below this many pixels up to it."""
     processor: str = ""
     """Images and text read here: checkpoint dir or hub id whose tokenizer + image processor to use (the

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qvl_data.errors import QvlError
-from qvl_train.config import TrainConfig, build_parser, field_docs, parse_config
+from qvl_train.config import TrainConfig, field_docs, help_text, parse_config
 
 RECIPE = Path(__file__).resolve().parent.parent / "examples" / "qwen2_5vl_lora_sft.yaml"
 
@@ -49,10 +49,10 @@ def test_command_line_overrides_yaml():
 
 def test_every_field_has_a_flag_and_a_docstring():
     docs = field_docs()
-    help_text = build_parser().format_help()
+    text = help_text()
     for f in dataclasses.fields(TrainConfig):
         assert docs.get(f.name), f"{f.name} is undocumented"
-        assert f"--{f.name.replace('_', '-')}" in help_text
+        assert f"--{f.name.replace('_', '-')}" in text
 
 
 @pytest.mark.parametrize(
@@ -61,8 +61,8 @@ def test_every_field_has_a_flag_and_a_docstring():
         (["--lora-rank", "0"], "lora_rank must be >= 1"),
         (["--lr-scheduler-type", "poly"], "lr_scheduler_type"),
         (["--lora-target", "q_proj,qkv"], "qkv"),
-        (["--max-steps", "x"], "invalid int value"),
-        (["--no-such-option", "1"], "unrecognized arguments"),
+        (["--max-steps", "x"], "'x' is not a valid integer"),
+        (["--no-such-option", "1"], "no such option --no-such-option"),
         (["--device", "tpu"], "device must be"),
         (["--config", "/nonexistent.yaml"], "does not exist"),
     ],
@@ -99,6 +99,80 @@ def test_default_loader_path_is_the_measured_faster_one_and_help_says_why():
     # bench/loader.py: uint8 shards 146 batches/s with 0 workers, 96 with 2 (the per-batch hand-off from a
     # worker costs more than reading a qvl row); the default is the faster path and --help explains it
     assert TrainConfig().dataloader_num_workers == 0
-    help_text = " ".join(build_parser().format_help().split())
-    assert "0 (the default) loads in the training process, which is the faster path" in help_text
+    text = " ".join(help_text().split())
+    assert "0 (the default) loads in the training process, which is the faster path" in text
     assert parse_config(["--config", str(RECIPE)]).dataloader_num_workers == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--lerning-rate", "1e-4"], "no such option --lerning-rate; did you mean --learning-rate?"),
+        # a prefix is not taken for the option it starts (argparse took --max-step as --max-steps)
+        (["--max-step", "3"], "no such option --max-step; did you mean --max-steps?"),
+        (["predict", "--max-row", "3"], "no such option --max-row; did you mean --max-rows?"),
+        (["--dry-run", "maybe"], "'maybe' is not true or false"),
+    ],
+)
+def test_mistyped_options_are_one_line_with_a_suggestion(argv, expected, capsys):
+    from qvl_train.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    assert "--help" in err
+
+
+def test_unknown_yaml_key_is_named_with_a_suggestion_not_the_whole_list(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lerning_rate: 1.0e-4\n")
+    with pytest.raises(QvlError) as info:
+        parse_config(["--config", str(bad)])
+    message = str(info.value)
+    assert "unknown option 'lerning_rate' (did you mean learning_rate?)" in message
+    assert "gradient_accumulation_steps" not in message and "\n" not in message
+
+
+def test_help_fits_80_columns_with_the_common_options_first(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    text = help_text()
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 80 and len(lines) < 120, len(lines)
+    common, more = text.index("Common options:"), text.index("More options:")
+    for option in (
+        "--config",
+        "--model",
+        "--data",
+        "--output-dir",
+        "--learning-rate",
+        "--max-steps",
+        "--dry-run",
+    ):
+        assert common < text.index(f"\n  {option} ") < more, option
+    assert more < text.index("\n  --adam-beta1 ")
+    assert "--max_steps" not in text  # the YAML spelling works but is not listed twice
+    assert parse_config(["--max_steps", "4"]).max_steps == 4
+
+
+def test_a_mistyped_command_is_named_with_a_suggestion(capsys):
+    from qvl_train.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["predcit", "--max-rows", "1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no such command 'predcit' (did you mean predict?)") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["predict", "score", "export"])
+def test_every_command_help_fits_80_columns(command, monkeypatch, capsys):
+    from qvl_train.__main__ import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"Usage: qvl-train {command} [OPTIONS]" in text and max(map(len, text.splitlines())) <= 80
