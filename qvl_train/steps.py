@@ -17,12 +17,13 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from qvl_data.format import ProcessorSummary
 from qvl_data.processor import IMAGE_PAD_ID
@@ -144,15 +145,75 @@ def autocast_for(device: torch.device, dtype: torch.dtype) -> Callable[[], Any]:
 # ------------------------------------------------------------------------------------------------ loss
 
 
+#: Kept positions of a micro-batch above which the loss is computed in chunks of LOSS_CHUNK positions (see
+#: :func:`token_loss_sum`). A packed 2,048-token sequence of alpaca rows keeps ~1,600: its fp32 logits are
+#: 1,600 x 151,936 x 4 B = 0.97 GB, and the log-softmax and its gradient hold as much again each.
+CHUNKED_LOSS_ABOVE = 1024
+LOSS_CHUNK = 256
+
+
 def token_loss_sum(model: torch.nn.Module, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
     """Sum (not mean) of the next-token cross-entropies over the trained tokens, in fp32
-    (the logits and targets of :func:`next_token_logits`)."""
-    logits, targets = next_token_logits(model, inputs, labels)
+    (the logits and targets of :func:`next_token_logits`).
+
+    A micro-batch with more than :data:`CHUNKED_LOSS_ABOVE` kept positions (long rows, packed sequences) never holds
+    all their logits: the model returns the last hidden states there, and the vocabulary projection and the
+    cross-entropy run :data:`LOSS_CHUNK` positions at a time, each recomputed in the backward pass (the same
+    sum up to float rounding; up to :data:`CHUNKED_LOSS_ABOVE` positions, bit for bit the unchunked path)."""
+    kept = _kept_positions(labels)
+    if labels.shape[0] * kept.numel() <= CHUNKED_LOSS_ABOVE:
+        logits, targets = next_token_logits(model, inputs, labels)
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    lm_head = _output_embeddings(model)
+    with _hidden_states_instead_of_logits(model):
+        hidden, targets = next_token_logits(model, inputs, labels, float_logits=False)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for part, part_targets in zip(hidden.split(LOSS_CHUNK), targets.split(LOSS_CHUNK), strict=True):
+        total = total + torch.utils.checkpoint.checkpoint(
+            _chunk_loss_sum, lm_head, part, part_targets, use_reentrant=False
+        )
+    return total
+
+
+def _chunk_loss_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = lm_head(hidden).float()
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def _output_embeddings(model: torch.nn.Module) -> torch.nn.Module:
+    """The vocabulary projection (``lm_head``) under DDP's and PEFT's wrappers."""
+    inner = getattr(model, "module", model)  # DDP
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # PEFT
+    return base.get_output_embeddings()
+
+
+@contextmanager
+def _hidden_states_instead_of_logits(model: torch.nn.Module) -> Iterator[None]:
+    """The model's forward with its lm_head as the identity: ``.logits`` are then the last hidden states at
+    the kept positions. The forward still runs through DDP's wrapper (its gradient hooks), and the frozen
+    lm_head has no gradient to synchronise."""
+    inner = getattr(model, "module", model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    lm_head = base.get_output_embeddings()
+    base.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield
+    finally:
+        base.set_output_embeddings(lm_head)
+
+
+def _kept_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions t whose next token some row of the batch trains (at least one, see below)."""
+    if labels.device.type != "cpu":
+        raise ValueError("pass the CPU labels (finding the kept positions on a GPU syncs)")
+    keep = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    if keep.numel() == 0:  # nothing trained here: still run forward/backward so DDP's ranks stay in step
+        keep = torch.zeros(1, dtype=torch.long)
+    return keep
+
+
 def next_token_logits(
-    model: torch.nn.Module, inputs: dict[str, Any], labels: torch.Tensor
+    model: torch.nn.Module, inputs: dict[str, Any], labels: torch.Tensor, float_logits: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits, targets)``: fp32 logits ``(batch * kept, vocab)`` at the kept positions t and the label at
     t + 1 there (IGNORE_INDEX where that row does not train it), on the model's device. Training's loss and
@@ -163,19 +224,16 @@ def next_token_logits(
     ``labels`` are the batch's labels on the CPU: the kept positions (a data-dependent ``nonzero``) are found
     there, so no micro-batch waits for the GPU to report them; only the index and the targets are copied over.
     """
-    if labels.device.type != "cpu":
-        raise ValueError("pass the CPU labels (finding the kept positions on a GPU syncs)")
     device = inputs["input_ids"].device
     targets = labels[:, 1:]
-    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    if keep.numel() == 0:  # nothing trained here: still run forward/backward so DDP's ranks stay in step
-        keep = torch.zeros(1, dtype=torch.long)
+    keep = _kept_positions(labels)
     kept_targets = targets[:, keep].reshape(-1)
     if device.type == "cuda":  # a copy from pageable memory would wait for the queued GPU work
         keep, kept_targets = keep.pin_memory(), kept_targets.pin_memory()
     kept_targets = kept_targets.to(device, non_blocking=True)
     logits = model(**inputs, logits_to_keep=keep.to(device, non_blocking=True), use_cache=False).logits
-    return logits.float().reshape(-1, logits.shape[-1]), kept_targets  # (batch * kept, vocab), (batch * kept)
+    logits = logits.float() if float_logits else logits
+    return logits.reshape(-1, logits.shape[-1]), kept_targets  # (batch * kept, vocab), (batch * kept)
 
 
 def run_window(

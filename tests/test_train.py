@@ -184,6 +184,38 @@ def test_token_loss_sum_equals_the_models_own_loss_from_full_logits(demo_build):
         assert abs(ours.item() - reference.item()) < 1e-5 * reference.item(), (len(rows), ours, reference)
 
 
+def test_a_long_micro_batch_computes_its_loss_in_chunks_with_the_same_loss_and_grads(demo_build, monkeypatch):
+    # A packed sequence keeps ~1,600 positions, whose logits alone are ~1 GB: above CHUNKED_LOSS_ABOVE kept
+    # positions the loss runs LOSS_CHUNK positions at a time. Forced here on a small batch.
+    import qvl_train.steps as steps
+
+    model = _tiny_lora(gradient_checkpointing=True)
+    model.train()
+    image_row, text_row = _image_and_text_rows(demo_build)
+    batch = collate([image_row, text_row])
+    inputs = to_device(batch, CPU, torch.float32, ShardDataset(demo_build).processor)
+
+    def loss_and_grads() -> tuple[float, dict]:
+        model.zero_grad(set_to_none=True)
+        loss = token_loss_sum(model, inputs, batch["labels"])
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    whole, whole_grads = loss_and_grads()
+    calls = []
+    real_chunk = steps._chunk_loss_sum
+    monkeypatch.setattr(steps, "_chunk_loss_sum", lambda *a: calls.append(a[1].shape[0]) or real_chunk(*a))
+    monkeypatch.setattr(steps, "CHUNKED_LOSS_ABOVE", 8)
+    monkeypatch.setattr(steps, "LOSS_CHUNK", 16)
+    chunked, chunked_grads = loss_and_grads()
+    kept = batch["labels"].shape[0] * int((batch["labels"][:, 1:] != -100).any(dim=0).sum())
+    assert sum(calls) >= kept and max(calls) == 16  # really chunked (the backward recomputes each chunk)
+    assert abs(chunked - whole) < 1e-6 * whole
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item())
+    assert type(steps._output_embeddings(model)).__name__ == "Linear"  # the lm_head is back in place
+
+
 def test_right_padded_batches_train_without_a_mask_with_identical_loss_and_grads(demo_build):
     # The mask made transformers build a 4-D mask (no flash SDPA kernel); for right padding it changes nothing.
     model = _tiny_lora(gradient_checkpointing=True)
