@@ -290,5 +290,27 @@ def stats_command(shards_dir: str, as_json: bool, color: bool | None) -> None:
         render_stats(stats, make_console(color))
 
 
+# A separate command on purpose: it only calls qvl_data.verify, so it moves to any CLI framework as is.
+@main.command("verify")
+@click.argument("shards_dir", required=False, default=BuildConfig.out)
+@_fail_cleanly
+def verify_command(shards_dir: str) -> None:
+    """Check every shard of SHARDS_DIR (default data/qvl-demo) against the sha256 its manifest records.
+
+    Exit code 0 when all match, 1 when some are damaged (each listed, then how to repair them).
+    """
+    from qvl_data.verify import REPAIR, verify_build
+
+    result = verify_build(shards_dir)
+    for line in result.damaged:
+        click.echo(line)
+    if result.damaged:
+        click.echo(REPAIR)
+        sys.exit(1)
+    click.echo(
+        f"{shards_dir}: all {result.shards} shard(s) ({result.bytes / 2**20:,.1f} MiB) match the manifest"
+    )
+
+
 if __name__ == "__main__":
     main()

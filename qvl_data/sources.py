@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qvl_data.errors import QvlError
+from qvl_data.files import file_kind, regular_file
 from qvl_data.partition import Partition, data_files, index_dataset, make_plan, partition_rows, record_id
 from qvl_data.processor import CONTROL_TOKENS
 from qvl_data.schema import (
@@ -66,12 +68,15 @@ class ReadOptions:
 
 def load_dataset_info(dataset_dir: Path) -> dict[str, dict[str, Any]]:
     info_path = Path(dataset_dir) / "dataset_info.json"
-    if not info_path.is_file():
+    if not os.path.lexists(info_path):
         raise QvlError(f"{info_path}: no dataset_info.json in the dataset directory")
+    regular_file(info_path, "dataset description")
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise QvlError(f"{info_path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise QvlError(f"{info_path}: not readable as JSON ({type(e).__name__}: {e})") from None
     if not isinstance(info, dict):
         raise QvlError(f"{info_path}: expected an object mapping dataset names to descriptions")
     return info
@@ -269,8 +274,12 @@ def _resolve_image(path: str, column: str, i: int, options: ReadOptions) -> str:
                 f"{where} resolves to {resolved}, outside {allowed}; to use it pass --allow-outside-images, "
                 "or --media-dir with the folder that holds the images",
             )
-    if not resolved.is_file():
-        raise _Reject("image_missing", f"{where}: file {resolved} does not exist")
+    try:
+        mode = os.stat(resolved).st_mode
+    except OSError:
+        raise _Reject("image_missing", f"{where}: file {resolved} does not exist") from None
+    if not stat.S_ISREG(mode):  # a FIFO would block the image decoder forever
+        raise _Reject("image_unreadable", f"{where}: {resolved} is {file_kind(mode)}, not an image file")
     return str(resolved)
 
 
