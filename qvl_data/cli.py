@@ -11,7 +11,6 @@ import click
 
 from qvl_data.config import DEMO_DATASETS, BuildConfig, load_config
 from qvl_data.errors import QvlError
-from qvl_data.schema import rejection_line
 from qvl_data.shards import PIXEL_FORMATS
 
 
@@ -188,14 +187,16 @@ def validate(config_path: str | None, report: str | None, **overrides) -> None:
     With --quiet only the rejected rows are printed.
     """
     from qvl_data.build import run_pipeline
-    from qvl_data.report import print_build_summary, print_rejections
+    from qvl_data.files import refuse_foreign
+    from qvl_data.report import is_rejection_list, print_build_summary, print_rejections, write_rejection_list
 
     config = _encode_config(config_path, **overrides)
+    if report:  # refused before the run, not after it
+        refuse_foreign(Path(report), is_rejection_list, "--report")
     rejections = []
     result = run_pipeline(config, write=False, on_rejection=rejections.append, label="validating")
     if report:
-        with open(report, "w", encoding="utf-8") as f:
-            f.writelines(map(rejection_line, rejections))
+        write_rejection_list(Path(report), rejections)
     if not config.quiet:  # --quiet: only the rejected rows (the report), no progress bar or table
         print_build_summary(result, title="validation")
     print_rejections(rejections)

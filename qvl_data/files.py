@@ -83,24 +83,28 @@ def refuse_foreign(path: Path, ours: Callable[[Path], bool], option: str) -> Non
 
 
 _OUT_ADVICE = {
-    errno.ENOSPC: "the disk is full: free space (or choose another --out), then re-run the same command "
-    "(finished partitions are kept)",
-    errno.EDQUOT: "the disk quota is exhausted: free space (or choose another --out), then re-run the same "
-    "command (finished partitions are kept)",
-    errno.EACCES: "not writable: fix the folder's permissions or choose another --out",
-    errno.EPERM: "not writable: fix the folder's permissions or choose another --out",
-    errno.EROFS: "a read-only file system: choose another --out",
-    errno.ENOTDIR: "a file stands where a folder belongs: choose another --out",
-    errno.EEXIST: "a file stands where a folder belongs: choose another --out",
+    errno.ENOSPC: "the disk is full: free space (or choose another {option}), then re-run the same command",
+    errno.EDQUOT: "the disk quota is exhausted: free space (or choose another {option}), then re-run the same "
+    "command",
+    errno.EACCES: "not writable: fix the folder's permissions or choose another {option}",
+    errno.EPERM: "not writable: fix the folder's permissions or choose another {option}",
+    errno.EROFS: "a read-only file system: choose another {option}",
+    errno.ENOTDIR: "a file stands where a folder belongs: choose another {option}",
+    errno.EEXIST: "a file stands where a folder belongs: choose another {option}",
 }
+_RESUMES = " (finished partitions are kept)"
 
 
-def environment_error(e: OSError, out_dir: Path) -> QvlError:
-    """A one-line error for an OSError met while building into ``out_dir``: the path and what to do."""
-    path = e.filename or out_dir
-    advice = _OUT_ADVICE.get(e.errno or 0)
-    if advice is None or (e.errno in (errno.EACCES, errno.EPERM) and not _inside(path, out_dir)):
-        advice = "fix that and re-run the same command (finished partitions are kept)"
+def environment_error(e: OSError, out: Path, option: str = "--out", resumable: bool = True) -> QvlError:
+    """A one-line error for an OSError met while writing ``out`` (``option``'s value): the path and what to
+    do. ``resumable``: the same command resumes where it stopped (a build)."""
+    path = e.filename or out
+    advice = _OUT_ADVICE.get(e.errno or 0, "")
+    if not advice or (e.errno in (errno.EACCES, errno.EPERM) and not _inside(path, out)):
+        advice = "fix that and re-run the same command"
+    advice = advice.format(option=option)
+    if resumable and advice.endswith("re-run the same command"):
+        advice += _RESUMES
     return QvlError(f"{path}: {e.strerror or e}; {advice}")
 
 
