@@ -8,6 +8,7 @@ the ``columns`` and ``tags`` overrides LLaMA-Factory understands. Every row come
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import stat
@@ -93,8 +94,7 @@ def resolve_datasets(dataset_dir: Path, names: list[str]) -> list[DatasetSpec]:
             raise QvlError(f"dataset {name!r} is listed twice")
         seen.add(name)
         if name not in info:
-            known = ", ".join(sorted(info)[:20])
-            raise QvlError(f"{info_path}: unknown dataset {name!r} (known: {known})")
+            raise QvlError(f"{info_path}: {unknown_dataset(name, list(info))}")
         entry = info[name]
         if not isinstance(entry, dict) or "file_name" not in entry:
             raise QvlError(
@@ -117,6 +117,16 @@ def resolve_datasets(dataset_dir: Path, names: list[str]) -> list[DatasetSpec]:
         data_files(path)  # a folder must hold data files
         specs.append(DatasetSpec(name=name, path=path, formatting=formatting, columns=columns, tags=tags))
     return specs
+
+
+def unknown_dataset(name: str, known: list[str], shown: int = 20) -> str:
+    """``unknown dataset 'x'``, the closest names (difflib) as a did-you-mean, then the first ``shown``
+    known names and how many more there are."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    names = sorted(known)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"unknown dataset {name!r}{hint} (known: {', '.join(names[:shown])}{more})"
 
 
 class _Reject(Exception):

@@ -21,6 +21,7 @@ from qvl_data import shards, task
 from qvl_data.build import build
 from qvl_data.cli import main
 from qvl_data.config import BuildConfig
+from qvl_data.errors import QvlError
 from qvl_data.lock import exclusive_lock
 from qvl_data.shards import DamagedShard, ShardSet, load_manifest
 
@@ -394,3 +395,20 @@ def test_a_moved_build_folder_is_up_to_date_and_resumes(dataset: Path, tmp_path:
     moved.rename(out)
     result = build(_config(dataset, out))
     assert result.reused == 3 and _outputs(out) == clean
+
+
+# ---------------------------------------------------------------------------------------- typos
+
+
+def test_an_unknown_dataset_suggests_the_closest_name_and_counts_the_rest(demo_dir: Path):
+    from qvl_data.sources import resolve_datasets
+
+    with pytest.raises(QvlError) as e:
+        resolve_datasets(demo_dir, ["alpaca_en_dem"])
+    message = str(e.value)
+    known = len(json.loads((demo_dir / "dataset_info.json").read_text()))
+    assert "unknown dataset 'alpaca_en_dem'; did you mean 'alpaca_en_demo'" in message  # the closest first
+    assert message.endswith(f" and {known - 20} more)") and "\n" not in message
+    with pytest.raises(QvlError) as e:
+        resolve_datasets(demo_dir, ["zzzz_nothing_like_it"])
+    assert "did you mean" not in str(e.value)
