@@ -80,6 +80,7 @@ class BuildResult:
     processor_loads: int = 0  # partition tasks that had to load the processor first (0 once warmed up)
     driver_cpu_seconds: float = 0.0  # CPU of this process, not counting tasks run in it
     task_cpu_seconds: float = 0.0  # CPU of all the tasks, wherever they ran
+    repaired: list[str] = field(default_factory=list)  # the damaged shards whose partitions were redone
 
 
 def encode_options(config: BuildConfig) -> EncodeOptions:
@@ -426,6 +427,7 @@ def _run(
         processor_loads=sum(r.loaded_processor for r in results),
         driver_cpu_seconds=time.process_time() - cpu_started - in_process_cpu,
         task_cpu_seconds=sum(r.cpu_seconds for r in results),
+        repaired=[r.damaged for r in results if r.damaged],
     )
 
 

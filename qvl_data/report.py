@@ -52,6 +52,8 @@ SUMMARY_COLUMNS = {
 
 def print_build_summary(result, title: str = "build", console: Console | None = None) -> None:
     console = console or Console()
+    for problem in getattr(result, "repaired", ()):  # a build's, not a validation's
+        console.print(Text(f"repaired: {problem}; its partition was redone"), soft_wrap=True)
     manifest = result.manifest
     table = Table(
         box=box.SIMPLE_HEAD,

@@ -61,6 +61,7 @@ class TaskResult:
     cpu_seconds: float = 0.0  # this task's CPU time (not part of any written byte)
     loaded_processor: bool = False  # this task loaded the processor into its process first
     rejections: list[Rejection] = field(default_factory=list)  # validate mode only
+    damaged: str = ""  # why this partition was redone: a shard its record lists is damaged (or "")
 
 
 _PROCESSOR: dict[str, Any] = {}
@@ -132,11 +133,12 @@ def _convert(ctx: BuildContext, partition: Partition) -> tuple[list, str]:
 
 def _reusable(
     ctx: BuildContext, partition: Partition, image_digest: str, known: PartitionEntry | None
-) -> PartitionEntry | None:
-    """The partition's completion record if it still describes what this task would write. A missing or
-    damaged record (a crash, a full disk, a stray edit) means "redo this partition", unless ``known`` (the
-    entry of a complete build's manifest with this fingerprint) still matches its files: then that entry
-    is the record, written back, and the complete build stays complete."""
+) -> tuple[PartitionEntry | None, str]:
+    """(the partition's completion record, "") if it still describes what this task would write, else
+    (None, why a shard it lists is damaged, or ""). A missing or damaged record (a crash, a full disk, a
+    stray edit) means "redo this partition", unless ``known`` (the entry of a complete build's manifest
+    with this fingerprint) still matches its files: then that entry is the record, written back, and the
+    complete build stays complete."""
     entry = _read_record(ctx, partition)
     if entry is None and known is not None and _same_rows(known, partition):
         entry = known
@@ -147,11 +149,12 @@ def _reusable(
         or entry.image_digest != image_digest
         or not rejected_path(ctx, partition.index).is_file()
     ):
-        return None
+        return None, ""
     for shard in entry.shards:
-        if shard_problem(Path(ctx.out_dir) / shard.file, shard, ctx.encode.pixel_format) is not None:
-            return None
-    return entry
+        problem = shard_problem(Path(ctx.out_dir) / shard.file, shard, ctx.encode.pixel_format)
+        if problem is not None:
+            return None, problem
+    return entry, ""
 
 
 def _read_record(ctx: BuildContext, partition: Partition) -> PartitionEntry | None:
@@ -221,12 +224,13 @@ def partition_task(
     partition is still valid (``reused``)."""
     started = time.process_time()
     items, image_digest = _convert(ctx, partition)
+    damaged = ""
     if ctx.write or check_only:
-        entry = _reusable(ctx, partition, image_digest, known)
+        entry, damaged = _reusable(ctx, partition, image_digest, known)
         if entry is not None:
             return TaskResult(entry, reused=True, cpu_seconds=time.process_time() - started)
         if check_only:
-            return TaskResult(_entry(partition, image_digest, SourceTotals(), {}, []))
+            return TaskResult(_entry(partition, image_digest, SourceTotals(), {}, []), damaged=damaged)
         _remove_outputs(ctx, partition.index)
 
     totals, reasons, rejections = SourceTotals(), {}, []
@@ -258,7 +262,8 @@ def partition_task(
         return TaskResult(entry, cpu_seconds=cpu, loaded_processor=loaded, rejections=rejections)
     _write_rejected(rejected_path(ctx, partition.index), rejections)
     _write_record(ctx, partition, entry)  # last: marks the partition done
-    return TaskResult(entry, cpu_seconds=time.process_time() - started, loaded_processor=loaded)
+    cpu = time.process_time() - started
+    return TaskResult(entry, cpu_seconds=cpu, loaded_processor=loaded, damaged=damaged)
 
 
 def _entry(

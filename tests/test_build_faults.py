@@ -55,10 +55,13 @@ def _config(dataset: Path, out: Path, **overrides) -> BuildConfig:
     return BuildConfig(**{**base, **overrides})
 
 
-def _cli(dataset: Path, out: Path, *more: str):
+def _cli_args(dataset: Path, out: Path) -> list[str]:
     args = ["build", "--dataset-dir", str(dataset), "--dataset", "mine", "--out", str(out)]
-    args += ["--num-proc", "1", "--partition-rows", str(PARTITION_ROWS), "--quiet", *more]
-    return CliRunner().invoke(main, args)
+    return args + ["--num-proc", "1", "--partition-rows", str(PARTITION_ROWS)]
+
+
+def _cli(dataset: Path, out: Path, *more: str):
+    return CliRunner().invoke(main, [*_cli_args(dataset, out), "--quiet", *more])
 
 
 def _one_line(result, *expected: str, code: int = 2) -> str:
@@ -175,8 +178,10 @@ def test_a_damaged_shard_header_is_redone_by_the_rerun_and_refused_by_readers(
     with pytest.raises(DamagedShard) as e:
         ShardSet(out)
     assert str(shard) in str(e.value) and "--force" in str(e.value) and "\n" not in str(e.value)
-    result = build(_config(dataset, out))
-    assert not result.skipped and result.reused == 3  # only that partition is redone
+    result = CliRunner().invoke(main, _cli_args(dataset, out))
+    assert result.exit_code == 0, result.output
+    assert f"repaired: {shard}: damaged or unreadable shard" in result.output.replace("\n", "")
+    assert "reused 3 of 4 partitions" in result.output  # only that partition is redone
     assert _outputs(out) == clean and len(ShardSet(out)) == ROWS
 
 
@@ -355,30 +360,46 @@ def test_ctrl_c_says_the_same_command_resumes(dataset: Path, tmp_path: Path, cle
     assert result.reused == 2 and _outputs(out) == clean
 
 
-def test_kill_9_of_a_build_leaves_no_worker_traceback(demo_dir: Path, tmp_path: Path):
-    out = tmp_path / "o"
+def _start_pool_build(demo_dir: Path, out: Path) -> subprocess.Popen:
+    """A 2-worker build of alpaca_en_demo (125 partitions) in its own session, once it has finished at least
+    one partition more than before; SIGINT as a terminal would deliver it (not ignored)."""
     args = ["build", "--dataset-dir", str(demo_dir), "--dataset", "alpaca_en_demo", "--out", str(out)]
     args += ["--num-proc", "2", "--partition-rows", "8", "--quiet"]
+    parts = out / ".qvl-build" / "parts"
+    before = len(list(parts.glob("*.json")))
     proc = subprocess.Popen(
         [sys.executable, "-m", "qvl_data.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    parts = out / ".qvl-build" / "parts"
     deadline = time.monotonic() + 120
-    while not list(parts.glob("*.json")) and proc.poll() is None and time.monotonic() < deadline:
+    while len(list(parts.glob("*.json"))) <= before and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()
-    os.kill(proc.pid, signal.SIGKILL)
+    return proc
+
+
+def test_ctrl_c_and_kill_9_of_a_pool_build_are_quiet_and_it_resumes(demo_dir: Path, tmp_path: Path):
+    out = tmp_path / "o"
+    proc = _start_pool_build(demo_dir, out)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the driver and every worker
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert (
+        stderr
+        == f"error: {out}: interrupted; re-run the same command to resume (finished partitions are kept)\n"
+    )
+
+    proc = _start_pool_build(demo_dir, out)
+    os.kill(proc.pid, signal.SIGKILL)  # the driver only
     _, stderr = proc.communicate(timeout=60)  # EOF once every worker is gone too
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
-    result = build(
-        BuildConfig(
-            dataset_dir=str(demo_dir), dataset="alpaca_en_demo", out=str(out), num_proc=1, partition_rows=8
-        )
-    )
-    assert result.reused > 0 and result.manifest.totals.rows == 999
+
+    with exclusive_lock(out / ".qvl-build" / "lock", out):  # released by the kernel
+        assert list((out / ".qvl-build" / "parts").glob("*.json"))  # finished partitions kept for the re-run
 
 
 # ---------------------------------------------------------------------------------------- moved
