@@ -73,19 +73,18 @@ def run_notebook(
     return out
 
 
-def is_qa_notebook(path: Path) -> bool:
-    """Whether ``path`` is a notebook this command wrote (its metadata says so): only such a file is
-    replaced by a later run."""
+def is_qa_notebook(path: Path, notebook: Path = NOTEBOOK) -> bool:
+    """Whether ``path`` is a notebook this command wrote: its metadata says so, or (written before qvl
+    marked them) its cells are those of ``notebook``. Only such a file is replaced by a later run."""
     try:
         nb = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        metadata = nb.get("metadata") or {}
+        if (metadata.get("qvl") or {}).get("notebook") == MARK:
+            return True
+        template = json.loads(notebook.read_text(encoding="utf-8"))
+        return [c["source"] for c in nb["cells"]] == [c["source"] for c in template["cells"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-    mark = (
-        nb.get("metadata", {}).get("qvl")
-        if isinstance(nb, dict) and isinstance(nb.get("metadata"), dict)
-        else None
-    )
-    return isinstance(mark, dict) and mark.get("notebook") == MARK
 
 
 def _write(nb, out: Path) -> None:

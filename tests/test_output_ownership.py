@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from helpers import chat, write_dataset
 
 from qvl_data.cli import main
-from qvl_data.qa_notebook import MARK, is_qa_notebook
+from qvl_data.qa_notebook import MARK, NOTEBOOK, is_qa_notebook
 from qvl_data.shards import load_manifest
 
 FOREIGN = b"my own file, not qvl's\n"
@@ -77,6 +77,9 @@ def test_notebook_refuses_an_existing_file_it_did_not_write(demo_build: Path, tm
     assert not is_qa_notebook(mine)  # a notebook, but not one qvl wrote
     nb.metadata["qvl"] = {"notebook": MARK}
     nbformat.write(nb, mine)
+    assert is_qa_notebook(mine)
+    earlier = nbformat.read(NOTEBOOK, as_version=4)  # what a qvl that did not mark its output wrote
+    nbformat.write(earlier, mine)
     assert is_qa_notebook(mine)
 
 
