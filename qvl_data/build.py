@@ -253,14 +253,16 @@ def _wipe(out_dir: Path) -> None:
                 item.unlink()
 
 
-def _prepare_out_dir(out_dir: Path, fp: str, force: bool) -> None:
-    """Keep what an earlier run of the same build left (to resume it); any other qvl output goes. The
-    caller checked the folder (:func:`_check_out_dir`) and holds its lock."""
+def _prepare_out_dir(out_dir: Path, fp: str, force: bool, complete: bool) -> None:
+    """Keep what an earlier run of the same build left (to resume it); any other qvl output goes.
+    ``complete``: the folder holds a complete build with this fingerprint (kept whatever the work
+    directory says). The caller checked the folder (:func:`_check_out_dir`) and holds its lock."""
     state = out_dir / WORK_DIR / "build.json"
     try:
-        same = not force and json.loads(state.read_text())["fingerprint"] == fp
-    except (OSError, ValueError, KeyError, TypeError):  # absent or damaged: start over
+        same = json.loads(state.read_text())["fingerprint"] == fp
+    except (OSError, ValueError, KeyError, TypeError):  # absent or damaged
         same = False
+    same = not force and (same or complete)
     if not same:
         _wipe(out_dir)
     else:  # a killed run may have left half-written files; no task runs now
@@ -376,7 +378,7 @@ def _run(
     if existing is not None and existing.fingerprint != fp:
         existing = None
     if write:
-        _prepare_out_dir(out_dir, fp, config.force)
+        _prepare_out_dir(out_dir, fp, config.force, complete=existing is not None)
     ctx = BuildContext(
         out_dir=str(out_dir or work_dir),
         work_dir=str(work_dir),

@@ -142,6 +142,7 @@ def test_a_damaged_completion_record_keeps_the_complete_build(dataset: Path, tmp
     good = record.read_bytes()
     for damage in (b"null", b"", b"{", b'{"fingerprint": 3}', b"[1, 2]"):
         record.write_bytes(damage)
+        (out / ".qvl-build" / "build.json").write_bytes(damage)
         result = _cli(dataset, out)
         assert result.exit_code == 0 and "up to date" in result.output, result.output
         assert _outputs(out) == clean
