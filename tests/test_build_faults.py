@@ -275,6 +275,27 @@ def test_a_second_build_into_the_same_folder_says_who_holds_it(dataset: Path, tm
     assert _cli(dataset, out).exit_code == 0  # released
 
 
+def test_the_lock_of_a_killed_build_is_taken_once_its_workers_exit(tmp_path: Path):
+    """A ``kill -9``'d driver's pool workers hold its lock for a moment: a re-run started right after
+    waits for them instead of refusing."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    lock = tmp_path / "lock"
+    worker = (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, sys.argv[2].encode(), 0); print('held', flush=True); "
+        "time.sleep(1)"
+    )
+    holder = f"pid {int(dead.stdout)} on {socket.gethostname()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", worker, str(lock), holder], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline() == "held\n"
+    started = time.monotonic()
+    with exclusive_lock(lock, tmp_path):
+        assert time.monotonic() - started > 0.3  # it waited for the "worker" to exit
+    proc.wait()
+
+
 def test_a_row_nested_10000_levels_deep_is_one_rejected_row(tmp_path: Path):
     data = tmp_path / "data"
     write_dataset(data, "deep", [])
