@@ -278,9 +278,9 @@ def open_shard_table(path: Path) -> pa.Table:
     return _map_shard(path)[0]
 
 
-#: How to repair a damaged or missing shard, in every message that names one.
+#: How to repair a shard that fails :func:`shard_problem`'s checks (the re-run finds the same problem).
 REPAIR = (
-    "delete it and re-run the same `qvl-data build` (it redoes only that partition), "
+    "re-run the same `qvl-data build` (it redoes only that partition), "
     "or rebuild everything with `qvl-data build --force`"
 )
 
