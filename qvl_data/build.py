@@ -33,6 +33,7 @@ from qvl_data.config import BuildConfig
 from qvl_data.encode import EncodeOptions
 from qvl_data.errors import QvlError
 from qvl_data.executors import InProcess, open_executor
+from qvl_data.files import environment_error, is_regular_file
 from qvl_data.format import (
     FORMAT_VERSION,
     BuildOptions,
@@ -42,6 +43,7 @@ from qvl_data.format import (
     Rejected,
     SourceTotals,
 )
+from qvl_data.lock import exclusive_lock
 from qvl_data.options import output_options
 from qvl_data.partition import DatasetIndex, Partition, data_files, make_plan
 from qvl_data.progress import rows_progress
@@ -52,13 +54,16 @@ from qvl_data.task import (
     BuildContext,
     TaskResult,
     index_task,
+    local_partition,
     partition_task,
+    portable_partition,
     processor,
     processor_task,
     rejected_path,
 )
 
 WORK_DIR = ".qvl-build"  # in the output directory: staged inputs, indexes, completion records
+LOCK_FILE = "lock"  # in the work directory: held by the build writing the folder (pid and host inside)
 #: Libraries whose versions change the bytes of a build: the resize (Pillow), the processor and
 #: tokenizer code (transformers, tokenizers), array maths (numpy). A new version rebuilds.
 BYTE_DECIDING_LIBRARIES = ("pillow", "transformers", "tokenizers", "numpy")
@@ -76,6 +81,7 @@ class BuildResult:
     processor_loads: int = 0  # partition tasks that had to load the processor first (0 once warmed up)
     driver_cpu_seconds: float = 0.0  # CPU of this process, not counting tasks run in it
     task_cpu_seconds: float = 0.0  # CPU of all the tasks, wherever they ran
+    repaired: list[str] = field(default_factory=list)  # the damaged shards whose partitions were redone
 
 
 def encode_options(config: BuildConfig) -> EncodeOptions:
@@ -162,28 +168,104 @@ def _progress(total: int, quiet: bool, label: str, get_time: Callable[[], float]
 
 
 # ------------------------------------------------------------------------------------------- the work dir
+#
+# What a build may remove in --out: only what a qvl build wrote there. A folder is a qvl build folder when
+# it holds a qvl manifest or the work directory; a folder that holds a foreign manifest.json, or a
+# rejected.jsonl or shard files without being a qvl build folder, is refused. Inside a qvl build folder a
+# rebuild removes the manifest, rejected.jsonl, the work directory (but its lock) and the shard files
+# that the manifest or the completion records list; any other file stays.
+
+
+def _read_qvl_manifest(path: Path) -> dict | None:
+    """The manifest at ``path`` as JSON if it is a qvl manifest (any format version), else None."""
+    if not is_regular_file(path):
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == shards.FORMAT_NAME else None
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse, in one line, an ``--out`` qvl cannot build into without destroying what it did not write."""
+    if os.path.lexists(out_dir) and not out_dir.is_dir():
+        raise QvlError(f"{out_dir}: --out is a file, not a folder; choose a folder (a new one is created)")
+    manifest = out_dir / shards.MANIFEST
+    if os.path.lexists(manifest) and _read_qvl_manifest(manifest) is None:
+        raise QvlError(
+            f"{manifest}: not a qvl manifest, and qvl never deletes what it did not write: choose another "
+            "--out (a new or empty folder, or an earlier qvl build)"
+        )
+    if os.path.lexists(manifest) or (out_dir / WORK_DIR).is_dir():
+        return  # a qvl build folder
+    shard_dir = out_dir / shards.SHARD_DIR
+    foreign = [shards.REJECTED] if os.path.lexists(out_dir / shards.REJECTED) else []
+    if os.path.lexists(shard_dir) and (not shard_dir.is_dir() or any(shard_dir.iterdir())):
+        foreign.append(shards.SHARD_DIR + "/")
+    if foreign:
+        raise QvlError(
+            f"{out_dir}: holds {' and '.join(foreign)} that no qvl build wrote (there is no qvl manifest), "
+            "and qvl never deletes what it did not write: choose another --out"
+        )
+
+
+def _listed_shards(out_dir: Path) -> set[str]:
+    """The shard files (relative names) that the manifest or a completion record lists."""
+    names = set()
+    manifest = _read_qvl_manifest(out_dir / shards.MANIFEST) or {}
+    records = sorted((out_dir / WORK_DIR / PARTS_DIR).glob("*.json"))
+    for entries in [manifest.get("shards"), *(_record_shards(r) for r in records)]:
+        for shard in entries if isinstance(entries, list) else []:
+            if isinstance(shard, dict) and isinstance(shard.get("file"), str):
+                names.add(shard["file"])
+    return names
+
+
+def _record_shards(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["entry"]["shards"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _wipe(out_dir: Path) -> None:
-    """Remove every output of an earlier build; the manifest first, so nothing reads a mix."""
+    """Remove every output of an earlier qvl build (see above); the manifest first, so nothing reads a mix."""
+    listed = _listed_shards(out_dir)
     for name in (shards.MANIFEST, shards.MANIFEST + ".tmp", shards.REJECTED, shards.REJECTED + ".tmp"):
         (out_dir / name).unlink(missing_ok=True)
-    for name in (shards.SHARD_DIR, WORK_DIR):
-        if (out_dir / name).is_dir():
-            shutil.rmtree(out_dir / name)
+    shard_dir = (out_dir / shards.SHARD_DIR).resolve()
+    for name in sorted(listed):
+        file = (out_dir / name).resolve()
+        if file.parent == shard_dir and shards.SHARD_NAME.fullmatch(file.name):  # never outside shards/
+            file.unlink(missing_ok=True)
+            file.with_name(file.name + ".tmp").unlink(missing_ok=True)
+    work_dir = out_dir / WORK_DIR
+    for item in work_dir.iterdir() if work_dir.is_dir() else ():
+        if item.name != LOCK_FILE:  # held by this run
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
 
 
-def _prepare_out_dir(out_dir: Path, fp: str, force: bool) -> None:
-    """Keep what an earlier run of the same build left (to resume it); anything else goes."""
+def _prepare_out_dir(out_dir: Path, fp: str, force: bool, complete: bool) -> None:
+    """Keep what an earlier run of the same build left (to resume it); any other qvl output goes.
+    ``complete``: the folder holds a complete build with this fingerprint (kept whatever the work
+    directory says). The caller checked the folder (:func:`_check_out_dir`) and holds its lock."""
     state = out_dir / WORK_DIR / "build.json"
     try:
-        same = not force and json.loads(state.read_text())["fingerprint"] == fp
-    except (OSError, ValueError, KeyError):
+        same = json.loads(state.read_text())["fingerprint"] == fp
+    except (OSError, ValueError, KeyError, TypeError):  # absent or damaged
         same = False
+    same = not force and (same or complete)
     if not same:
         _wipe(out_dir)
     else:  # a killed run may have left half-written files; no task runs now
-        for tmp in [*(out_dir / shards.SHARD_DIR).glob("*.tmp"), *(out_dir / WORK_DIR).rglob("*.tmp")]:
+        shard_tmps = [
+            p for p in (out_dir / shards.SHARD_DIR).glob("*.tmp") if shards.SHARD_NAME.fullmatch(p.name)
+        ]
+        for tmp in [*shard_tmps, *(out_dir / WORK_DIR).rglob("*.tmp")]:
             tmp.unlink()
     (out_dir / WORK_DIR / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     (out_dir / shards.SHARD_DIR).mkdir(parents=True, exist_ok=True)
@@ -210,7 +292,9 @@ def _index(
     for spec in specs:
         path = cache / f"{spec.name}.json"
         if ctx.write and path.is_file():
-            indexes[spec.name] = DatasetIndex(**json.loads(path.read_text()))
+            cached = _cached_index(path, ctx.work_dir)
+            if cached is not None:
+                indexes[spec.name] = cached
     calls: list = [(index_task, (ctx, s.name, config.partition_rows)) for s in specs if s.name not in indexes]
     if need_processor:
         # One processor task per worker that starts cold (Ray's), queued first so that they all load the
@@ -222,10 +306,23 @@ def _index(
         if isinstance(result, DatasetIndex):
             indexes[result.source] = result
             if ctx.write:
-                shards.write_json_atomic(cache / f"{result.source}.json", asdict(result))
+                data = asdict(result)
+                data["partitions"] = [portable_partition(p, ctx.work_dir) for p in result.partitions]
+                shards.write_json_atomic(cache / f"{result.source}.json", data)
         else:
             summary = result
     return [indexes[s.name] for s in specs], summary
+
+
+def _cached_index(path: Path, work_dir: str) -> DatasetIndex | None:
+    """A dataset's index as an earlier run of this build cached it; None when damaged (index it again)."""
+    try:
+        index = DatasetIndex(**json.loads(path.read_text(encoding="utf-8")))
+        index.partitions[:] = [local_partition(p, work_dir) for p in index.partitions]
+        make_plan([index])  # every partition has its fields
+        return index
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def run_pipeline(
@@ -234,29 +331,52 @@ def run_pipeline(
     on_rejection: Callable[[Rejection], None] | None = None,
     label: str = "building",
 ) -> BuildResult:
-    """Build (``write``) or only validate every row; returns the manifest and the run's figures."""
+    """Build (``write``) or only validate every row; returns the manifest and the run's figures.
+
+    A build holds the lock of ``--out`` throughout; an environment failure (permissions, a full disk) is
+    one line naming the path, and Ctrl-C says that the same command resumes."""
     from qvl_data.processor import check_model_source
 
-    started, cpu_started = time.perf_counter(), time.process_time()
     check_model_source(config.model)
+    if not write:
+        with tempfile.TemporaryDirectory(prefix="qvl-validate-") as scratch:
+            return _run(config, None, Path(scratch), on_rejection, label)
+    out_dir = Path(config.out).resolve()
+    try:
+        _check_out_dir(out_dir)
+        (out_dir / WORK_DIR).mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(out_dir / WORK_DIR / LOCK_FILE, out_dir):
+            return _run(config, out_dir, out_dir / WORK_DIR, on_rejection, label)
+    except OSError as e:
+        raise environment_error(e, out_dir) from None
+    except KeyboardInterrupt:
+        raise QvlError(
+            f"{out_dir}: interrupted; re-run the same command to resume (finished partitions are kept)"
+        ) from None
+
+
+def _run(
+    config: BuildConfig,
+    out_dir: Path | None,
+    work_dir: Path,
+    on_rejection: Callable[[Rejection], None] | None,
+    label: str,
+) -> BuildResult:
+    """:func:`run_pipeline` once the output folder is checked and locked (``out_dir`` None: validate)."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    write = out_dir is not None
     # Absolute paths: tasks may run in other processes, other working directories, other machines.
     dataset_dir = resolve_dataset_dir(config).resolve()
     specs = resolve_datasets(dataset_dir, config.dataset_names)
     versions = library_versions()
     fp = fingerprint(specs, dataset_dir, config, versions)
-    out_dir = Path(config.out).resolve()
     existing = _existing_manifest(out_dir) if write and not config.force else None
     if existing is not None and existing.fingerprint != fp:
         existing = None
-    scratch = None
     if write:
-        _prepare_out_dir(out_dir, fp, config.force)
-        work_dir = out_dir / WORK_DIR
-    else:
-        scratch = tempfile.TemporaryDirectory(prefix="qvl-validate-")
-        work_dir = Path(scratch.name)
+        _prepare_out_dir(out_dir, fp, config.force, complete=existing is not None)
     ctx = BuildContext(
-        out_dir=str(out_dir),
+        out_dir=str(out_dir or work_dir),
         work_dir=str(work_dir),
         fingerprint=fp,
         model=config.model,
@@ -271,20 +391,20 @@ def run_pipeline(
         # starts with it (importing transformers alone takes seconds per process). The driver still
         # tokenizes nothing; Ray workers load it themselves, once each.
         processor(config.model)
-    try:
-        with open_executor(config.executor, config.workers, config.ray_address) as executor:
-            indexes, summary = _index(ctx, executor, specs, config, need_processor=existing is None)
-            plan = make_plan(indexes)
-            if existing is not None and _all_reusable(executor, ctx, plan):
-                seconds = time.perf_counter() - started
-                return BuildResult(Path(config.out), existing, True, seconds, partitions=len(plan))
-            if write:
-                (out_dir / shards.MANIFEST).unlink(missing_ok=True)  # shards are about to change
-            results = _dispatch(executor, ctx, plan, sum(i.rows for i in indexes), config.quiet, label)
-            in_process_cpu = sum(r.cpu_seconds for r in results) if isinstance(executor, InProcess) else 0.0
-    finally:
-        if scratch is not None:
-            scratch.cleanup()
+    # A complete build's entries stand in for damaged completion records (see task._reusable).
+    known = existing.partitions if existing is not None else []
+    with open_executor(config.executor, config.workers, config.ray_address) as executor:
+        indexes, summary = _index(ctx, executor, specs, config, need_processor=existing is None)
+        plan = make_plan(indexes)
+        known_by_index = {entry.index: entry for entry in known}
+        if existing is not None and _all_reusable(executor, ctx, plan, known_by_index):
+            seconds = time.perf_counter() - started
+            return BuildResult(Path(config.out), existing, True, seconds, partitions=len(plan))
+        if write:
+            (out_dir / shards.MANIFEST).unlink(missing_ok=True)  # shards are about to change
+        rows = sum(i.rows for i in indexes)
+        results = _dispatch(executor, ctx, plan, known_by_index, rows, config.quiet, label)
+        in_process_cpu = sum(r.cpu_seconds for r in results) if isinstance(executor, InProcess) else 0.0
 
     entries = [r.entry for r in results]
     processor_summary = ProcessorSummary(**summary) if summary else existing.processor  # type: ignore[union-attr]
@@ -305,24 +425,34 @@ def run_pipeline(
         processor_loads=sum(r.loaded_processor for r in results),
         driver_cpu_seconds=time.process_time() - cpu_started - in_process_cpu,
         task_cpu_seconds=sum(r.cpu_seconds for r in results),
+        repaired=[r.damaged for r in results if r.damaged],
     )
 
 
-def _all_reusable(executor: Any, ctx: BuildContext, plan: list[Partition]) -> bool:
+def _all_reusable(
+    executor: Any, ctx: BuildContext, plan: list[Partition], known: dict[int, PartitionEntry]
+) -> bool:
     """Whether every partition's completion record still holds (its tasks check, reading no image)."""
-    calls = [(partition_task, (ctx, p, True)) for p in plan]
+    calls = [(partition_task, (ctx, p, True, known.get(p.index))) for p in plan]
     return all(result.reused for result in executor.map_unordered(calls))
 
 
 def _dispatch(
-    executor: Any, ctx: BuildContext, plan: list[Partition], rows: int, quiet: bool, label: str
+    executor: Any,
+    ctx: BuildContext,
+    plan: list[Partition],
+    known: dict[int, PartitionEntry],
+    rows: int,
+    quiet: bool,
+    label: str,
 ) -> list[TaskResult]:
     """Phase 2: run every partition task; results in partition order."""
     results: list[TaskResult | None] = [None] * len(plan)
     progress, bar = _progress(rows, quiet, label)
     images = 0
+    calls = [(partition_task, (ctx, p, False, known.get(p.index))) for p in plan]
     with progress:
-        for result in executor.map_unordered([(partition_task, (ctx, p)) for p in plan]):
+        for result in executor.map_unordered(calls):
             results[result.entry.index] = result
             images += result.entry.totals.images
             progress.update(bar, advance=result.entry.rows, images=images)

@@ -19,7 +19,6 @@ from qvl_data.options import (
     config_option,
     usage_error_line,
 )
-from qvl_data.schema import rejection_line
 
 # click >= 8.2 raises this for a group called without a command (8.1 printed the help and exited)
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -137,14 +136,16 @@ def validate(config_path: str | None, report: str | None, **overrides) -> None:
     With --quiet only the rejected rows are printed.
     """
     from qvl_data.build import run_pipeline
-    from qvl_data.report import print_build_summary, print_rejections
+    from qvl_data.files import refuse_foreign
+    from qvl_data.report import is_rejection_list, print_build_summary, print_rejections, write_rejection_list
 
     config = _encode_config(config_path, **overrides)
+    if report:  # refused before the run, not after it
+        refuse_foreign(Path(report), is_rejection_list, "--report")
     rejections = []
     result = run_pipeline(config, write=False, on_rejection=rejections.append, label="validating")
     if report:
-        with open(report, "w", encoding="utf-8") as f:
-            f.writelines(map(rejection_line, rejections))
+        write_rejection_list(Path(report), rejections)
     if not config.quiet:  # --quiet: only the rejected rows (the report), no progress bar or table
         print_build_summary(result, title="validation")
     print_rejections(rejections)
@@ -234,6 +235,26 @@ def stats_command(shards_dir: str, as_json: bool, color: bool | None) -> None:
         click.echo(json.dumps(stats, indent=2, ensure_ascii=False))
     else:
         render_stats(stats, make_console(color))
+
+
+@main.command("verify")
+@click.argument("shards_dir", required=False, default=BuildConfig.out)
+def verify_command(shards_dir: str) -> None:
+    """Check every shard of SHARDS_DIR (default data/qvl-demo) against the sha256 its manifest records.
+
+    Exit code 0 when all match, 1 when some are damaged (each listed, then how to repair them).
+    """
+    from qvl_data.verify import REPAIR, verify_build
+
+    result = verify_build(shards_dir)
+    for line in result.damaged:
+        click.echo(line)
+    if result.damaged:
+        click.echo(REPAIR)
+        sys.exit(1)
+    click.echo(
+        f"{shards_dir}: all {result.shards} shard(s) ({result.bytes / 2**20:,.1f} MiB) match the manifest"
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
+import signal
 import socket
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -37,6 +40,20 @@ class InProcess:
             yield _run(call)
 
 
+def _quiet_worker(parent: int) -> None:
+    """A pool worker's start: it leaves Ctrl-C to the driver (which stops the pool and says how to resume)
+    and dies with the driver, silently (a ``kill -9``'d driver would otherwise leave each worker printing a
+    BrokenPipe traceback when it hands back its result)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the driver died before the line above
+        os._exit(1)
+
+
 class LocalPool:
     """A process pool of ``workers`` processes; each task is one call (``chunksize=1``), taken by whichever
     worker is free, so long and short partitions balance out."""
@@ -46,7 +63,7 @@ class LocalPool:
         # fork is cheap and the driver holds nothing large; spawn where fork is unavailable.
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         self.cold_workers = 0 if method == "fork" else workers  # forked workers inherit the driver's
-        self._pool = mp.get_context(method).Pool(workers)
+        self._pool = mp.get_context(method).Pool(workers, _quiet_worker, (os.getpid(),))
 
     def map_unordered(self, calls: Iterable[Call]) -> Iterator[Any]:
         yield from self._pool.imap_unordered(_run, list(calls), chunksize=1)

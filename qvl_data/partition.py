@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from qvl_data.errors import QvlError
+from qvl_data.files import regular_file
 
 BOM = b"\xef\xbb\xbf"
 AUTO_MIN_ROWS = 32
@@ -81,11 +83,14 @@ def data_files(path: Path) -> list[Path]:
     """The data files of a dataset's ``file_name``: the file itself, or for a folder (as LLaMA-Factory
     reads it) every ``.json``/``.jsonl`` file in it, in name order."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".jsonl"))
+        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl") and not p.is_dir())
         if not files:
             raise QvlError(f"{path}: folder holds no .json or .jsonl data files")
-        return files
-    return [path]
+    else:
+        files = [path]
+    for file in files:  # a FIFO would block the reader (the fingerprint first) forever
+        regular_file(file, "data file")
+    return files
 
 
 # ------------------------------------------------------------------------------------------ row parsing
@@ -99,6 +104,8 @@ def parse_row(line: bytes) -> Any:
         return json.JSONDecodeError(f"not UTF-8 text ({e.reason} at byte {e.start})", "", 0)
     except json.JSONDecodeError as e:
         return e
+    except RecursionError:  # e.g. [[[[...]]]] 10,000 levels deep: one bad row, not a crashed build
+        return json.JSONDecodeError(f"nested more than {sys.getrecursionlimit()} levels deep", "", 0)
 
 
 def record_id(source: str, index: int, row: Any) -> str | None:
@@ -174,6 +181,11 @@ def _load_json_array(path: Path) -> list:
             rows = json.loads(f.read().removeprefix(BOM).decode("utf-8"))
     except json.JSONDecodeError as e:
         raise QvlError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise QvlError(
+            f"{path}: a value is nested more than {sys.getrecursionlimit()} levels deep; write the file as "
+            "JSON Lines (one row per line) so that such a row is rejected alone"
+        ) from None
     except UnicodeDecodeError as e:
         raise QvlError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(rows, list):

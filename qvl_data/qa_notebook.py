@@ -13,9 +13,11 @@ import tempfile
 from pathlib import Path
 
 from qvl_data.errors import QvlError
+from qvl_data.files import environment_error, refuse_foreign, write_atomic
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "dataset_qa.ipynb"
 _KERNEL = "qvl-python"
+MARK = "dataset_qa"  # metadata.qvl.notebook of every notebook this command writes
 # Figures as notebook outputs, whatever MPLBACKEND the user's shell sets.
 _INLINE = "module://matplotlib_inline.backend_inline"
 
@@ -45,7 +47,9 @@ def run_notebook(
     if not notebook.is_file():
         raise QvlError(f"{notebook}: notebook not found (it ships in the source checkout's notebooks/)")
     out = Path(out) if out else default_output(shards_dir)
+    refuse_foreign(out, is_qa_notebook, "--out")
     nb = nbformat.read(notebook, as_version=4)
+    nb.metadata["qvl"] = {"notebook": MARK}  # what makes a later run's --out replace it
     with tempfile.TemporaryDirectory(prefix="qvl-kernel-") as kernels:
         spec_dir = Path(kernels) / _KERNEL
         spec_dir.mkdir()
@@ -66,7 +70,7 @@ def run_notebook(
         try:
             client.execute()
         except CellExecutionError as e:
-            nbformat.write(nb, out)  # keep what ran, so the failing cell can be read
+            _write(nb, out)  # keep what ran, so the failing cell can be read
             last = [line for line in str(e).splitlines() if line.strip()][-1:]
             raise QvlError(f"the notebook failed (outputs so far in {out}): {' '.join(last)}") from None
         finally:
@@ -74,5 +78,29 @@ def run_notebook(
             # print "Parent appears to have exited"
             if km.has_kernel:
                 km.shutdown_kernel(now=False)
-    nbformat.write(nb, out)
+    _write(nb, out)
     return out
+
+
+def is_qa_notebook(path: Path, notebook: Path = NOTEBOOK) -> bool:
+    """Whether ``path`` is a notebook this command wrote: its metadata says so, or (written before qvl
+    marked them) its cells are those of ``notebook``. Only such a file is replaced by a later run."""
+    try:
+        nb = json.loads(Path(path).read_text(encoding="utf-8"))
+        metadata = nb.get("metadata") or {}
+        if (metadata.get("qvl") or {}).get("notebook") == MARK:
+            return True
+        template = json.loads(notebook.read_text(encoding="utf-8"))
+        return [c["source"] for c in nb["cells"]] == [c["source"] for c in template["cells"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _write(nb, out: Path) -> None:
+    import nbformat
+
+    try:
+        text = nbformat.writes(nb)  # as nbformat.write writes it: ending in a newline
+        write_atomic(out, lambda f: f.write((text if text.endswith("\n") else text + "\n").encode("utf-8")))
+    except OSError as e:
+        raise environment_error(e, out, resumable=False) from None

@@ -1,13 +1,42 @@
-"""Rich summaries printed after a build or a validation run."""
+"""Rich summaries printed after a build or a validation run, and the rejected-rows files written beside."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from qvl_data.schema import REASONS, Rejection
+from qvl_data.files import refuse_foreign, write_atomic
+from qvl_data.schema import REASONS, Rejection, rejection_line
+
+_REJECTION_KEYS = {"source", "index", "reason", "message"}
+
+
+def is_rejection_list(path: Path) -> bool:
+    """Whether ``path`` is a list of rejected rows as qvl writes them (``rejection_line``): empty, or its
+    first line one such object. Only such a file may be replaced by a later run."""
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20)
+    if not first:
+        return True  # the report of a run without rejected rows
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and _REJECTION_KEYS <= set(row)
+
+
+def write_rejection_list(path: Path, rejections: list[Rejection], option: str = "--report") -> None:
+    """``rejections`` as JSON Lines at ``path``, atomically; an existing file that is not an earlier
+    rejection list is refused (``option`` names it in the message)."""
+    path = Path(path)
+    refuse_foreign(path, is_rejection_list, option)
+    write_atomic(path, lambda f: f.writelines(rejection_line(r).encode("utf-8") for r in rejections))
+
 
 # manifest key -> column heading
 SUMMARY_COLUMNS = {
@@ -23,6 +52,8 @@ SUMMARY_COLUMNS = {
 
 def print_build_summary(result, title: str = "build", console: Console | None = None) -> None:
     console = console or Console()
+    for problem in getattr(result, "repaired", ()):  # a build's, not a validation's
+        console.print(Text(f"repaired: {problem}; its partition was redone"), soft_wrap=True)
     manifest = result.manifest
     table = Table(
         box=box.SIMPLE_HEAD,

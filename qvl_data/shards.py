@@ -17,6 +17,8 @@ import hashlib
 import json
 import mmap
 import os
+import re
+import stat
 import weakref
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from qvl_data.errors import QvlError
+from qvl_data.files import file_kind
 from qvl_data.format import FORMAT_NAME, FORMAT_VERSION, PATCH_DIM, PIXEL_FORMATS, Manifest, ShardEntry
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "PATCH_DIM", "PIXEL_FORMATS", "ShardWriter", "ShardSet"]
@@ -32,6 +35,9 @@ __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "PATCH_DIM", "PIXEL_FORMATS", "Shard
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
 SHARD_DIR = "shards"
+#: The names of the shard files a build writes (``ShardWriter`` with a partition's prefix), and their
+#: half-written ``.tmp``: the only files of ``shards/`` a build ever removes.
+SHARD_NAME = re.compile(r"part-\d{5}-\d{3}\.arrow(\.tmp)?")
 PIXEL_TYPE = {"uint8": pa.uint8(), "float32": pa.float32(), "webp": pa.uint8()}
 
 
@@ -240,13 +246,19 @@ def load_manifest(out_dir: Path) -> Manifest:
     path = Path(out_dir) / MANIFEST
     if not Path(out_dir).is_dir():
         raise QvlError(f"{out_dir}: no such shard directory (build one with `qvl-data build`)")
-    if not path.is_file():
-        raise QvlError(f"{path}: missing; {out_dir} is not a complete qvl build (re-run `qvl-data build`)")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        raise QvlError(
+            f"{path}: missing; {out_dir} is not a complete qvl build (re-run `qvl-data build`)"
+        ) from None
+    if not stat.S_ISREG(mode):  # a FIFO would block this read forever
+        raise QvlError(f"{path}: is {file_kind(mode)}, not a qvl manifest file")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise QvlError(f"{path}: invalid JSON ({e.msg})") from None
-    if manifest.get("format") != FORMAT_NAME:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QvlError(f"{path}: invalid JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise QvlError(f"{path}: not a qvl shard manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise QvlError(
@@ -264,6 +276,67 @@ def load_manifest(out_dir: Path) -> Manifest:
 def open_shard_table(path: Path) -> pa.Table:
     """Memory-map one shard: nothing is read into RAM until a column is touched."""
     return _map_shard(path)[0]
+
+
+#: How to repair a shard that fails :func:`shard_problem`'s checks (the re-run finds the same problem).
+REPAIR = (
+    "re-run the same `qvl-data build` (it redoes only that partition), "
+    "or rebuild everything with `qvl-data build --force`"
+)
+
+
+class DamagedShard(QvlError):
+    """A shard that is missing or does not match its manifest entry (size, schema, row count)."""
+
+
+def shard_problem(path: Path, shard: ShardEntry, pixel_format: str) -> str | None:
+    """Why the shard at ``path`` does not match ``shard`` (its size, its Arrow structure: schema and row
+    count, read from the IPC stream's headers, no data page touched), or None when it does. Cheap: for the
+    file's content, see ``qvl_data/verify.py`` (sha256)."""
+    try:
+        _open_checked(path, shard, pixel_format)
+    except DamagedShard as e:
+        return str(e)
+    return None
+
+
+def open_checked_shard(path: Path, shard: ShardEntry, pixel_format: str) -> tuple[pa.Table, mmap.mmap]:
+    """The shard's table and memory map (see :func:`_map_shard`) once :func:`shard_problem` finds nothing
+    wrong; a one-line :class:`DamagedShard` naming the file and how to repair it otherwise."""
+    try:
+        return _open_checked(path, shard, pixel_format)
+    except DamagedShard as e:
+        raise DamagedShard(f"{e}; {REPAIR}") from None
+
+
+def _open_checked(path: Path, shard: ShardEntry, pixel_format: str) -> tuple[pa.Table, mmap.mmap]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise DamagedShard(f"{path}: listed in the manifest but missing") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DamagedShard(f"{path}: listed in the manifest but is {file_kind(st.st_mode)}")
+    if st.st_size != shard.bytes:
+        raise DamagedShard(
+            f"{path}: damaged or unreadable shard ({st.st_size:,} bytes, the manifest records {shard.bytes:,})"
+        )
+    try:
+        table, mapping = _map_shard(path)
+        table.validate()  # buffer sizes against lengths: cheap, reads no data page
+    except (OSError, ValueError, pa.ArrowException) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DamagedShard(
+            f"{path}: damaged or unreadable shard (unreadable Arrow stream: {first_line})"
+        ) from None
+    if not table.schema.equals(shard_schema(pixel_format), check_metadata=True):
+        raise DamagedShard(
+            f"{path}: damaged or unreadable shard (its columns are not those of a {pixel_format} shard)"
+        )
+    if table.num_rows != shard.rows:
+        raise DamagedShard(
+            f"{path}: damaged or unreadable shard ({table.num_rows} rows, the manifest records {shard.rows})"
+        )
+    return table, mapping
 
 
 def _map_shard(path: Path) -> tuple[pa.Table, mmap.mmap]:
@@ -323,9 +396,7 @@ class ShardSet:
         self.tables, self.paths, self._maps, self._bases = [], [], [], []
         for shard in self.manifest.shards:
             path = self.out_dir / shard.file
-            if not path.is_file():
-                raise QvlError(f"{path}: listed in the manifest but missing (rebuild with --force)")
-            table, mapping = _map_shard(path)
+            table, mapping = open_checked_shard(path, shard, self.pixel_format)
             self.tables.append(table.select(columns) if columns else table)
             self.paths.append(path)
             self._maps.append(mapping)

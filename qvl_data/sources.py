@@ -8,8 +8,10 @@ the ``columns`` and ``tags`` overrides LLaMA-Factory understands. Every row come
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qvl_data.errors import QvlError
+from qvl_data.files import file_kind, regular_file
 from qvl_data.partition import Partition, data_files, index_dataset, make_plan, partition_rows, record_id
 from qvl_data.processor import CONTROL_TOKENS
 from qvl_data.schema import (
@@ -67,12 +70,15 @@ class ReadOptions:
 
 def load_dataset_info(dataset_dir: Path) -> dict[str, dict[str, Any]]:
     info_path = Path(dataset_dir) / "dataset_info.json"
-    if not info_path.is_file():
+    if not os.path.lexists(info_path):
         raise QvlError(f"{info_path}: no dataset_info.json in the dataset directory")
+    regular_file(info_path, "dataset description")
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise QvlError(f"{info_path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise QvlError(f"{info_path}: not readable as JSON ({type(e).__name__}: {e})") from None
     if not isinstance(info, dict):
         raise QvlError(f"{info_path}: expected an object mapping dataset names to descriptions")
     return info
@@ -89,8 +95,7 @@ def resolve_datasets(dataset_dir: Path, names: list[str]) -> list[DatasetSpec]:
             raise QvlError(f"dataset {name!r} is listed twice")
         seen.add(name)
         if name not in info:
-            known = ", ".join(sorted(info)[:20])
-            raise QvlError(f"{info_path}: unknown dataset {name!r} (known: {known})")
+            raise QvlError(f"{info_path}: {unknown_dataset(name, list(info))}")
         entry = info[name]
         if not isinstance(entry, dict) or "file_name" not in entry:
             raise QvlError(
@@ -113,6 +118,16 @@ def resolve_datasets(dataset_dir: Path, names: list[str]) -> list[DatasetSpec]:
         data_files(path)  # a folder must hold data files
         specs.append(DatasetSpec(name=name, path=path, formatting=formatting, columns=columns, tags=tags))
     return specs
+
+
+def unknown_dataset(name: str, known: list[str], shown: int = 20) -> str:
+    """``unknown dataset 'x'``, the closest names (difflib) as a did-you-mean, then the first ``shown``
+    known names and how many more there are."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    names = sorted(known)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"unknown dataset {name!r}{hint} (known: {', '.join(names[:shown])}{more})"
 
 
 class _Reject(Exception):
@@ -270,8 +285,12 @@ def _resolve_image(path: str, column: str, i: int, options: ReadOptions) -> str:
                 f"{where} resolves to {resolved}, outside {allowed}; to use it pass --allow-outside-images, "
                 "or --media-dir with the folder that holds the images",
             )
-    if not resolved.is_file():
-        raise _Reject("image_missing", f"{where}: file {resolved} does not exist")
+    try:
+        mode = os.stat(resolved).st_mode
+    except OSError:
+        raise _Reject("image_missing", f"{where}: file {resolved} does not exist") from None
+    if not stat.S_ISREG(mode):  # a FIFO would block the image decoder forever
+        raise _Reject("image_unreadable", f"{where}: {resolved} is {file_kind(mode)}, not an image file")
     return str(resolved)
 
 

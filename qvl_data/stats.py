@@ -22,7 +22,7 @@ from rich.text import Text
 from qvl_data.errors import QvlError
 from qvl_data.format import Manifest
 from qvl_data.schema import REASONS
-from qvl_data.shards import load_manifest, open_shard_table, shard_schema
+from qvl_data.shards import load_manifest, open_checked_shard, shard_schema
 from qvl_data.vision import image_token_count
 
 # The only columns stats reads. Never add "pixels" here.
@@ -42,13 +42,7 @@ def read_columns(out_dir: str | Path, manifest: Manifest | None = None) -> pa.Ta
     tables = []
     for shard in manifest.shards:
         path = out_dir / shard.file
-        if not path.is_file():
-            raise QvlError(f"{path}: listed in the manifest but missing (rebuild with --force)")
-        try:
-            table = open_shard_table(path)
-        except (OSError, pa.ArrowInvalid) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise QvlError(f"{path}: unreadable shard ({first_line})") from None
+        table = open_checked_shard(path, shard, manifest.pixel_format)[0]
         missing = [c for c in STATS_COLUMNS if c not in table.column_names]
         if missing:
             raise QvlError(f"{path}: shard lacks column(s) {', '.join(missing)}")

@@ -26,7 +26,7 @@ from qvl_data.encode import EncodedRow, EncodeOptions, encode_record
 from qvl_data.format import PartitionEntry, SourceTotals
 from qvl_data.partition import DatasetIndex, Partition, index_dataset
 from qvl_data.schema import Rejection, rejection_line
-from qvl_data.shards import SHARD_DIR, ShardWriter, write_json_atomic
+from qvl_data.shards import SHARD_DIR, SHARD_NAME, ShardWriter, shard_problem, write_json_atomic
 from qvl_data.sources import DatasetSpec, ReadOptions, convert_partition
 
 # Workers may be forked from a process that used the tokenizer: keep its Rust thread pool out of them.
@@ -61,6 +61,7 @@ class TaskResult:
     cpu_seconds: float = 0.0  # this task's CPU time (not part of any written byte)
     loaded_processor: bool = False  # this task loaded the processor into its process first
     rejections: list[Rejection] = field(default_factory=list)  # validate mode only
+    damaged: str = ""  # why this partition was redone: a shard its record lists is damaged (or "")
 
 
 _PROCESSOR: dict[str, Any] = {}
@@ -130,47 +131,106 @@ def _convert(ctx: BuildContext, partition: Partition) -> tuple[list, str]:
     return items, digest.hexdigest()
 
 
-def _reusable(ctx: BuildContext, partition: Partition, image_digest: str) -> PartitionEntry | None:
-    """The partition's completion record if it still describes what this task would write."""
-    path = record_path(ctx, partition.index)
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if record.get("fingerprint") != ctx.fingerprint or record.get("partition") != _partition_json(partition):
-        return None
-    entry = PartitionEntry.from_dict(record["entry"])
-    if entry.image_digest != image_digest or not rejected_path(ctx, partition.index).is_file():
-        return None
+def _reusable(
+    ctx: BuildContext, partition: Partition, image_digest: str, known: PartitionEntry | None
+) -> tuple[PartitionEntry | None, str]:
+    """(the partition's completion record, "") if it still describes what this task would write, else
+    (None, why a shard it lists is damaged, or ""). A missing or damaged record (a crash, a full disk, a
+    stray edit) means "redo this partition", unless ``known`` (the entry of a complete build's manifest
+    with this fingerprint) still matches its files: then that entry is the record, written back, and the
+    complete build stays complete."""
+    entry = _read_record(ctx, partition)
+    if entry is None and known is not None and _same_rows(known, partition):
+        entry = known
+        if ctx.write:
+            _write_record(ctx, partition, entry)
+    if (
+        entry is None
+        or entry.image_digest != image_digest
+        or not rejected_path(ctx, partition.index).is_file()
+    ):
+        return None, ""
     for shard in entry.shards:
-        file = Path(ctx.out_dir) / shard.file
-        if not file.is_file() or file.stat().st_size != shard.bytes:
+        problem = shard_problem(Path(ctx.out_dir) / shard.file, shard, ctx.encode.pixel_format)
+        if problem is not None:
+            return None, problem
+    return entry, ""
+
+
+def _read_record(ctx: BuildContext, partition: Partition) -> PartitionEntry | None:
+    try:
+        record = json.loads(record_path(ctx, partition.index).read_text(encoding="utf-8"))
+        if record["fingerprint"] != ctx.fingerprint or record["partition"] != _partition_json(ctx, partition):
             return None
-    return entry
+        return PartitionEntry.from_dict(record["entry"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # absent or damaged: redo
+        return None
 
 
-def _partition_json(partition: Partition) -> dict[str, Any]:
-    return json.loads(json.dumps(asdict(partition)))  # tuples as lists, as read back from the record
+def _same_rows(entry: PartitionEntry, partition: Partition) -> bool:
+    return (entry.index, entry.source, entry.file, entry.first_row, entry.rows) == (
+        partition.index,
+        partition.source,
+        partition.file,
+        partition.first_row,
+        partition.rows,
+    )
+
+
+def _write_record(ctx: BuildContext, partition: Partition, entry: PartitionEntry) -> None:
+    record = {
+        "fingerprint": ctx.fingerprint,
+        "partition": _partition_json(ctx, partition),
+        "entry": asdict(entry),
+    }
+    write_json_atomic(record_path(ctx, partition.index), record)
+
+
+def _partition_json(ctx: BuildContext, partition: Partition) -> dict[str, Any]:
+    """The partition as its record stores it: tuples as lists (as read back), and its staged row file
+    relative to the work directory, so that a build folder moved elsewhere still matches."""
+    return portable_partition(json.loads(json.dumps(asdict(partition))), ctx.work_dir)
+
+
+def portable_partition(fields: dict[str, Any], work_dir: str | Path) -> dict[str, Any]:
+    """Partition fields with a ``row_file`` inside ``work_dir`` (a staged JSON array) made relative to it."""
+    row_file = Path(fields["row_file"])
+    if row_file.is_absolute() and row_file.is_relative_to(work_dir):
+        return {**fields, "row_file": row_file.relative_to(work_dir).as_posix()}
+    return fields
+
+
+def local_partition(fields: dict[str, Any], work_dir: str | Path) -> dict[str, Any]:
+    """The inverse of :func:`portable_partition` for this run's ``work_dir``."""
+    if Path(fields["row_file"]).is_absolute():
+        return fields
+    return {**fields, "row_file": str(Path(work_dir) / fields["row_file"])}
 
 
 def _remove_outputs(ctx: BuildContext, index: int) -> None:
-    """Whatever an earlier run of this partition left: its record first, then its shards."""
+    """Whatever an earlier run of this partition left: its record first, then its shards (the files
+    this task is about to write, under the names only it uses)."""
     record_path(ctx, index).unlink(missing_ok=True)
     for file in (Path(ctx.out_dir) / SHARD_DIR).glob(f"part-{index:05d}-*.arrow*"):
-        file.unlink()
+        if SHARD_NAME.fullmatch(file.name):
+            file.unlink()
 
 
-def partition_task(ctx: BuildContext, partition: Partition, check_only: bool = False) -> TaskResult:
-    """Encode and write one partition, or reuse its valid completion record. With ``check_only`` nothing
-    is written: the result only says whether the record is still valid (``reused``)."""
+def partition_task(
+    ctx: BuildContext, partition: Partition, check_only: bool = False, known: PartitionEntry | None = None
+) -> TaskResult:
+    """Encode and write one partition, or reuse its valid completion record (or ``known``, see
+    :func:`_reusable`). With ``check_only`` no shard is written: the result only says whether the
+    partition is still valid (``reused``)."""
     started = time.process_time()
     items, image_digest = _convert(ctx, partition)
+    damaged = ""
     if ctx.write or check_only:
-        entry = _reusable(ctx, partition, image_digest)
+        entry, damaged = _reusable(ctx, partition, image_digest, known)
         if entry is not None:
             return TaskResult(entry, reused=True, cpu_seconds=time.process_time() - started)
         if check_only:
-            return TaskResult(_entry(partition, image_digest, SourceTotals(), {}, []))
+            return TaskResult(_entry(partition, image_digest, SourceTotals(), {}, []), damaged=damaged)
         _remove_outputs(ctx, partition.index)
 
     totals, reasons, rejections = SourceTotals(), {}, []
@@ -201,9 +261,9 @@ def partition_task(ctx: BuildContext, partition: Partition, check_only: bool = F
         cpu = time.process_time() - started
         return TaskResult(entry, cpu_seconds=cpu, loaded_processor=loaded, rejections=rejections)
     _write_rejected(rejected_path(ctx, partition.index), rejections)
-    record = {"fingerprint": ctx.fingerprint, "partition": _partition_json(partition), "entry": asdict(entry)}
-    write_json_atomic(record_path(ctx, partition.index), record)  # last: marks the partition done
-    return TaskResult(entry, cpu_seconds=time.process_time() - started, loaded_processor=loaded)
+    _write_record(ctx, partition, entry)  # last: marks the partition done
+    cpu = time.process_time() - started
+    return TaskResult(entry, cpu_seconds=cpu, loaded_processor=loaded, damaged=damaged)
 
 
 def _entry(
