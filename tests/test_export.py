@@ -19,7 +19,7 @@ from qvl_data.errors import QvlError
 from qvl_data.processor import CHAT_TEMPLATE, IMAGE_PAD_ID, IMAGE_PAD_TOKEN
 from qvl_train.__main__ import main
 from qvl_train.config import TrainConfig
-from qvl_train.export import check_base, export_dtype, missing_chat_template, processor_files
+from qvl_train.infer.export import check_base, export_dtype, missing_chat_template, processor_files
 from qvl_train.model import ARCHITECTURE, load_for_inference, load_model, tiny_model_dir
 
 pytestmark = [
@@ -196,7 +196,11 @@ def test_export_directory_is_a_complete_checkpoint(adapter: Path, exported: Path
 
 
 def test_bfloat16_sharded_export_is_the_float32_merge_cast_once(
-    adapter: Path, exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    adapter: Path,
+    exported: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ):
     out = tmp_path / "bf16"
     argv = ["export", "--adapter", str(adapter), "--output-dir", str(out)]
@@ -229,9 +233,11 @@ def test_bfloat16_sharded_export_is_the_float32_merge_cast_once(
         raise OSError("No space left on device")
 
     with monkeypatch.context() as patch:
-        patch.setattr("qvl_train.export.missing_chat_template", broken)
-        with pytest.raises(OSError, match="No space left"):
+        patch.setattr("qvl_train.infer.export.missing_chat_template", broken)
+        with pytest.raises(SystemExit) as exit_info:
             main([*argv, "--overwrite"])
+    assert exit_info.value.code == 2  # one line: the export failed, the previous one is unchanged
+    assert "No space left on device" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     assert sorted(os.listdir(tmp_path)) == ["bf16"]
     # a successful one replaces the whole directory (no stale shards), and leaves nothing beside it
@@ -316,9 +322,10 @@ def test_cli_errors_are_one_line(adapter: Path, tmp_path: Path, capsys: pytest.C
 
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    err = _error(capsys, ["export", "--adapter", str(adapter), "--output-dir", str(out)])
-    assert "not empty" in err and "--overwrite" in err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    for overwrite in ([], ["--overwrite"]):  # a directory qvl did not write is never replaced
+        err = _error(capsys, ["export", "--adapter", str(adapter), "--output-dir", str(out), *overwrite])
+        assert "not empty and not a qvl export" in err
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
     # an adapter recorded against another base
     other = tmp_path / "other-adapter"

@@ -1,0 +1,10 @@
+"""Inference and evaluation with a trained adapter: nothing here trains.
+
+* ``generate``: decoding options, left-padded batches, one answer's ids and text;
+* ``prompts``: shard rows, dataset rows and benchmark records -> prompts (through ``qvl_data.encode``);
+* ``predictions``: answer a stream of prompts and write the predictions file;
+* ``files``: inputs must be regular files; outputs replace only what qvl wrote, complete or not at all;
+* ``vqa``, ``metrics``: the VQA accuracy, instruction and caption metrics (pure functions);
+* ``benchmarks``: the OK-VQA and COCO caption file readers;
+* ``predict``, ``score``, ``export``: the ``qvl-train predict|score|export`` commands.
+"""

@@ -1,0 +1,312 @@
+"""``qvl-train score``: the base model and each adapter on one task, scored side by side (a table and
+``scores.json``).
+
+Tasks: ``instruct`` (a shard or dataset directory; the last answer of each row is the reference: exact
+match, BLEU-4, ROUGE-L), ``okvqa`` (the official OK-VQA files + COCO val2014 images: the standard VQA
+accuracy, :mod:`qvl_train.infer.vqa`) and ``coco`` (the official captions file or Karpathy's split + the
+images: BLEU-4, METEOR, ROUGE-L, CIDEr); the metrics are :mod:`qvl_train.infer.metrics`, all x100.
+
+Each model's predictions and ``scores.json`` go to ``--output-dir``, each written complete or not at all;
+an existing file there is replaced only when qvl wrote it (or with ``--overwrite``).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qvl_data.errors import QvlError
+from qvl_train.config import coerce_types, parse_tool_config
+from qvl_train.infer.files import atomic_output, check_output_dir, check_output_file
+from qvl_train.infer.generate import Generation, GenerationOptions, check_generation, load_model_for
+from qvl_train.infer.metrics import CaptionScorer, instruct_scores, require_instruct_packages
+from qvl_train.infer.predictions import is_predictions_file, predict
+from qvl_train.infer.prompts import data_source, records_source
+from qvl_train.infer.vqa import okvqa_scores
+
+if TYPE_CHECKING:
+    from qvl_train.infer.benchmarks import Benchmark
+
+TASKS = ("instruct", "okvqa", "coco")
+METRICS = {
+    "instruct": ("exact_match", "bleu-4", "rouge-l"),
+    "okvqa": ("vqa_accuracy",),
+    "coco": ("bleu-4", "meteor", "rouge-l", "cider"),
+}
+#: Tokens an answer may take, per task, when --max-new-tokens is 0 (short answers, one sentence, free text).
+DEFAULT_MAX_NEW_TOKENS = {"instruct": 1024, "okvqa": 32, "coco": 64}
+SCORES_FILE = "scores.json"
+#: The keys every scores.json qvl writes starts with: how qvl recognizes one it wrote.
+SCORES_KEYS = ("task", "metrics", "scale", "data", "files", "rows", "models")
+_SCORES_LIMIT = 1 << 26
+
+DESCRIPTION = (
+    "Score the base model and each --adapter on one task, side by side: instruct (exact match, BLEU-4, "
+    "ROUGE-L on a shard or dataset directory), okvqa (VQA accuracy on the official OK-VQA files) or coco "
+    "(BLEU-4, METEOR, ROUGE-L, CIDEr on COCO captions). Writes the predictions and scores.json to --output-dir."
+)
+
+
+@dataclass
+class ScoreConfig(GenerationOptions):
+    task: str = "instruct"
+    """instruct (your data: exact match, BLEU-4, ROUGE-L), okvqa (VQA accuracy) or coco (caption metrics)."""
+    data: str = ""
+    """instruct: a shard directory or a dataset directory. okvqa: the folder holding the official question
+    and annotation files (and val2014/ with the COCO images). coco: the folder holding dataset_coco.json or
+    annotations/captions_val2014.json (and val2014/)."""
+    dataset: str = ""
+    """instruct: comma-separated dataset names (required for a dataset directory; for shards, a filter)."""
+    model: str = "tiny"
+    """Base model: a local Qwen2.5-VL checkpoint dir, a hub id, a merged export dir, or ``tiny``."""
+    adapter: str = ""
+    """LoRA adapter directories to compare with the base model: repeat --adapter or separate them by commas."""
+    output_dir: str = "saves/score"
+    """Where the predictions of each model (predictions-<name>.jsonl) and scores.json go. Files qvl wrote
+    there are replaced (each one complete, at its end); any other file of those names only with --overwrite."""
+    overwrite: bool = False
+    """Replace a predictions-<name>.jsonl or scores.json in --output-dir that qvl did not write."""
+    questions: str = ""
+    """okvqa: the questions file (default: <data>/OpenEnded_mscoco_val2014_questions.json)."""
+    annotations: str = ""
+    """okvqa: the annotations file (default: <data>/mscoco_val2014_annotations.json)."""
+    captions: str = ""
+    """coco: the captions file, official or Karpathy's (default: <data>/dataset_coco.json, else
+    <data>/annotations/captions_val2014.json or <data>/captions_val2014.json)."""
+    split: str = "test"
+    """coco with Karpathy's file: the split to score (test: the 5,000 images papers report on)."""
+    image_dir: str = ""
+    """okvqa and coco: the folder of the COCO images (default: <data>/val2014 if it exists, else <data>)."""
+    prompt: str = ""
+    """okvqa and coco: the user prompt; ``<image>`` marks the image, ``{question}`` the question and ``\\n`` a
+    line break (default:
+    '<image>{question}\\nAnswer the question using a single word or phrase.', or for coco '<image>Provide a
+    one-sentence caption for the provided image.')."""
+    media_dir: str = ""
+    """instruct with a dataset directory: folder image paths are relative to."""
+    max_rows: int = 0
+    """Score the first N rows (questions, images) only (0: all)."""
+    max_new_tokens: int = 0
+    """Most tokens generated per answer; 0: the task's default (instruct 1024, okvqa 32, coco 64)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adapter, (list, tuple)):  # YAML: adapter: [a, b]
+            self.adapter = ",".join(str(a) for a in self.adapter)
+        coerce_types(self)
+        self.prompt = self.prompt.replace("\\n", "\n")  # a shell passes the default's \n as two characters
+        if self.max_new_tokens == 0:
+            self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS.get(self.task, 1024)
+        if self.task not in TASKS:
+            raise QvlError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        check_generation(self)
+        if not self.data:
+            raise QvlError(f"--data is required (task {self.task}: {_DATA_HELP[self.task]})")
+        if self.max_rows < 0:
+            raise QvlError(f"max_rows must be >= 0, got {self.max_rows}")
+        if self.task != "instruct" and self.dataset:
+            raise QvlError("--dataset is for --task instruct")
+        for adapter in self.adapters:
+            if not (Path(adapter) / "adapter_config.json").is_file():
+                raise QvlError(f"--adapter {adapter}: not a LoRA adapter directory (no adapter_config.json)")
+        check_output_dir(self.output_dir, "--output-dir")
+
+    @property
+    def adapters(self) -> list[str]:
+        return [a.strip() for a in self.adapter.split(",") if a.strip()]
+
+
+_DATA_HELP = {
+    "instruct": "a shard directory or a dataset directory",
+    "okvqa": "the folder of the official OK-VQA files",
+    "coco": "the folder of the COCO captions file",
+}
+
+
+def join_repeated(argv: list[str], option: str = "--adapter") -> list[str]:
+    """``--adapter A --adapter B`` (argparse keeps the last) -> one ``--adapter A,B``."""
+    values, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == option and i + 1 < len(argv):
+            values.append(argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith(option + "="):
+            values.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+        i += 1
+    return rest + [option, ",".join(values)] if values else rest
+
+
+def model_names(adapters: list[str]) -> list[str]:
+    """Column names: ``base``, then each adapter's folder name (its path where two names clash)."""
+    names = [Path(a.rstrip("/")).name or a for a in adapters]
+    clash = {n for n in names if names.count(n) > 1 or n == "base"}
+    labels = [a if n in clash else n for a, n in zip(adapters, names, strict=True)]
+    return ["base", *(f"adapter:{label}" if label == "base" else label for label in labels)]
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "model"
+
+
+def predictions_path(out: Path, name: str) -> Path:
+    """Where one model's predictions go in --output-dir."""
+    return out / f"predictions-{_slug(name)}.jsonl"
+
+
+def is_scores_file(path: Path) -> bool:
+    """Whether ``path`` is a scores.json qvl wrote: a JSON object whose keys start with :data:`SCORES_KEYS`."""
+    try:
+        if path.stat().st_size > _SCORES_LIMIT:
+            return False
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and tuple(content)[: len(SCORES_KEYS)] == SCORES_KEYS
+
+
+def _format(value: float | None, base: float | None = None) -> str:
+    if value is None:
+        return "skipped"
+    if base is None:
+        return f"{value:.2f}"
+    return f"{value:.2f} ({value - base:+.2f})"
+
+
+def score_table(task: str, names: list[str], scores: list[dict[str, Any]]):
+    """A rich table: one row per metric, one column per model, adapters with their difference to base."""
+    from rich.table import Table
+
+    table = Table(title=f"{task} (x100)")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    for metric in METRICS[task]:
+        base = scores[0].get(metric)
+        cells = [_format(base)] + [_format(s.get(metric), base) for s in scores[1:]]
+        table.add_row(metric, *cells)
+    return table
+
+
+def benchmark_for(cfg: ScoreConfig) -> Benchmark:
+    """The OK-VQA or COCO records and references that ``cfg`` names."""
+    from qvl_train.infer.benchmarks import CAPTION_PROMPT, OKVQA_PROMPT, read_coco_captions, read_okvqa
+
+    if cfg.task == "okvqa":
+        prompt = cfg.prompt or OKVQA_PROMPT
+        return read_okvqa(cfg.data, cfg.questions, cfg.annotations, cfg.image_dir, prompt, cfg.max_rows)
+    prompt = cfg.prompt or CAPTION_PROMPT
+    return read_coco_captions(cfg.data, cfg.captions, cfg.image_dir, cfg.split, prompt, cfg.max_rows)
+
+
+def task_scores(
+    task: str, lines: list[dict[str, Any]], benchmark: Benchmark | None, captions: CaptionScorer | None
+) -> dict[str, Any]:
+    """One model's scores from its prediction lines."""
+    if task == "instruct":
+        return instruct_scores([line["prediction"] for line in lines], [line["reference"] for line in lines])
+    predictions = {line["id"]: line["prediction"] for line in lines}
+    if task == "okvqa":
+        return okvqa_scores(predictions, benchmark.references, benchmark.info)
+    return captions.score(predictions, benchmark.references)
+
+
+def run(argv: list[str]) -> None:
+    cfg = parse_tool_config(ScoreConfig, join_repeated(argv), "qvl-train score", DESCRIPTION)
+    from rich.console import Console
+
+    from qvl_train.model import check_compatible, model_config
+
+    console = Console(highlight=False)
+    started = time.perf_counter()
+    # the metric packages and the data are checked before any generation, not after hours of it
+    captions = CaptionScorer() if cfg.task == "coco" else None
+    benchmark = None
+    if cfg.task == "instruct":
+        require_instruct_packages()
+        source = data_source(cfg)
+    else:
+        benchmark = benchmark_for(cfg)
+        source = records_source(benchmark.records, cfg, benchmark.inputs)
+    check_compatible(model_config(cfg.model), source.processor, cfg.model)
+
+    out = Path(cfg.output_dir)
+    names = model_names(cfg.adapters)
+    for name in names:
+        check_output_file(
+            predictions_path(out, name), "predictions file", is_predictions_file, cfg.overwrite, source.inputs
+        )
+    check_output_file(out / SCORES_FILE, "scores file", is_scores_file, cfg.overwrite, source.inputs)
+    generation = Generation.from_config(cfg)
+    entries = []
+    try:
+        for name, adapter in zip(names, ["", *cfg.adapters], strict=True):
+            model, device, dtype = load_model_for(cfg, adapter)
+            rejected: list = []
+            predictions_file = predictions_path(out, name)
+            lines = predict(
+                model,
+                source.make(),
+                source.total,
+                source.tokenizer,
+                source.processor,
+                generation,
+                device,
+                dtype,
+                cfg.batch_size,
+                predictions_file,
+                cfg.quiet,
+                label=name,
+                on_rejection=rejected.append,
+                references=benchmark.references if benchmark else None,
+            )
+            del model  # before the next one loads: one model in memory at a time
+            gc.collect()
+            if device.type == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
+            if rejected and benchmark is not None:
+                first = rejected[0]
+                raise QvlError(f"{first.message} ({first.reason}): every benchmark image must be usable")
+            entries.append(
+                {
+                    "name": name,
+                    "model": cfg.model,
+                    "adapter": adapter,
+                    "predictions": str(predictions_file),
+                    "rows": len(lines),
+                    "skipped_rows": len(rejected),
+                    "scores": task_scores(cfg.task, lines, benchmark, captions),
+                }
+            )
+    finally:
+        if captions is not None:
+            captions.close()
+    notes = list(captions.notes) if captions else []
+    report = {
+        "task": cfg.task,
+        "metrics": list(METRICS[cfg.task]),
+        "scale": "x100",
+        "data": cfg.data,
+        "files": benchmark.files if benchmark else {},
+        "rows": source.total,
+        "models": entries,
+        "notes": notes,
+        "caption_tokenizer": captions.tokenizer if captions else None,
+        "generation": asdict(generation),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    with atomic_output(out / SCORES_FILE) as f:
+        f.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    console.print(score_table(cfg.task, names, [e["scores"] for e in entries]))
+    for note in notes:
+        console.print(f"note: {note}")
+    console.print(f"predictions and {SCORES_FILE} in {out}")
