@@ -48,6 +48,7 @@ from qvl_data.processor import (
     staging_directory,
 )
 from qvl_train.config import TrainConfig, coerce_types, parse_tool_config
+from qvl_train.infer.files import require_regular_file
 from qvl_train.model import load_for_inference, resolve_model_path
 
 #: Processor files copied into the export when the source has them: qvl's set plus the two that newer
@@ -113,8 +114,9 @@ def read_adapter_config(adapter: Path) -> dict[str, Any]:
     path = adapter / "adapter_config.json"
     if not adapter.is_dir():
         raise QvlError(f"--adapter {adapter}: no such directory")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise QvlError(f"--adapter {adapter}: not a LoRA adapter directory (no adapter_config.json)")
+    require_regular_file(path, "adapter config")
     if not any((adapter / name).is_file() for name in ADAPTER_WEIGHTS):
         raise QvlError(f"--adapter {adapter}: has adapter_config.json but no adapter_model.safetensors")
     try:
