@@ -8,6 +8,9 @@ images: BLEU-4, METEOR, ROUGE-L, CIDEr); the metrics are :mod:`qvl_train.infer.m
 
 Each model's predictions and ``scores.json`` go to ``--output-dir``, each written complete or not at all;
 an existing file there is replaced only when qvl wrote it (or with ``--overwrite``).
+
+``--predictions FILE`` (repeatable) scores files made elsewhere instead, without loading a model
+(:mod:`qvl_train.infer.prediction_files`): the same table and ``scores.json``, one column per file.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from qvl_train.config import coerce_types, parse_tool_config
 from qvl_train.infer.files import atomic_output, check_output_dir, check_output_file
 from qvl_train.infer.generate import Generation, GenerationOptions, check_generation, load_model_for
 from qvl_train.infer.metrics import CaptionScorer, instruct_scores, require_instruct_packages
+from qvl_train.infer.prediction_files import benchmark_predictions, instruct_predictions
 from qvl_train.infer.predictions import is_predictions_file, predict
 from qvl_train.infer.prompts import data_source, records_source
 from qvl_train.infer.vqa import okvqa_scores
@@ -66,6 +70,11 @@ class ScoreConfig(GenerationOptions):
     """Base model: a local Qwen2.5-VL checkpoint dir, a hub id, a merged export dir, or ``tiny``."""
     adapter: str = ""
     """LoRA adapter directories to compare with the base model: repeat --adapter or separate them by commas."""
+    predictions: str = ""
+    """Score prediction files instead of generating (no model is loaded), side by side, the first as the
+    table's reference column: repeat --predictions or separate them by commas. okvqa: the official results
+    format [{"question_id", "answer"}]; coco: [{"image_id", "caption"}]; any task: qvl's predictions JSONL
+    (the only format for instruct, whose references it holds: no --data then)."""
     output_dir: str = "saves/score"
     """Where the predictions of each model (predictions-<name>.jsonl) and scores.json go. Files qvl wrote
     there are replaced (each one complete, at its end); any other file of those names only with --overwrite."""
@@ -95,8 +104,9 @@ class ScoreConfig(GenerationOptions):
     """Most tokens generated per answer; 0: the task's default (instruct 1024, okvqa 32, coco 64)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.adapter, (list, tuple)):  # YAML: adapter: [a, b]
-            self.adapter = ",".join(str(a) for a in self.adapter)
+        for name in ("adapter", "predictions"):  # YAML: adapter: [a, b]
+            if isinstance(getattr(self, name), (list, tuple)):
+                setattr(self, name, ",".join(str(a) for a in getattr(self, name)))
         coerce_types(self)
         self.prompt = self.prompt.replace("\\n", "\n")  # a shell passes the default's \n as two characters
         if self.max_new_tokens == 0:
@@ -104,7 +114,15 @@ class ScoreConfig(GenerationOptions):
         if self.task not in TASKS:
             raise QvlError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         check_generation(self)
-        if not self.data:
+        if self.prediction_files and self.adapters:
+            raise QvlError("--predictions scores files without loading a model: leave out --adapter")
+        if self.prediction_files and self.task == "instruct":
+            if self.data:
+                raise QvlError(
+                    "--task instruct --predictions reads the references from the files (qvl's predictions "
+                    "JSONL): leave out --data"
+                )
+        elif not self.data:
             raise QvlError(f"--data is required (task {self.task}: {_DATA_HELP[self.task]})")
         if self.max_rows < 0:
             raise QvlError(f"max_rows must be >= 0, got {self.max_rows}")
@@ -118,6 +136,10 @@ class ScoreConfig(GenerationOptions):
     @property
     def adapters(self) -> list[str]:
         return [a.strip() for a in self.adapter.split(",") if a.strip()]
+
+    @property
+    def prediction_files(self) -> list[str]:
+        return [p.strip() for p in self.predictions.split(",") if p.strip()]
 
 
 _DATA_HELP = {
@@ -150,6 +172,12 @@ def model_names(adapters: list[str]) -> list[str]:
     clash = {n for n in names if names.count(n) > 1 or n == "base"}
     labels = [a if n in clash else n for a, n in zip(adapters, names, strict=True)]
     return ["base", *(f"adapter:{label}" if label == "base" else label for label in labels)]
+
+
+def column_names(files: list[str]) -> list[str]:
+    """Column names of --predictions files: each file's name without its suffix (its path where two clash)."""
+    names = [Path(f).stem or f for f in files]
+    return [f if names.count(n) > 1 else n for f, n in zip(files, names, strict=True)]
 
 
 def _slug(name: str) -> str:
@@ -195,15 +223,28 @@ def score_table(task: str, names: list[str], scores: list[dict[str, Any]]):
     return table
 
 
-def benchmark_for(cfg: ScoreConfig) -> Benchmark:
-    """The OK-VQA or COCO records and references that ``cfg`` names."""
+def benchmark_for(cfg: ScoreConfig, check_images: bool = True) -> Benchmark:
+    """The OK-VQA or COCO records and references that ``cfg`` names (``check_images``: every image there)."""
     from qvl_train.infer.benchmarks import CAPTION_PROMPT, OKVQA_PROMPT, read_coco_captions, read_okvqa
 
     if cfg.task == "okvqa":
         prompt = cfg.prompt or OKVQA_PROMPT
-        return read_okvqa(cfg.data, cfg.questions, cfg.annotations, cfg.image_dir, prompt, cfg.max_rows)
+        return read_okvqa(
+            cfg.data, cfg.questions, cfg.annotations, cfg.image_dir, prompt, cfg.max_rows, check_images
+        )
     prompt = cfg.prompt or CAPTION_PROMPT
-    return read_coco_captions(cfg.data, cfg.captions, cfg.image_dir, cfg.split, prompt, cfg.max_rows)
+    return read_coco_captions(
+        cfg.data, cfg.captions, cfg.image_dir, cfg.split, prompt, cfg.max_rows, check_images
+    )
+
+
+def benchmark_scores(
+    task: str, predictions: dict[str, str], benchmark: Benchmark, captions: CaptionScorer | None
+) -> dict[str, Any]:
+    """One model's scores on OK-VQA or COCO from its answer (caption) per record id."""
+    if task == "okvqa":
+        return okvqa_scores(predictions, benchmark.references, benchmark.info)
+    return captions.score(predictions, benchmark.references)
 
 
 def task_scores(
@@ -212,25 +253,25 @@ def task_scores(
     """One model's scores from its prediction lines."""
     if task == "instruct":
         return instruct_scores([line["prediction"] for line in lines], [line["reference"] for line in lines])
-    predictions = {line["id"]: line["prediction"] for line in lines}
-    if task == "okvqa":
-        return okvqa_scores(predictions, benchmark.references, benchmark.info)
-    return captions.score(predictions, benchmark.references)
+    return benchmark_scores(task, {line["id"]: line["prediction"] for line in lines}, benchmark, captions)
 
 
-def run(argv: list[str]) -> None:
-    cfg = parse_tool_config(ScoreConfig, join_repeated(argv), "qvl-train score", DESCRIPTION)
-    from rich.console import Console
+@dataclass
+class Runs:
+    """What was scored: one entry per column (name, model, adapter, predictions file, rows, scores)."""
 
+    entries: list[dict[str, Any]]
+    rows: int
+    benchmark: Benchmark | None = None
+    generation: Generation | None = None  # None: the predictions were read, not generated
+
+
+def score_models(cfg: ScoreConfig, captions: CaptionScorer | None) -> Runs:
+    """Generate with the base model and each adapter, one after another, and score each."""
     from qvl_train.model import check_compatible, model_config
 
-    console = Console(highlight=False)
-    started = time.perf_counter()
-    # the metric packages and the data are checked before any generation, not after hours of it
-    captions = CaptionScorer() if cfg.task == "coco" else None
     benchmark = None
     if cfg.task == "instruct":
-        require_instruct_packages()
         source = data_source(cfg)
     else:
         benchmark = benchmark_for(cfg)
@@ -246,47 +287,84 @@ def run(argv: list[str]) -> None:
     check_output_file(out / SCORES_FILE, "scores file", is_scores_file, cfg.overwrite, source.inputs)
     generation = Generation.from_config(cfg)
     entries = []
-    try:
-        for name, adapter in zip(names, ["", *cfg.adapters], strict=True):
-            model, device, dtype = load_model_for(cfg, adapter)
-            rejected: list = []
-            predictions_file = predictions_path(out, name)
-            lines = predict(
-                model,
-                source.make(),
-                source.total,
-                source.tokenizer,
-                source.processor,
-                generation,
-                device,
-                dtype,
-                cfg.batch_size,
-                predictions_file,
-                cfg.quiet,
-                label=name,
-                on_rejection=rejected.append,
-                references=benchmark.references if benchmark else None,
-            )
-            del model  # before the next one loads: one model in memory at a time
-            gc.collect()
-            if device.type == "cuda":
-                import torch
+    for name, adapter in zip(names, ["", *cfg.adapters], strict=True):
+        model, device, dtype = load_model_for(cfg, adapter)
+        rejected: list = []
+        predictions_file = predictions_path(out, name)
+        lines = predict(
+            model,
+            source.make(),
+            source.total,
+            source.tokenizer,
+            source.processor,
+            generation,
+            device,
+            dtype,
+            cfg.batch_size,
+            predictions_file,
+            cfg.quiet,
+            label=name,
+            on_rejection=rejected.append,
+            references=benchmark.references if benchmark else None,
+        )
+        del model  # before the next one loads: one model in memory at a time
+        gc.collect()
+        if device.type == "cuda":
+            import torch
 
-                torch.cuda.empty_cache()
-            if rejected and benchmark is not None:
-                first = rejected[0]
-                raise QvlError(f"{first.message} ({first.reason}): every benchmark image must be usable")
-            entries.append(
-                {
-                    "name": name,
-                    "model": cfg.model,
-                    "adapter": adapter,
-                    "predictions": str(predictions_file),
-                    "rows": len(lines),
-                    "skipped_rows": len(rejected),
-                    "scores": task_scores(cfg.task, lines, benchmark, captions),
-                }
-            )
+            torch.cuda.empty_cache()
+        if rejected and benchmark is not None:
+            first = rejected[0]
+            raise QvlError(f"{first.message} ({first.reason}): every benchmark image must be usable")
+        entries.append(
+            {
+                "name": name,
+                "model": cfg.model,
+                "adapter": adapter,
+                "predictions": str(predictions_file),
+                "rows": len(lines),
+                "skipped_rows": len(rejected),
+                "scores": task_scores(cfg.task, lines, benchmark, captions),
+            }
+        )
+    return Runs(entries, source.total, benchmark, generation)
+
+
+def score_files(cfg: ScoreConfig, captions: CaptionScorer | None) -> Runs:
+    """Score each --predictions file (made elsewhere, or by qvl) without loading a model."""
+    files = cfg.prediction_files
+    benchmark = None if cfg.task == "instruct" else benchmark_for(cfg, check_images=False)
+    inputs = [*map(Path, files), *(benchmark.inputs if benchmark else [])]
+    check_output_file(
+        Path(cfg.output_dir) / SCORES_FILE, "scores file", is_scores_file, cfg.overwrite, inputs
+    )
+    entries = []
+    for name, path in zip(column_names(files), files, strict=True):
+        if benchmark is None:
+            predictions, references = instruct_predictions(path)
+            rows, scores = len(predictions), instruct_scores(predictions, references)
+        else:
+            answers = benchmark_predictions(path, benchmark, partial=cfg.max_rows > 0)
+            rows, scores = len(answers), benchmark_scores(cfg.task, answers, benchmark, captions)
+        entry = {"name": name, "model": None, "adapter": None, "predictions": path, "rows": rows}
+        entries.append({**entry, "skipped_rows": 0, "scores": scores})
+    rows = len(benchmark.records) if benchmark else entries[0]["rows"]
+    return Runs(entries, rows, benchmark)
+
+
+def run(argv: list[str]) -> None:
+    argv = join_repeated(join_repeated(argv), "--predictions")
+    cfg = parse_tool_config(ScoreConfig, argv, "qvl-train score", DESCRIPTION)
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    started = time.perf_counter()
+    # the metric packages and the data are checked before any generation, not after hours of it
+    captions = CaptionScorer() if cfg.task == "coco" else None
+    if cfg.task == "instruct":
+        require_instruct_packages()
+    try:
+        runs = score_files(cfg, captions) if cfg.prediction_files else score_models(cfg, captions)
     finally:
         if captions is not None:
             captions.close()
@@ -296,17 +374,20 @@ def run(argv: list[str]) -> None:
         "metrics": list(METRICS[cfg.task]),
         "scale": "x100",
         "data": cfg.data,
-        "files": benchmark.files if benchmark else {},
-        "rows": source.total,
-        "models": entries,
+        "files": runs.benchmark.files if runs.benchmark else {},
+        "rows": runs.rows,
+        "models": runs.entries,
         "notes": notes,
         "caption_tokenizer": captions.tokenizer if captions else None,
-        "generation": asdict(generation),
+        "generation": asdict(runs.generation) if runs.generation else None,
         "seconds": round(time.perf_counter() - started, 3),
     }
+    out = Path(cfg.output_dir)
     with atomic_output(out / SCORES_FILE) as f:
         f.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    console.print(score_table(cfg.task, names, [e["scores"] for e in entries]))
+    console.print(
+        score_table(cfg.task, [e["name"] for e in runs.entries], [e["scores"] for e in runs.entries])
+    )
     for note in notes:
         console.print(f"note: {note}")
-    console.print(f"predictions and {SCORES_FILE} in {out}")
+    console.print(f"predictions and {SCORES_FILE} in {out}" if runs.generation else f"{SCORES_FILE} in {out}")
