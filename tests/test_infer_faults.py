@@ -13,22 +13,13 @@ from pathlib import Path
 
 import pytest
 from helpers import chat, write_dataset, write_image
+from one_line_error import fails_in_one_line
 
 from qvl_train.__main__ import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FAST = ["--max-new-tokens", "2", "--quiet"]
-
-
-def _fails(capsys, argv: list[str]) -> str:
-    """The one-line error of a command that must exit 2."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
 
 
 @pytest.fixture
@@ -67,17 +58,17 @@ def test_predict_never_overwrites_its_input_dataset_file(dataset, capsys):
     target = dataset / "mine.json"
     before = target.read_bytes()
     for more in ([], ["--overwrite"]):
-        err = _fails(capsys, _predict(dataset, target, *more))
+        err = fails_in_one_line(capsys, _predict(dataset, target, *more))
         assert f"{target}: the predictions file is {target}, which this command reads" in err
         assert target.read_bytes() == before
     info = dataset / "dataset_info.json"
-    assert "which this command reads" in _fails(capsys, _predict(dataset, info, "--overwrite"))
+    assert "which this command reads" in fails_in_one_line(capsys, _predict(dataset, info, "--overwrite"))
 
 
 def test_predict_replaces_its_own_file_and_a_foreign_one_only_with_overwrite(dataset, tmp_path, capsys):
     out = tmp_path / "notes.txt"
     out.write_text("my notes\n")
-    err = _fails(capsys, _predict(dataset, out))
+    err = fails_in_one_line(capsys, _predict(dataset, out))
     assert "exists and is not a predictions file qvl wrote" in err and "--overwrite" in err
     assert out.read_text() == "my notes\n"
     main(_predict(dataset, out, "--overwrite"))
@@ -108,9 +99,11 @@ def test_a_failed_predict_leaves_the_previous_predictions_file_intact(dataset, t
 
 
 def test_predict_refuses_outputs_that_are_not_files(dataset, demo_build, tmp_path, capsys):
-    assert "is a directory, not a file qvl can replace" in _fails(capsys, _predict(dataset, tmp_path))
+    assert "is a directory, not a file qvl can replace" in fails_in_one_line(
+        capsys, _predict(dataset, tmp_path)
+    )
     inside = demo_build / "predictions.jsonl"  # inside the shard directory read
-    err = _fails(capsys, ["predict", "--data", str(demo_build), *FAST, "--output", str(inside)])
+    err = fails_in_one_line(capsys, ["predict", "--data", str(demo_build), *FAST, "--output", str(inside)])
     assert f"is inside {demo_build}, which this command reads" in err and not inside.exists()
 
 
@@ -118,7 +111,7 @@ def test_predict_refuses_a_fifo_as_dataset_file(tmp_path, no_hang, capsys):
     data = write_dataset(tmp_path / "d", "mine", [])
     (data / "mine.json").unlink()
     os.mkfifo(data / "mine.json")
-    err = _fails(capsys, _predict(data, tmp_path / "p.jsonl"))
+    err = fails_in_one_line(capsys, _predict(data, tmp_path / "p.jsonl"))
     assert f"{data / 'mine.json'}: the data file of dataset 'mine' is a FIFO, not a regular file" in err
 
 
@@ -177,7 +170,7 @@ def test_score_names_the_file_and_field_of_a_malformed_okvqa_file(
     tmp_path, capsys, questions, annotations, message
 ):
     data = okvqa_files(tmp_path / "okvqa", questions, annotations)
-    assert message in _fails(capsys, ["score", "--task", "okvqa", "--data", str(data)])
+    assert message in fails_in_one_line(capsys, ["score", "--task", "okvqa", "--data", str(data)])
 
 
 @pytest.mark.parametrize(
@@ -203,7 +196,9 @@ def test_score_names_the_file_and_field_of_a_malformed_okvqa_file(
 def test_score_names_the_file_and_field_of_a_malformed_captions_file(tmp_path, capsys, content, message):
     path = tmp_path / "captions.json"
     path.write_text(json.dumps(content))
-    err = _fails(capsys, ["score", "--task", "coco", "--data", str(tmp_path), "--captions", str(path)])
+    err = fails_in_one_line(
+        capsys, ["score", "--task", "coco", "--data", str(tmp_path), "--captions", str(path)]
+    )
     assert f"{path}: {message}" in err
 
 
@@ -211,7 +206,9 @@ def test_score_refuses_a_fifo_as_annotation_file(tmp_path, no_hang, capsys):
     data = okvqa_files(tmp_path / "okvqa", [QUESTION], [ANNOTATION])
     fifo = tmp_path / "questions.json"
     os.mkfifo(fifo)
-    err = _fails(capsys, ["score", "--task", "okvqa", "--data", str(data), "--questions", str(fifo)])
+    err = fails_in_one_line(
+        capsys, ["score", "--task", "okvqa", "--data", str(data), "--questions", str(fifo)]
+    )
     assert f"{fifo}: the OK-VQA questions file is a FIFO, not a regular file" in err
 
 
@@ -220,7 +217,7 @@ def test_score_replaces_only_its_own_files_and_never_its_inputs(dataset, tmp_pat
     argv = ["score", "--data", str(dataset), "--dataset", "mine", *FAST, "--output-dir", str(out)]
     out.mkdir()
     (out / "scores.json").write_text('{"mine": 1}\n')
-    err = _fails(capsys, argv)
+    err = fails_in_one_line(capsys, argv)
     assert f"{out / 'scores.json'}: exists and is not a scores file qvl wrote" in err
     assert (out / "scores.json").read_text() == '{"mine": 1}\n' and not (
         out / "predictions-base.jsonl"
@@ -233,18 +230,20 @@ def test_score_replaces_only_its_own_files_and_never_its_inputs(dataset, tmp_pat
     assert sorted(p.name for p in out.iterdir()) == ["predictions-base.jsonl", "scores.json"]
 
     (out / "predictions-base.jsonl").write_text("my own lines\n")
-    assert "predictions-base.jsonl: exists and is not a predictions file qvl wrote" in _fails(capsys, argv)
+    assert "predictions-base.jsonl: exists and is not a predictions file qvl wrote" in fails_in_one_line(
+        capsys, argv
+    )
     # an annotation file where the scores would go: never replaced, even with --overwrite
     data = okvqa_files(tmp_path / "okvqa", [QUESTION], [ANNOTATION])
     write_image(data / "val2014" / "COCO_val2014_000000000009.jpg", (32, 32))
     (data / "mscoco_val2014_annotations.json").rename(data / "scores.json")
     okvqa = ["score", "--task", "okvqa", "--data", str(data), "--annotations", str(data / "scores.json")]
-    err = _fails(capsys, [*okvqa, *FAST, "--output-dir", str(data), "--overwrite"])
+    err = fails_in_one_line(capsys, [*okvqa, *FAST, "--output-dir", str(data), "--overwrite"])
     assert (
         f"{data / 'scores.json'}: the scores file is {data / 'scores.json'}, which this command reads" in err
     )
     (tmp_path / "file").write_text("")
-    assert "--output-dir" in _fails(capsys, [*argv[:-1], str(tmp_path / "file")])
+    assert "--output-dir" in fails_in_one_line(capsys, [*argv[:-1], str(tmp_path / "file")])
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -271,7 +270,9 @@ def test_export_never_replaces_a_directory_qvl_did_not_write(adapter, tmp_path, 
     out.mkdir()
     (out / "model.safetensors").write_text("my own model")
     for more in ([], ["--overwrite"]):
-        err = _fails(capsys, ["export", "--adapter", str(adapter), "--output-dir", str(out), *more])
+        err = fails_in_one_line(
+            capsys, ["export", "--adapter", str(adapter), "--output-dir", str(out), *more]
+        )
         assert "is not empty and not a qvl export (no qvl_export.json)" in err
     assert [p.name for p in out.iterdir()] == ["model.safetensors"]
     assert (out / "model.safetensors").read_text() == "my own model"
@@ -288,7 +289,7 @@ def test_a_failed_export_leaves_the_previous_export_intact(adapter, tmp_path, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("qvl_train.infer.export.missing_chat_template", disk_full)  # after the weights
-    err = _fails(capsys, [*argv, "--overwrite"])
+    err = fails_in_one_line(capsys, [*argv, "--overwrite"])
     assert f"writing the export {out} failed (No space left on device); {out} is unchanged" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(os.listdir(tmp_path)) == ["merged"]  # no staging directory left beside it
@@ -298,5 +299,5 @@ def test_export_refuses_a_fifo_as_adapter_config(tmp_path, no_hang, capsys):
     fake = tmp_path / "fake-adapter"
     fake.mkdir()
     os.mkfifo(fake / "adapter_config.json")
-    err = _fails(capsys, ["export", "--adapter", str(fake), "--output-dir", str(tmp_path / "o")])
+    err = fails_in_one_line(capsys, ["export", "--adapter", str(fake), "--output-dir", str(tmp_path / "o")])
     assert f"{fake / 'adapter_config.json'}: the adapter config is a FIFO, not a regular file" in err

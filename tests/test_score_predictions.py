@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from one_line_error import fails_in_one_line
 from test_score import COCO, OKVQA, coco_dir, okvqa_dir
 
 from qvl_train.__main__ import main
@@ -36,15 +37,6 @@ def _write(path: Path, entries: list, jsonl: bool = False) -> str:
     else:
         path.write_text(json.dumps(entries))
     return str(path)
-
-
-def _fails(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
 
 
 def _report(out: Path) -> dict:
@@ -173,18 +165,20 @@ def test_predictions_that_do_not_fit_the_benchmark_stop_in_one_line(tmp_path, no
     ]
     for k, (entries, message) in enumerate(cases):
         path = _write(tmp_path / f"p{k}.json", entries)
-        assert f"{path}: {message}" in _fails(capsys, [*argv, path])
+        assert f"{path}: {message}" in fails_in_one_line(capsys, [*argv, path])
     # --max-rows scores the first questions: answers to the others are ignored
     main([*argv[:-1], "--max-rows", "2", "--predictions", _write(tmp_path / "all.json", answers)])
     assert _report(tmp_path / "out")["rows"] == 2
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "okvqa:90", "prediction": "x"}\n{oops\n')
-    assert f"{bad}:2:2: invalid JSON" in _fails(capsys, [*argv, str(bad)])
+    assert f"{bad}:2:2: invalid JSON" in fails_in_one_line(capsys, [*argv, str(bad)])
     fifo = tmp_path / "fifo.json"
     os.mkfifo(fifo)
-    assert f"{fifo}: the predictions file is a FIFO, not a regular file" in _fails(capsys, [*argv, str(fifo)])
-    assert "not found" in _fails(capsys, [*argv, str(tmp_path / "nope.json")])
+    assert f"{fifo}: the predictions file is a FIFO, not a regular file" in fails_in_one_line(
+        capsys, [*argv, str(fifo)]
+    )
+    assert "not found" in fails_in_one_line(capsys, [*argv, str(tmp_path / "nope.json")])
 
 
 def test_predictions_option_conflicts(tmp_path, capsys):
@@ -192,16 +186,18 @@ def test_predictions_option_conflicts(tmp_path, capsys):
     adapter = tmp_path / "lora"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
-    err = _fails(capsys, ["score", "--predictions", path, "--adapter", str(adapter)])
+    err = fails_in_one_line(capsys, ["score", "--predictions", path, "--adapter", str(adapter)])
     assert "--predictions scores files without loading a model: leave out --adapter" in err
-    assert "leave out --data" in _fails(capsys, ["score", "--predictions", path, "--data", str(tmp_path)])
+    assert "leave out --data" in fails_in_one_line(
+        capsys, ["score", "--predictions", path, "--data", str(tmp_path)]
+    )
     official = _write(tmp_path / "o.json", [{"question_id": 90, "answer": "x"}])
-    err = _fails(capsys, ["score", "--predictions", official, "--output-dir", str(tmp_path / "o")])
+    err = fails_in_one_line(capsys, ["score", "--predictions", official, "--output-dir", str(tmp_path / "o")])
     assert "entry 0 is not a line of a qvl predictions file" in err
     # a predictions file where scores.json would go is never replaced, even with --overwrite
     scores = tmp_path / "x" / "scores.json"
     _write(scores, [{"id": "a:0", "reference": "x", "prediction": "x"}], jsonl=True)
-    err = _fails(
+    err = fails_in_one_line(
         capsys, ["score", "--predictions", str(scores), "--output-dir", str(scores.parent), "--overwrite"]
     )
     assert f"{scores}: the scores file is {scores}, which this command reads" in err
