@@ -114,6 +114,6 @@ def atomic_output(path: str | Path) -> Iterator[IO[str]]:
             os.fsync(file.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        raise QvlError(f"{path}: writing it failed ({e.strerror}); the previous file is unchanged") from None
+        raise QvlError(f"{path}: not written ({e.strerror or e}); the previous file is unchanged") from None
     finally:
         tmp.unlink(missing_ok=True)

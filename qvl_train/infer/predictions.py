@@ -130,14 +130,9 @@ def predict(
                 tokens += sum(map(len, generated))
                 progress.update(task, advance=len(chunk), tokens=tokens)
             for k, item in enumerate(ready):
-                line = {
-                    "id": item.id,
-                    "source": item.source,
-                    "index": item.index,
-                    "prompt": prompt_text(tokenizer, item.input_ids),
-                    "reference": references[item.id] if references is not None else item.reference,
-                    "prediction": answers[k],
-                }
+                reference = references[item.id] if references is not None else item.reference
+                values = (item.id, item.source, item.index, prompt_text(tokenizer, item.input_ids), reference)
+                line = dict(zip(PREDICTION_KEYS, (*values, answers[k]), strict=True))
                 results.append(line)
                 if out_file is not None:
                     out_file.write(json.dumps(line, ensure_ascii=False) + "\n")

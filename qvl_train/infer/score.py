@@ -342,6 +342,8 @@ def score_files(cfg: ScoreConfig, captions: CaptionScorer | None) -> Runs:
     for name, path in zip(column_names(files), files, strict=True):
         if benchmark is None:
             predictions, references = instruct_predictions(path)
+            if cfg.max_rows > 0:
+                predictions, references = predictions[: cfg.max_rows], references[: cfg.max_rows]
             rows, scores = len(predictions), instruct_scores(predictions, references)
         else:
             answers = benchmark_predictions(path, benchmark, partial=cfg.max_rows > 0)
