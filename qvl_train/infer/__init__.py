@@ -6,5 +6,7 @@
 * ``files``: inputs must be regular files; outputs replace only what qvl wrote, complete or not at all;
 * ``vqa``, ``metrics``: the VQA accuracy, instruction and caption metrics (pure functions);
 * ``benchmarks``: the OK-VQA and COCO caption file readers;
+* ``prediction_files``: predictions made elsewhere (official result formats, qvl's JSONL), for scoring;
+* ``scores_file``: the score table and ``scores.json``;
 * ``predict``, ``score``, ``export``: the ``qvl-train predict|score|export`` commands.
 """

@@ -16,7 +16,6 @@ an existing file there is replaced only when qvl wrote it (or with ``--overwrite
 from __future__ import annotations
 
 import gc
-import json
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -25,34 +24,26 @@ from typing import TYPE_CHECKING, Any
 
 from qvl_data.errors import QvlError
 from qvl_train.config import coerce_types, parse_tool_config
-from qvl_train.infer.files import atomic_output, check_output_dir, check_output_file
+from qvl_train.infer.files import check_output_dir, check_output_file
 from qvl_train.infer.generate import Generation, GenerationOptions, check_generation, load_model_for
 from qvl_train.infer.metrics import CaptionScorer, instruct_scores, require_instruct_packages
 from qvl_train.infer.prediction_files import benchmark_predictions, instruct_predictions
 from qvl_train.infer.predictions import is_predictions_file, predict
 from qvl_train.infer.prompts import data_source, records_source
+from qvl_train.infer.scores_file import METRICS, SCORES_FILE, is_scores_file, score_table, write_scores
 from qvl_train.infer.vqa import okvqa_scores
 
 if TYPE_CHECKING:
     from qvl_train.infer.benchmarks import Benchmark
 
 TASKS = ("instruct", "okvqa", "coco")
-METRICS = {
-    "instruct": ("exact_match", "bleu-4", "rouge-l"),
-    "okvqa": ("vqa_accuracy",),
-    "coco": ("bleu-4", "meteor", "rouge-l", "cider"),
-}
 #: Tokens an answer may take, per task, when --max-new-tokens is 0 (short answers, one sentence, free text).
 DEFAULT_MAX_NEW_TOKENS = {"instruct": 1024, "okvqa": 32, "coco": 64}
-SCORES_FILE = "scores.json"
-#: The keys every scores.json qvl writes starts with: how qvl recognizes one it wrote.
-SCORES_KEYS = ("task", "metrics", "scale", "data", "files", "rows", "models")
-_SCORES_LIMIT = 1 << 26
-
 DESCRIPTION = (
     "Score the base model and each --adapter on one task, side by side: instruct (exact match, BLEU-4, "
     "ROUGE-L on a shard or dataset directory), okvqa (VQA accuracy on the official OK-VQA files) or coco "
-    "(BLEU-4, METEOR, ROUGE-L, CIDEr on COCO captions). Writes the predictions and scores.json to --output-dir."
+    "(BLEU-4, METEOR, ROUGE-L, CIDEr on COCO captions). Writes the predictions and scores.json to --output-dir. "
+    "With --predictions, scores prediction files made elsewhere instead, without loading a model."
 )
 
 
@@ -187,40 +178,6 @@ def _slug(name: str) -> str:
 def predictions_path(out: Path, name: str) -> Path:
     """Where one model's predictions go in --output-dir."""
     return out / f"predictions-{_slug(name)}.jsonl"
-
-
-def is_scores_file(path: Path) -> bool:
-    """Whether ``path`` is a scores.json qvl wrote: a JSON object whose keys start with :data:`SCORES_KEYS`."""
-    try:
-        if path.stat().st_size > _SCORES_LIMIT:
-            return False
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(content, dict) and tuple(content)[: len(SCORES_KEYS)] == SCORES_KEYS
-
-
-def _format(value: float | None, base: float | None = None) -> str:
-    if value is None:
-        return "skipped"
-    if base is None:
-        return f"{value:.2f}"
-    return f"{value:.2f} ({value - base:+.2f})"
-
-
-def score_table(task: str, names: list[str], scores: list[dict[str, Any]]):
-    """A rich table: one row per metric, one column per model, adapters with their difference to base."""
-    from rich.table import Table
-
-    table = Table(title=f"{task} (x100)")
-    table.add_column("metric")
-    for name in names:
-        table.add_column(name, justify="right")
-    for metric in METRICS[task]:
-        base = scores[0].get(metric)
-        cells = [_format(base)] + [_format(s.get(metric), base) for s in scores[1:]]
-        table.add_row(metric, *cells)
-    return table
 
 
 def benchmark_for(cfg: ScoreConfig, check_images: bool = True) -> Benchmark:
@@ -385,8 +342,7 @@ def run(argv: list[str]) -> None:
         "seconds": round(time.perf_counter() - started, 3),
     }
     out = Path(cfg.output_dir)
-    with atomic_output(out / SCORES_FILE) as f:
-        f.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_scores(out / SCORES_FILE, report)
     console.print(
         score_table(cfg.task, [e["name"] for e in runs.entries], [e["scores"] for e in runs.entries])
     )
