@@ -107,6 +107,13 @@ def test_predict_refuses_outputs_that_are_not_files(dataset, demo_build, tmp_pat
     assert f"is inside {demo_build}, which this command reads" in err and not inside.exists()
 
 
+def test_predict_stops_before_generating_when_the_output_folder_cannot_be_made(dataset, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "predictions.jsonl"
+    err = fails_in_one_line(capsys, _predict(dataset, out))
+    assert f"{tmp_path / 'a-file'}: cannot create the output folder" in err
+
+
 def test_predict_refuses_a_fifo_as_dataset_file(tmp_path, no_hang, capsys):
     data = write_dataset(tmp_path / "d", "mine", [])
     (data / "mine.json").unlink()

@@ -74,8 +74,8 @@ def check_output_file(
         raise QvlError(f"{path}: the {what} {where} {source}, which this command reads; choose another path")
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
+    except (FileNotFoundError, NotADirectoryError):  # a new file (a folder in its path that is a file is
+        return  # reported when the folder is made)
     except OSError as e:
         raise QvlError(f"{path}: cannot check the {what} ({e.strerror})") from None
     if not stat.S_ISREG(mode):
@@ -92,6 +92,18 @@ def check_output_dir(path: str | Path, option: str) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise QvlError(f"{option} {path} is not a directory")
+
+
+def prepare_output_dir(path: str | Path) -> None:
+    """Create the folder outputs go to and check that it takes files, before hours of generation rather
+    than at their end."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QvlError(f"{path}: cannot create the output folder ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise QvlError(f"{path}: the output folder is not writable; choose another or fix its permissions")
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from qvl_data.errors import QvlError
 from qvl_train.config import coerce_types, parse_tool_config
-from qvl_train.infer.files import check_output_dir, check_output_file
+from qvl_train.infer.files import check_output_dir, check_output_file, prepare_output_dir
 from qvl_train.infer.generate import Generation, GenerationOptions, check_generation, load_model_for
 from qvl_train.infer.metrics import CaptionScorer, instruct_scores, require_instruct_packages
 from qvl_train.infer.prediction_files import benchmark_predictions, instruct_predictions
@@ -242,6 +242,7 @@ def score_models(cfg: ScoreConfig, captions: CaptionScorer | None) -> Runs:
             predictions_path(out, name), "predictions file", is_predictions_file, cfg.overwrite, source.inputs
         )
     check_output_file(out / SCORES_FILE, "scores file", is_scores_file, cfg.overwrite, source.inputs)
+    prepare_output_dir(out)
     generation = Generation.from_config(cfg)
     entries = []
     for name, adapter in zip(names, ["", *cfg.adapters], strict=True):
@@ -295,6 +296,7 @@ def score_files(cfg: ScoreConfig, captions: CaptionScorer | None) -> Runs:
     check_output_file(
         Path(cfg.output_dir) / SCORES_FILE, "scores file", is_scores_file, cfg.overwrite, inputs
     )
+    prepare_output_dir(cfg.output_dir)
     entries = []
     for name, path in zip(column_names(files), files, strict=True):
         if benchmark is None:
