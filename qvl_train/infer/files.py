@@ -74,8 +74,8 @@ def check_output_file(
         raise QvlError(f"{path}: the {what} {where} {source}, which this command reads; choose another path")
     try:
         mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):  # a new file (a folder in its path that is a file is
-        return  # reported when the folder is made)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # a new file (a file where its folder should be is reported when the folder is made)
     except OSError as e:
         raise QvlError(f"{path}: cannot check the {what} ({e.strerror})") from None
     if not stat.S_ISREG(mode):
