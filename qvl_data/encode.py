@@ -1,4 +1,8 @@
-"""One unified record -> the tensors a training step needs (or the reason it cannot be trained on)."""
+"""One unified record -> the tensors a training step needs (or the reason it cannot be trained on), and the
+prompts generation starts from: :func:`encode_prompt_record` (a record's), :func:`prompt_and_answer` (a
+build row's), and :func:`processor_summary` (the processor facts a manifest records, for prompts encoded
+outside a build).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qvl_data import vision
+from qvl_data.format import ProcessorSummary
 from qvl_data.processor import (
+    IM_END_ID,
     IMAGE_PAD_ID,
     IMAGE_PAD_TOKEN,
     VISION_END_ID,
@@ -18,7 +24,9 @@ from qvl_data.processor import (
 )
 from qvl_data.schema import IMAGE_PLACEHOLDER, Record, Rejection, row_location
 from qvl_data.shards import PIXEL_FORMATS
-from qvl_data.template import IGNORE_INDEX, encode_conversation, encode_prompt
+from qvl_data.template import IGNORE_INDEX, encode_conversation, encode_prompt, last_answer_start
+
+NEWLINE_ID = 198  # "\n", which the template puts after every <|im_end|>
 
 
 @dataclass(frozen=True)
@@ -242,4 +250,45 @@ def encode_prompt_record(
         image_paths=list(record["images"]),
         image_grid_thw=[tuple(int(x) for x in p.grid_thw) for p in processed],
         pixels=np.concatenate([p.pixels for p in processed]) if processed else None,
+    )
+
+
+def prompt_and_answer(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """A build row -> (its ids before its last answer, that answer's ids without the ``<|im_end|>\n`` the
+    template closes it with, or the ``<|im_end|>`` alone when truncation kept only that). The labels say
+    where the answer starts and ends; a row without a trained answer raises ValueError."""
+    start = last_answer_start(labels)
+    end = start
+    while end < len(labels) and labels[end] != IGNORE_INDEX:
+        end += 1
+    answer = input_ids[start:end]
+    if answer[-2:] == [IM_END_ID, NEWLINE_ID]:
+        answer = answer[:-2]
+    elif answer[-1:] == [IM_END_ID]:
+        answer = answer[:-1]
+    return input_ids[:start], answer
+
+
+def processor_summary(model: str | None, tokenizer=None, image_processor=None) -> ProcessorSummary:
+    """The processor facts a build's manifest records (vocabulary, special ids, normalization, geometry) for
+    ``model`` (None: the embedded processor); the tokenizer and image processor are loaded unless given."""
+    from qvl_data.processor import load_image_processor, load_tokenizer, processor_files_digest
+
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
+    image_processor = image_processor if image_processor is not None else load_image_processor(model)
+    size = image_processor.size
+    return ProcessorSummary(
+        model=model or "embedded",
+        digest=processor_files_digest(model),
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        image_mean=[float(x) for x in image_processor.image_mean],
+        image_std=[float(x) for x in image_processor.image_std],
+        rescale_factor=float(image_processor.rescale_factor),
+        patch_size=int(image_processor.patch_size),
+        temporal_patch_size=int(image_processor.temporal_patch_size),
+        merge_size=int(image_processor.merge_size),
+        min_pixels=int(size["shortest_edge"]),
+        max_pixels=int(size["longest_edge"]),
     )

@@ -64,6 +64,7 @@ __all__ = [
     "load_tokenizer",
     "processor_files_digest",
     "publish_directory",
+    "resolve_model_file",
     "staging_directory",
 ]
 
@@ -594,8 +595,9 @@ def _model_dir(model: str | None) -> str:
     return str(embedded_processor_dir()) if model is None else str(model)
 
 
-def _resolve_file(model: str | None, filename: str) -> Path | None:
-    """Path of ``filename`` in the processor ``model`` (local directory or hub id), or None if absent.
+def resolve_model_file(model: str | None, filename: str) -> Path | None:
+    """Path of ``filename`` in the processor ``model`` (local directory or hub id; None: the embedded one),
+    or None if absent: the file the build reads.
 
     A hub id is only looked up (and downloaded into the Hugging Face cache) when the user passes one.
     """
@@ -646,7 +648,7 @@ def load_image_processor(model: str | None = None) -> Qwen2VLImageProcessorPil:
 def _image_processor(model: str | None) -> Qwen2VLImageProcessorPil:
     from transformers import Qwen2VLImageProcessorPil
 
-    path = _resolve_file(model, "preprocessor_config.json")
+    path = resolve_model_file(model, "preprocessor_config.json")
     if path is None:
         raise QvlError(f"no preprocessor_config.json in {_model_dir(model)}")
     config = json.loads(path.read_text(encoding="utf-8"))
@@ -675,7 +677,7 @@ def processor_files_digest(model: str | None = None) -> str:
     """
     digest = hashlib.sha256(b"qvl-processor-files-v1\0")
     for filename in PROCESSOR_FILES:
-        path = _resolve_file(model, filename)
+        path = resolve_model_file(model, filename)
         if path is None:
             continue
         data = path.read_bytes()

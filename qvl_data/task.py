@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qvl_data.encode import EncodedRow, EncodeOptions, encode_record
+from qvl_data.encode import EncodedRow, EncodeOptions, encode_record, processor_summary
 from qvl_data.format import PartitionEntry, SourceTotals
 from qvl_data.partition import DatasetIndex, Partition, index_dataset
 from qvl_data.schema import Rejection, rejection_line
@@ -78,26 +78,8 @@ def processor(model: str | None) -> tuple[Any, Any]:
 
 
 def processor_task(model: str | None) -> dict[str, Any]:
-    """The processor facts the manifest records (vocabulary, special ids, normalization, geometry)."""
-    from qvl_data.processor import processor_files_digest
-
-    tokenizer, image_processor = processor(model)
-    size = image_processor.size
-    return {
-        "model": model or "embedded",
-        "digest": processor_files_digest(model),
-        "vocab_size": len(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "image_mean": [float(x) for x in image_processor.image_mean],
-        "image_std": [float(x) for x in image_processor.image_std],
-        "rescale_factor": float(image_processor.rescale_factor),
-        "patch_size": int(image_processor.patch_size),
-        "temporal_patch_size": int(image_processor.temporal_patch_size),
-        "merge_size": int(image_processor.merge_size),
-        "min_pixels": int(size["shortest_edge"]),
-        "max_pixels": int(size["longest_edge"]),
-    }
+    """The processor facts the manifest records (:func:`qvl_data.encode.processor_summary`), as a dict."""
+    return asdict(processor_summary(model, *processor(model)))
 
 
 def index_task(ctx: BuildContext, source: str, partition_rows_option: int) -> DatasetIndex:

@@ -18,7 +18,11 @@ from qvl_data.errors import QvlError
 from qvl_data.options import suggest
 
 #: command -> module with a ``run(argv) -> None`` that parses its own options
-COMMANDS = {"predict": "qvl_train.predict", "score": "qvl_train.score", "export": "qvl_train.export"}
+COMMANDS = {
+    "predict": "qvl_train.infer.predict",
+    "score": "qvl_train.infer.score",
+    "export": "qvl_train.infer.export",
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from one_line_error import fails_in_one_line
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -19,7 +20,7 @@ from qvl_data.errors import QvlError
 from qvl_data.processor import CHAT_TEMPLATE, IMAGE_PAD_ID, IMAGE_PAD_TOKEN
 from qvl_train.__main__ import main
 from qvl_train.config import TrainConfig
-from qvl_train.export import check_base, export_dtype, missing_chat_template, processor_files
+from qvl_train.infer.export import check_base, export_dtype, missing_chat_template, processor_files
 from qvl_train.model import ARCHITECTURE, load_for_inference, load_model, tiny_model_dir
 
 pytestmark = [
@@ -196,7 +197,11 @@ def test_export_directory_is_a_complete_checkpoint(adapter: Path, exported: Path
 
 
 def test_bfloat16_sharded_export_is_the_float32_merge_cast_once(
-    adapter: Path, exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    adapter: Path,
+    exported: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ):
     out = tmp_path / "bf16"
     argv = ["export", "--adapter", str(adapter), "--output-dir", str(out)]
@@ -229,9 +234,11 @@ def test_bfloat16_sharded_export_is_the_float32_merge_cast_once(
         raise OSError("No space left on device")
 
     with monkeypatch.context() as patch:
-        patch.setattr("qvl_train.export.missing_chat_template", broken)
-        with pytest.raises(OSError, match="No space left"):
+        patch.setattr("qvl_train.infer.export.missing_chat_template", broken)
+        with pytest.raises(SystemExit) as exit_info:
             main([*argv, "--overwrite"])
+    assert exit_info.value.code == 2  # one line: the export failed, the previous one is unchanged
+    assert "No space left on device" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     assert sorted(os.listdir(tmp_path)) == ["bf16"]
     # a successful one replaces the whole directory (no stale shards), and leaves nothing beside it
@@ -290,35 +297,31 @@ def test_modules_to_save_and_other_targets_merge(tmp_path: Path, capsys: pytest.
     assert torch.equal(merged.lm_head.weight, trained_head)
 
 
-def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
-
-
 def test_cli_errors_are_one_line(adapter: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     out = tmp_path / "out"
-    assert "no such directory" in _error(
+    assert "no such directory" in fails_in_one_line(
         capsys, ["export", "--adapter", str(tmp_path / "nope"), "--output-dir", str(out)]
     )
-    assert "--output-dir is required" in _error(capsys, ["export", "--adapter", str(adapter)])
-    assert "not a LoRA adapter" in _error(
+    assert "--output-dir is required" in fails_in_one_line(capsys, ["export", "--adapter", str(adapter)])
+    assert "not a LoRA adapter" in fails_in_one_line(
         capsys, ["export", "--adapter", str(tmp_path), "--output-dir", str(out)]
     )
-    err = _error(capsys, ["export", "--adapter", str(adapter), "--output-dir", str(adapter), "--overwrite"])
+    err = fails_in_one_line(
+        capsys, ["export", "--adapter", str(adapter), "--output-dir", str(adapter), "--overwrite"]
+    )
     assert "which the export reads" in err
-    assert "dtype must be" in _error(
+    assert "dtype must be" in fails_in_one_line(
         capsys, ["export", "--adapter", str(adapter), "--output-dir", str(out), "--dtype", "fp8"]
     )
 
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    err = _error(capsys, ["export", "--adapter", str(adapter), "--output-dir", str(out)])
-    assert "not empty" in err and "--overwrite" in err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    for overwrite in ([], ["--overwrite"]):  # a directory qvl did not write is never replaced
+        err = fails_in_one_line(
+            capsys, ["export", "--adapter", str(adapter), "--output-dir", str(out), *overwrite]
+        )
+        assert "not empty and not a qvl export" in err
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
     # an adapter recorded against another base
     other = tmp_path / "other-adapter"
@@ -328,7 +331,7 @@ def test_cli_errors_are_one_line(adapter: Path, tmp_path: Path, capsys: pytest.C
         json.dumps({**config, "base_model_name_or_path": "acme/other-vl"})
     )
     (other / "adapter_model.safetensors").symlink_to(adapter / "adapter_model.safetensors")
-    err = _error(
+    err = fails_in_one_line(
         capsys, ["export", "--model", "tiny", "--adapter", str(other), "--output-dir", str(tmp_path / "o2")]
     )
     assert "trained on acme/other-vl, not tiny" in err and "--allow-base-mismatch" in err

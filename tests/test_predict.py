@@ -16,14 +16,8 @@ from qvl_data.processor import IM_END_ID, PAD_ID
 from qvl_data.schema import Rejection
 from qvl_data.template import IGNORE_INDEX, encode_conversation, encode_prompt, last_answer_start
 from qvl_train.__main__ import main
-from qvl_train.predict import (
-    Generation,
-    collate_prompts,
-    dataset_records,
-    generate_batch,
-    record_prompts,
-    shard_prompts,
-)
+from qvl_train.infer.generate import Generation, collate_prompts, generate_batch
+from qvl_train.infer.prompts import dataset_records, record_prompts, shard_prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -246,9 +240,9 @@ def test_the_readme_snippet_answers_one_question(tmp_path, demo_dir, capsys):
     image = demo_dir / "mllm_demo_data" / "1.jpg"
 
     # --- the README's snippet without its comments (paths substituted; load_for_inference imported above)
-    from qvl_data.encode import encode_prompt_record
+    from qvl_data.encode import encode_prompt_record, processor_summary
     from qvl_data.processor import load_image_processor, load_tokenizer
-    from qvl_train.predict import Generation, decode_answer, generate_batch, processor_summary
+    from qvl_train.infer.generate import Generation, decode_answer, generate_batch
 
     tokenizer, image_processor = load_tokenizer(), load_image_processor()
     model = load_for_inference("tiny", adapter=str(adapter))

@@ -13,19 +13,12 @@ import pytest
 from helpers import chat, write_dataset, write_image
 
 from qvl_data.errors import QvlError
-from qvl_train import score
 from qvl_train.__main__ import main
-from qvl_train.benchmarks import read_coco_captions, read_okvqa
-from qvl_train.score import (
-    CaptionScorer,
-    instruct_scores,
-    join_repeated,
-    model_names,
-    okvqa_scores,
-    python_ptb_tokenize,
-    vqa_accuracy,
-    vqa_normalize,
-)
+from qvl_train.infer import metrics, score
+from qvl_train.infer.benchmarks import read_coco_captions, read_okvqa
+from qvl_train.infer.metrics import CaptionScorer, instruct_scores, python_ptb_tokenize
+from qvl_train.infer.score import join_repeated, model_names
+from qvl_train.infer.vqa import okvqa_scores, vqa_accuracy, vqa_normalize
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 needs_java = pytest.mark.skipif(
@@ -298,11 +291,11 @@ def test_the_python_tokenizer_matches_the_java_one_on_captions(tmp_path):
         "It's 3.5 km/h, 10,000 cats; e-mail:",
     ]
     captions = {k: v + [v[0].upper(), *odd] for k, v in COCO.items()}
-    assert python_ptb_tokenize(captions) == score.java_ptb_tokenize(captions)
+    assert python_ptb_tokenize(captions) == metrics.java_ptb_tokenize(captions)
 
 
 def test_without_java_meteor_is_skipped_and_said(monkeypatch, tmp_path):
-    monkeypatch.setattr(score, "java_available", lambda: False)
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
     scorer = CaptionScorer()
     bench = read_coco_captions(coco_dir(tmp_path))
     result = scorer.score({k: v[1] for k, v in bench.references.items()}, bench.references)

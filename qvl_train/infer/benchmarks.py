@@ -10,7 +10,9 @@
   (``{"images": [{"filepath", "filename", "split", "cocoid", "sentences": [{"raw"}]}]}``; its ``test`` split
   is the 5,000 images papers report on).
 
-A missing image stops the run (a benchmark scored on part of its images is not comparable to anything).
+A missing image stops the run (a benchmark scored on part of its images is not comparable to anything), and
+so does a file without questions or images, or an entry without a field the reader needs: one line naming
+the file, the entry and the field. Scoring predictions made elsewhere reads no image (``check_images``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from qvl_data.errors import QvlError
 from qvl_data.schema import Record
+from qvl_train.infer.files import require_regular_file
 
 OKVQA_QUESTIONS = "OpenEnded_mscoco_val2014_questions.json"
 OKVQA_ANNOTATIONS = "mscoco_val2014_annotations.json"
@@ -45,15 +48,38 @@ class Benchmark:
     # per record id: extra fields the score file keeps (question_id, question_type, image_id, ...)
     info: dict[str, dict[str, Any]] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # what was read, for the score file
+    inputs: list[Path] = field(default_factory=list)  # the annotation files read (no output may replace them)
 
 
 def _load_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise QvlError(f"{path}: {what} not found")
+    require_regular_file(path, what)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise QvlError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise QvlError(f"{path}: cannot read the {what} ({e})") from None
+
+
+def _field(entry: Any, name: str, path: Path, where: str, kind: type | tuple[type, ...] = object) -> Any:
+    """``entry[name]``, or one line naming the file, the entry and the field that is missing or wrong."""
+    if not isinstance(entry, dict):
+        raise QvlError(f"{path}: {where} is not a JSON object")
+    if name not in entry:
+        raise QvlError(f"{path}: {where} has no field {name!r}")
+    value = entry[name]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise QvlError(f"{path}: {where} field {name!r} is {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _id(entry: Any, name: str, path: Path, where: str) -> int:
+    """An integer id field (COCO's ids are integers; a string of digits is accepted)."""
+    value = _field(entry, name, path, where, (int, str))
+    try:
+        return int(value)
+    except ValueError:
+        raise QvlError(f"{path}: {where} field {name!r} is not an integer id: {value!r:.60}") from None
 
 
 def _image_dir(data: Path, image_dir: str) -> Path:
@@ -90,6 +116,7 @@ def read_okvqa(
     image_dir: str = "",
     prompt: str = OKVQA_PROMPT,
     max_rows: int = 0,
+    check_images: bool = True,
 ) -> Benchmark:
     """OK-VQA's official question and annotation files (in ``data`` unless given) and the COCO images: one
     record per question, in the questions file's order, with the question's 10 human answers."""
@@ -104,28 +131,46 @@ def read_okvqa(
         raise QvlError(f'{q_path}: expected {{"questions": [...]}} (the official OK-VQA questions file)')
     if not isinstance(a_file, dict) or not isinstance(a_file.get("annotations"), list):
         raise QvlError(f'{a_path}: expected {{"annotations": [...]}} (the official OK-VQA annotations file)')
-    by_question = {a["question_id"]: a for a in a_file["annotations"]}
+    if not q_file["questions"]:
+        raise QvlError(f'{q_path}: "questions" is empty: no question to score')
+    by_question = {
+        _field(a, "question_id", a_path, f"annotations[{i}]"): (i, a)
+        for i, a in enumerate(a_file["annotations"])
+    }
     images = _image_dir(data, image_dir)
     selected = q_file["questions"][:max_rows] if max_rows > 0 else q_file["questions"]
-    benchmark = Benchmark("okvqa", [], {}, files={"questions": str(q_path), "annotations": str(a_path)})
+    benchmark = Benchmark(
+        "okvqa", [], {}, files={"questions": str(q_path), "annotations": str(a_path)}, inputs=[q_path, a_path]
+    )
     paths = []
     for index, q in enumerate(selected):
-        annotation = by_question.get(q["question_id"])
-        if annotation is None:
-            raise QvlError(f"{a_path}: no annotation for question_id {q['question_id']} of {q_path.name}")
-        path = images / COCO_IMAGE.format(int(q["image_id"]))
+        where = f"questions[{index}]"
+        question_id = _field(q, "question_id", q_path, where)
+        image_id = _id(q, "image_id", q_path, where)
+        question = _field(q, "question", q_path, where, str)
+        if question_id not in by_question:
+            raise QvlError(f"{a_path}: no annotation for question_id {question_id} of {q_path.name}")
+        k, annotation = by_question[question_id]
+        answers = _field(annotation, "answers", a_path, f"annotations[{k}]", list)
+        if not answers:
+            raise QvlError(f"{a_path}: annotations[{k}] field 'answers' is empty (question_id {question_id})")
+        humans = [
+            str(_field(a, "answer", a_path, f"annotations[{k}].answers[{j}]")) for j, a in enumerate(answers)
+        ]
+        path = images / COCO_IMAGE.format(image_id)
         paths.append(path)
-        record = _record("okvqa", q["question_id"], index, prompt.replace("{question}", q["question"]), path)
+        record = _record("okvqa", question_id, index, prompt.replace("{question}", question), path)
         benchmark.records.append(record)
-        benchmark.references[record["id"]] = [str(a["answer"]) for a in annotation["answers"]]
+        benchmark.references[record["id"]] = humans
         benchmark.info[record["id"]] = {
-            "question_id": q["question_id"],
+            "question_id": question_id,
             "image_id": q["image_id"],
-            "question": q["question"],
+            "question": question,
             "question_type": annotation.get("question_type", ""),
             "answer_type": annotation.get("answer_type", ""),
         }
-    _check_images(paths, images)
+    if check_images:
+        _check_images(paths, images)
     return benchmark
 
 
@@ -148,6 +193,7 @@ def read_coco_captions(
     split: str = "test",
     prompt: str = CAPTION_PROMPT,
     max_rows: int = 0,
+    check_images: bool = True,
 ) -> Benchmark:
     """COCO captions from the official captions file or Karpathy's ``dataset_coco.json`` (its ``split``):
     one record per image (official: ascending image id; Karpathy: file order) with all its captions."""
@@ -157,14 +203,22 @@ def read_coco_captions(
     images_list = content.get("images") if isinstance(content, dict) else None
     if not isinstance(images_list, list):
         raise QvlError(f"{path}: expected the official captions file or Karpathy's dataset_coco.json")
-    karpathy = bool(images_list) and "sentences" in images_list[0]
+    if not images_list:
+        raise QvlError(f'{path}: "images" is empty: no image to score')
+    karpathy = isinstance(images_list[0], dict) and "sentences" in images_list[0]
     entries: list[tuple[int, list[Path], list[str]]] = []  # (image id, candidate paths, captions)
     if karpathy:
         base = Path(image_dir) if image_dir else data
-        for image in images_list:
-            if image.get("split") == split:
-                candidates = [base / image.get("filepath", "") / image["filename"], base / image["filename"]]
-                entries.append((int(image["cocoid"]), candidates, [s["raw"] for s in image["sentences"]]))
+        for i, image in enumerate(images_list):
+            where = f"images[{i}]"
+            if _field(image, "split", path, where, str) == split:
+                name = _field(image, "filename", path, where, str)
+                sentences = _field(image, "sentences", path, where, list)
+                refs = [
+                    _field(x, "raw", path, f"{where}.sentences[{j}]", str) for j, x in enumerate(sentences)
+                ]
+                candidates = [base / image.get("filepath", "") / name, base / name]
+                entries.append((_id(image, "cocoid", path, where), candidates, refs))
         if not entries:
             raise QvlError(
                 f"{path}: no image in split {split!r} (Karpathy's splits: train, restval, val, test)"
@@ -173,16 +227,26 @@ def read_coco_captions(
         if not isinstance(content.get("annotations"), list):
             raise QvlError(f'{path}: expected "annotations" (the official COCO captions file)')
         by_image: dict[int, list[str]] = {}
-        for annotation in content["annotations"]:
-            by_image.setdefault(int(annotation["image_id"]), []).append(annotation["caption"])
+        for i, annotation in enumerate(content["annotations"]):
+            where = f"annotations[{i}]"
+            caption = _field(annotation, "caption", path, where, str)
+            by_image.setdefault(_id(annotation, "image_id", path, where), []).append(caption)
         base = _image_dir(data, image_dir)
-        for image in sorted(images_list, key=lambda i: int(i["id"])):
-            if int(image["id"]) in by_image:
-                candidates = [base / image["file_name"], data / IMAGE_FOLDER / image["file_name"]]
-                entries.append((int(image["id"]), candidates, by_image[int(image["id"])]))
+        ids = [_id(image, "id", path, f"images[{i}]") for i, image in enumerate(images_list)]
+        for image_id, i in sorted((image_id, i) for i, image_id in enumerate(ids)):
+            if image_id in by_image:
+                name = _field(images_list[i], "file_name", path, f"images[{i}]", str)
+                candidates = [base / name, data / IMAGE_FOLDER / name]
+                entries.append((image_id, candidates, by_image[image_id]))
+        if not entries:
+            raise QvlError(f'{path}: no image of "images" has a caption in "annotations"')
     entries = entries[:max_rows] if max_rows > 0 else entries
     benchmark = Benchmark(
-        "coco", [], {}, files={"captions": str(path), "format": "karpathy" if karpathy else "official"}
+        "coco",
+        [],
+        {},
+        files={"captions": str(path), "format": "karpathy" if karpathy else "official"},
+        inputs=[path],
     )
     paths = []
     for index, (image_id, candidates, refs) in enumerate(entries):
@@ -192,5 +256,6 @@ def read_coco_captions(
         benchmark.records.append(record)
         benchmark.references[record["id"]] = refs
         benchmark.info[record["id"]] = {"image_id": image_id}
-    _check_images(paths, base)
+    if check_images:
+        _check_images(paths, base)
     return benchmark

@@ -37,17 +37,18 @@ import torch
 
 from qvl_data.demo import sha256_file
 from qvl_data.errors import QvlError
-from qvl_data.processor import (  # _resolve_file: a checkpoint dir's or hub id's file, as the build reads it
+from qvl_data.processor import (
     CHAT_TEMPLATE,
     PROCESSOR_FILES,
-    _resolve_file,
     embedded_processor_dir,
     load_image_processor,
     load_tokenizer,
     publish_directory,
+    resolve_model_file,
     staging_directory,
 )
 from qvl_train.config import TrainConfig, coerce_types, parse_tool_config
+from qvl_train.infer.files import require_regular_file
 from qvl_train.model import load_for_inference, resolve_model_path
 
 #: Processor files copied into the export when the source has them: qvl's set plus the two that newer
@@ -81,8 +82,8 @@ class ExportConfig:
     """dtype of the written weights: ``auto`` (the base checkpoint's own, bfloat16 for Qwen2.5-VL-7B),
     bfloat16, float16 or float32. The merge itself always runs in float32."""
     overwrite: bool = False
-    """Replace an output_dir that is not empty (the old directory is removed only once the new one is
-    complete)."""
+    """Replace an earlier export in output_dir (a directory holding qvl_export.json; the old directory is
+    removed only once the new one is complete). A non-empty directory qvl did not write is never replaced."""
     allow_base_mismatch: bool = False
     """Merge even when --model is not the base recorded in the adapter (e.g. the same weights under another
     name). Shapes must still fit."""
@@ -113,8 +114,9 @@ def read_adapter_config(adapter: Path) -> dict[str, Any]:
     path = adapter / "adapter_config.json"
     if not adapter.is_dir():
         raise QvlError(f"--adapter {adapter}: no such directory")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise QvlError(f"--adapter {adapter}: not a LoRA adapter directory (no adapter_config.json)")
+    require_regular_file(path, "adapter config")
     if not any((adapter / name).is_file() for name in ADAPTER_WEIGHTS):
         raise QvlError(f"--adapter {adapter}: has adapter_config.json but no adapter_model.safetensors")
     try:
@@ -166,17 +168,25 @@ def check_base(recorded: str | None, model: str, allow_mismatch: bool) -> None:
 
 
 def check_output_dir(out: Path, overwrite: bool, keep: list[Path]) -> None:
-    """Refuse a non-empty output_dir without --overwrite, and any output_dir that is (or holds) the base
-    model or the adapter: replacing it would delete what the export reads."""
+    """Refuse a non-empty output_dir unless it is an earlier export (it holds qvl_export.json) and
+    --overwrite is given, and any output_dir that is (or holds) the base model or the adapter: replacing it
+    would delete what the export reads."""
     resolved = out.expanduser().resolve()
     for path in keep:
         if path.exists() and (path.resolve() == resolved or resolved in path.resolve().parents):
             raise QvlError(
                 f"--output-dir {out} is or contains {path}, which the export reads; choose another"
             )
-    if out.is_file():
-        raise QvlError(f"--output-dir {out} is a file")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.exists() and not out.is_dir():
+        raise QvlError(f"--output-dir {out} is a file, not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / RECORD).is_file():
+        raise QvlError(
+            f"--output-dir {out} is not empty and not a qvl export (no {RECORD}); qvl replaces only its own "
+            "exports: choose another directory"
+        )
+    if not overwrite:
         raise QvlError(f"--output-dir {out} is not empty; pass --overwrite to replace it")
 
 
@@ -206,7 +216,7 @@ def processor_files(model_path: str) -> tuple[str, dict[str, Path]]:
     Checked before any weight is loaded: the tokenizer and image processor must load through qvl's own
     loaders (the ones the build used) and the image processor must be Qwen2-VL's, which is what
     AutoProcessor and vLLM pick from ``image_processor_type``."""
-    files = {name: path for name in EXPORT_PROCESSOR_FILES if (path := _resolve_file(model_path, name))}
+    files = {name: path for name in EXPORT_PROCESSOR_FILES if (path := resolve_model_file(model_path, name))}
     origin = "base"
     if not all(name in files for name in REQUIRED_PROCESSOR_FILES):
         origin, embedded = "embedded", embedded_processor_dir()
@@ -298,7 +308,10 @@ def export(cfg: ExportConfig) -> Path:
     merged.to(dtype)
     merged.config.use_cache = True  # the released checkpoints' value (inference default)
 
-    tmp = staging_directory(out)
+    try:
+        tmp = staging_directory(out)
+    except OSError as e:
+        raise QvlError(f"--output-dir {out}: cannot create a directory next to it ({e.strerror})") from None
     try:
         merged.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
         if not (tmp / "generation_config.json").is_file():  # a base without one: the derived defaults
@@ -339,6 +352,8 @@ def export(cfg: ExportConfig) -> Path:
                 path.chmod(mode)
         # Replaces an old export (or an empty directory) only now; the check above refused any other.
         publish_directory(tmp, out, lambda _path: False)
+    except OSError as e:  # a full disk, a read-only folder: the previous export (if any) is untouched
+        raise QvlError(f"writing the export {out} failed ({e.strerror or e}); {out} is unchanged") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
