@@ -1,9 +1,9 @@
 """``python -m qvl_train`` / ``qvl-train``: train, or run one of the other commands on a trained adapter.
 
     qvl-train [options]            train (under torchrun for several GPUs)
-    qvl-train predict [options]    generate answers with the base model + adapter (qvl_train.predict)
-    qvl-train score [options]      OK-VQA / COCO captions / instruction scores, base vs adapter (qvl_train.score)
-    qvl-train export [options]     merge the adapter into the base weights (qvl_train.export)
+    qvl-train predict [options]    generate answers with the base model + adapter (qvl_train.infer.predict)
+    qvl-train score [options]      OK-VQA / COCO captions / instruction scores, base vs adapter (qvl_train.infer.score)
+    qvl-train export [options]     merge the adapter into the base weights (qvl_train.infer.export)
 
 Whole-run problems exit 2 in one line.
 """
