@@ -22,16 +22,23 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qvl_data.errors import QvlError
+from qvl_data.files import (
+    cache_dir,
+    contents_intact,
+    publish_directory,
+    read_marker,
+    refuse_special_files,
+    staging_directory,
+    write_marker,
+)
 from qvl_data.format import ProcessorSummary
+from qvl_data.hub import require_hub
 from qvl_data.processor import (
     IMAGE_PAD_ID,
     PAD_ID,
     PROCESSOR_FILES,
     VISION_END_ID,
     VISION_START_ID,
-    cache_dir,
-    publish_directory,
-    staging_directory,
 )
 
 if TYPE_CHECKING:
@@ -95,10 +102,15 @@ def tiny_config() -> Qwen2_5_VLConfig:
 
 def tiny_model_dir() -> Path:
     """``cache_dir()/models/tiny-qwen2_5_vl-v<N>``: the tiny model (safetensors, seeded init) plus the
-    embedded processor's tokenizer files, built once and renamed into place (concurrent builds are safe)."""
+    embedded processor's tokenizer files, built once and renamed into place (concurrent builds are safe).
+    A cached one whose files no longer have the sizes its marker records (truncated) is rebuilt."""
     out = cache_dir() / "models" / f"tiny-qwen2_5_vl-v{TINY_VERSION}"
-    if _is_complete_tiny(out):
-        return out
+    if not _is_complete_tiny(out):
+        _build_tiny(out)
+    return out
+
+
+def _build_tiny(out: Path) -> None:
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
@@ -118,18 +130,44 @@ def tiny_model_dir() -> Path:
                     shutil.copy2(processor / name, tmp / name)
         except (ModuleNotFoundError, FileNotFoundError):
             pass
-        publish_directory(tmp, out, _is_complete_tiny)
+        write_marker(tmp, sorted(path.name for path in tmp.iterdir()), {"tiny_version": TINY_VERSION})
+        publish_directory(tmp, out, lambda path: _is_complete_tiny(path, hashes=True))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # left only when another process published first
-    return out
 
 
-def _is_complete_tiny(path: Path) -> bool:
-    return (path / "model.safetensors").is_file() and (path / "config.json").is_file()
+def _is_complete_tiny(path: Path, hashes: bool = False) -> bool:
+    """Every file the marker records has its size (and, with ``hashes``, its sha256); a directory built
+    before markers existed passes when it holds the weights and the config."""
+    marker = read_marker(path)
+    if marker is None:
+        return (path / "model.safetensors").is_file() and (path / "config.json").is_file()
+    return contents_intact(path, marker, hashes=hashes)
+
+
+def _rebuild_tiny_if_damaged() -> bool:
+    """After the tiny model failed to load: rebuild it unless its files match the sha256s its marker
+    records; returns whether it was rebuilt (qvl's own cache entry, so replacing it loses nothing)."""
+    out = tiny_model_dir()
+    marker = read_marker(out)
+    if marker is not None and marker.get("files") and _is_complete_tiny(out, hashes=True):
+        return False
+    _build_tiny(out)
+    return True
 
 
 def resolve_model_path(name: str) -> str:
     return str(tiny_model_dir()) if name == TINY else name
+
+
+def _check_source(name: str) -> None:
+    """Before transformers reads ``name``: a local directory holds no FIFO or device (a loader would hang
+    on it), and a hub id needs a reachable hub (else minutes of retries): one line each."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        refuse_special_files(path, f"model directory {name}")
+    elif not path.exists():
+        require_hub(name, "--model")
 
 
 def model_config(name: str) -> Qwen2_5_VLConfig:
@@ -147,6 +185,7 @@ def model_config(name: str) -> Qwen2_5_VLConfig:
             return Qwen2_5_VLConfig.from_dict(data)
         if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") != 1):
             raise QvlError(f"{name}: no such model directory (and not a hub id)")
+        _check_source(name)
         config = AutoConfig.from_pretrained(name)
     except QvlError:
         raise
@@ -289,14 +328,18 @@ def load_base(name: str, device: torch.device, dtype: torch.dtype, attn_implemen
     if Path(path).is_file():
         raise QvlError(f"{path}: a config file holds no weights; it is only usable with --dry-run")
     check_attn_implementation(attn_implementation)
+    _check_source(path)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     if device.type == "cuda":
         kwargs["device_map"] = {"": device}
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kwargs)
-    except OSError as e:
+    except Exception as e:  # OSError, safetensors' own errors on a damaged file, hub errors
+        if name == TINY and _rebuild_tiny_if_damaged():
+            return load_base(name, device, dtype, attn_implementation)  # the rebuilt one loads
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QvlError(f"{name}: cannot load the weights ({first_line})") from None
+        where = f" (qvl's cache entry {path}; delete it and qvl rebuilds it)" if name == TINY else ""
+        raise QvlError(f"{name}: cannot load the weights ({first_line}){where}") from None
     return model.to(device)
 
 
