@@ -138,10 +138,11 @@ def _build_tiny(out: Path) -> None:
 
 def _is_complete_tiny(path: Path, hashes: bool = False) -> bool:
     """Every file the marker records has its size (and, with ``hashes``, its sha256); a directory built
-    before markers existed passes when it holds the weights and the config."""
+    before markers existed passes the size check when it holds the weights and the config, never the
+    hash check."""
     marker = read_marker(path)
     if marker is None:
-        return (path / "model.safetensors").is_file() and (path / "config.json").is_file()
+        return not hashes and (path / "model.safetensors").is_file() and (path / "config.json").is_file()
     return contents_intact(path, marker, hashes=hashes)
 
 
@@ -149,8 +150,7 @@ def _rebuild_tiny_if_damaged() -> bool:
     """After the tiny model failed to load: rebuild it unless its files match the sha256s its marker
     records; returns whether it was rebuilt (qvl's own cache entry, so replacing it loses nothing)."""
     out = tiny_model_dir()
-    marker = read_marker(out)
-    if marker is not None and marker.get("files") and _is_complete_tiny(out, hashes=True):
+    if _is_complete_tiny(out, hashes=True):
         return False
     _build_tiny(out)
     return True
@@ -335,25 +335,89 @@ def load_base(name: str, device: torch.device, dtype: torch.dtype, attn_implemen
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kwargs)
     except Exception as e:  # OSError, safetensors' own errors on a damaged file, hub errors
-        if name == TINY and _rebuild_tiny_if_damaged():
-            return load_base(name, device, dtype, attn_implementation)  # the rebuilt one loads
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        error: Exception = e
+        model = None
+    if model is None and name == TINY and _rebuild_tiny_if_damaged():
+        try:  # qvl's own cache entry was damaged and is rebuilt: load it once more
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kwargs)
+        except Exception as e:
+            error = e
+    if model is None:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         where = f" (qvl's cache entry {path}; delete it and qvl rebuilds it)" if name == TINY else ""
         raise QvlError(f"{name}: cannot load the weights ({first_line}){where}") from None
     return model.to(device)
 
 
+def set_gradient_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Non-reentrant gradient checkpointing on or off (on a base model or a peft one), without the
+    input-embedding grad hooks that enabling it registers (they would put the vision tower in the backward)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if on:
+        checkpointing = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    else:
+        disable = (
+            getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+        )
+        disable()
+    drop_input_grad_hooks(model)
+
+
+def trainable_model(base: Any, cfg: TrainConfig) -> PeftModel:
+    """A loaded base model made trainable as ``cfg`` says: no KV cache, gradient checkpointing if asked
+    for, frozen, with fp32 LoRA adapters on the language model."""
+    base.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        set_gradient_checkpointing(base, True)
+    return add_lora(base, cfg)  # which also drops the input-gradient hooks that peft adds
+
+
 def load_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> PeftModel:
     """Pretrained weights on ``device`` in ``dtype``, frozen, with fp32 LoRA adapters on the language model."""
-    model = load_base(cfg.model, device, dtype, cfg.attn_implementation)
-    model.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        checkpointing = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
-    return add_lora(model, cfg)  # which also drops the input-gradient hooks that checkpointing added
+    return trainable_model(load_base(cfg.model, device, dtype, cfg.attn_implementation), cfg)
+
+
+def random_base(
+    config: Qwen2_5_VLConfig, device: torch.device, dtype: torch.dtype, attn_implementation: str = "sdpa"
+) -> tuple[Any, str]:
+    """The architecture of ``config`` with freshly initialised weights on ``device`` in ``dtype`` (no
+    checkpoint: benchmarks of a model's shape). Built on the meta device, allocated with ``to_empty`` and
+    initialised by the model's own ``init_weights`` (fast: nothing is initialised twice); when that leaves
+    non-finite values (``to_empty`` keeps whatever was in memory), built again directly on ``device``.
+    Returns the model and how it was initialised."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    cls = Qwen2_5_VLForConditionalGeneration
+    with torch.device("meta"):
+        model = cls._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights()
+    if _initialised(model):
+        return model, "meta + to_empty + init_weights"
+    del model
+    with torch.device(device):
+        model = cls._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    return model, f"built under torch.device({str(device)!r}) (to_empty + init_weights left bad values)"
+
+
+def _initialised(model: torch.nn.Module) -> bool:
+    """Rotary frequencies finite, positive and decreasing; sample weights finite with std ~0.02."""
+    for name, buf in model.named_buffers():
+        if "inv_freq" in name:
+            b = buf.float()
+            if not (bool(b.isfinite().all()) and bool((b > 0).all()) and bool((b[1:] <= b[:-1]).all())):
+                return False
+    for name, param in model.named_parameters():
+        if param.dim() == 2 and ("lm_head" in name or "layers.0.mlp" in name or "blocks.0.mlp" in name):
+            std = float(param.detach().float().std())
+            if not (bool(param.isfinite().all()) and 1e-3 < std < 1.0):
+                return False
+    return True
 
 
 def meta_model(cfg: TrainConfig, config: Qwen2_5_VLConfig) -> PeftModel:
