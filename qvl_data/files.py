@@ -148,9 +148,10 @@ def read_marker(directory: Path) -> dict[str, Any] | None:
 
 def contents_intact(directory: Path, marker: dict[str, Any], hashes: bool = False) -> bool:
     """Whether every file ``marker`` records is a regular file of the recorded size (cheap: one ``stat``
-    each) and, with ``hashes``, of the recorded sha256. A marker that records no files passes."""
+    each) and, with ``hashes``, of the recorded sha256. A marker that records no files (written by an
+    earlier qvl) passes the size check but never the hash check: nothing in it is verified."""
     entries = marker.get("files", {})
-    if not isinstance(entries, dict):
+    if not isinstance(entries, dict) or (hashes and not entries):
         return False
     for name, entry in entries.items():
         path = directory / name

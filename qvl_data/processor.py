@@ -243,8 +243,7 @@ def _rebuild_if_damaged() -> bool:
     its marker records (or it records none); returns whether it was rebuilt."""
     source_hash = _source_hash(_tiktoken_file())
     out_dir = embedded_processor_dir()
-    marker = read_marker(out_dir) or {}
-    if marker.get("files") and _is_complete_build(out_dir, source_hash, hashes=True):
+    if _is_complete_build(out_dir, source_hash, hashes=True):
         return False
     build_embedded_processor(out_dir)
     return True
