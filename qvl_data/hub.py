@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from qvl_data.errors import QvlError
@@ -50,13 +51,31 @@ def _connect_error(endpoint: str) -> str:
         return str(e.strerror or e) or type(e).__name__
 
 
+def _in_hub_cache(model_id: str) -> bool:
+    """Whether the Hugging Face cache holds a snapshot of ``model_id`` (a directory check, no request)."""
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{model_id.replace('/', '--')}" / "snapshots"
+    try:
+        return any(snapshots.iterdir())
+    except OSError:
+        return False
+
+
 def require_hub(model_id: str, what: str = "--model") -> None:
     """A one-line QvlError when ``model_id`` (a hub id) would have to be fetched from a hub that cannot be
-    reached. Offline mode and a configured proxy pass unchecked (the client then knows better)."""
+    reached. When the hub cannot be reached but the Hugging Face cache holds the model, the hub client is
+    switched to offline mode for this process (what it would fall back to after its retries). Offline
+    mode and a configured proxy pass unchecked (the client then knows better)."""
     if offline_mode() or any(os.environ.get(name) for name in _PROXY_VARIABLES):
         return
     endpoint = hub_endpoint()
     error = _connect_error(endpoint)
+    if error and _in_hub_cache(model_id):
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = True  # read by every later hub call (huggingface_hub.is_offline_mode)
+        return
     if error:
         raise QvlError(
             f"{what} {model_id}: a hub id, but the hub {endpoint} cannot be reached ({error}); pass a local "

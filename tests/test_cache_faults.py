@@ -285,6 +285,20 @@ def test_a_hub_id_without_a_hub_is_one_line_in_seconds(no_hub: str, tmp_path: Pa
     assert "Qwen/Qwen2.5-VL-3B-Instruct" in line and no_hub in line and "HF_HUB_OFFLINE=1" in line
 
 
+def test_a_cached_hub_model_without_a_hub_switches_the_client_offline(
+    no_hub: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(QvlError, match="cannot be reached"):
+        hub.require_hub("qvl-test/cached")
+    (tmp_path / "hub" / "models--qvl-test--cached" / "snapshots" / "0123abcd").mkdir(parents=True)
+    hub.require_hub("qvl-test/cached")  # the cached copy is used, without the client's retries
+    assert constants.HF_HUB_OFFLINE is True
+
+
 def test_the_trainer_refuses_a_hub_id_without_a_hub_in_one_line(no_hub: str):
     from qvl_train.model import model_config
 
