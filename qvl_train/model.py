@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from qvl_data.errors import QvlError
 from qvl_data.files import (
     cache_dir,
+    check_regular_file,
     contents_intact,
     publish_directory,
     read_marker,
@@ -165,8 +167,14 @@ def _check_source(name: str) -> None:
     path = Path(name).expanduser()
     if path.is_dir():
         refuse_special_files(path, f"model directory {name}")
-    elif not path.exists():
+    elif os.path.lexists(path):
+        check_regular_file(path, "model config")
+    elif _looks_like_hub_id(name):
         require_hub(name, "--model")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
 
 def model_config(name: str) -> Qwen2_5_VLConfig:
@@ -176,15 +184,15 @@ def model_config(name: str) -> Qwen2_5_VLConfig:
     if name == TINY:
         return tiny_config()
     path = Path(name).expanduser()
+    if not os.path.lexists(path) and not _looks_like_hub_id(name):
+        raise QvlError(f"{name}: no such model directory (and not a hub id)")
+    _check_source(name)
     try:
         if path.is_file():
             data = json.loads(path.read_text(encoding="utf-8"))
             if data.get("model_type") != MODEL_TYPE:
                 raise QvlError(f"{path}: model_type {data.get('model_type')!r}, but qvl trains {MODEL_TYPE}")
             return Qwen2_5_VLConfig.from_dict(data)
-        if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") != 1):
-            raise QvlError(f"{name}: no such model directory (and not a hub id)")
-        _check_source(name)
         config = AutoConfig.from_pretrained(name)
     except QvlError:
         raise
@@ -466,6 +474,7 @@ def load_for_inference(
     if adapter:
         from peft import PeftModel
 
+        refuse_special_files(Path(adapter), f"adapter directory {adapter}")
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise QvlError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
         with warnings.catch_warnings():  # transformers 5 deprecates an alias that peft's loader still calls

@@ -259,6 +259,19 @@ def test_a_model_directory_with_a_fifo_is_one_line(tmp_path: Path):
         _within(30, lambda: model_config(str(model)))
 
 
+def test_a_fifo_as_the_model_config_or_in_an_adapter_is_one_line(tmp_path: Path):
+    from qvl_train.model import load_for_inference, model_config
+
+    with pytest.raises(QvlError, match="model config is not a regular file"):
+        _within(30, lambda: model_config(str(_fifo(tmp_path / "config.json"))))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    _fifo(adapter / "adapter_model.safetensors")
+    with pytest.raises(QvlError, match="adapter_model.safetensors: not a regular file"):
+        _within(60, lambda: load_for_inference("tiny", str(adapter)))
+
+
 def test_a_fifo_as_the_demo_sdist_is_refused(fresh_cache: Path, tmp_path: Path):
     fifo = _fifo(tmp_path / f"llamafactory-{demo.LLAMAFACTORY_VERSION}.tar.gz")
     with pytest.raises(QvlError, match="not a regular file"):
