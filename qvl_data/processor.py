@@ -480,7 +480,7 @@ def build_embedded_processor(out_dir: Path) -> Path:
             "build_version": BUILD_VERSION,
             "build_seconds": round(time.perf_counter() - started, 3),
         }
-        files = sorted(path.name for path in tmp_dir.iterdir())
+        files = sorted(path.name for path in tmp_dir.iterdir() if path.is_file())
         write_marker(tmp_dir, files, marker)  # last: its presence means the rest is complete
         _move_into_place(tmp_dir, out_dir, source_hash)
     finally:

@@ -131,7 +131,8 @@ def _build_tiny(out: Path) -> None:
                     shutil.copy2(processor / name, tmp / name)
         except (ModuleNotFoundError, FileNotFoundError):
             pass
-        write_marker(tmp, sorted(path.name for path in tmp.iterdir()), {"tiny_version": TINY_VERSION})
+        built = sorted(path.name for path in tmp.iterdir() if path.is_file())
+        write_marker(tmp, built, {"tiny_version": TINY_VERSION})
         publish_directory(tmp, out, lambda path: _is_complete_tiny(path, hashes=True))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # left only when another process published first
