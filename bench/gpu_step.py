@@ -3,13 +3,15 @@
     python bench/gpu_step.py              # one H100 / H200: ~2-4 min, < 8 min
     python bench/gpu_step.py --smoke      # CPU, tiny config, seconds (CI)
 
-Needs torch, transformers, peft, pyarrow, rich only (no datasets, no polars, no download, no weights):
+Needs qvl installed (its own dependencies; no download, no weights). The model is the product's: the
+benchmark builds nothing of its own but the random weights.
 
 * the Qwen2.5-VL-7B-Instruct architecture from its config dict (8,292,166,656 parameters, checked), built on
-  the meta device and materialised with random bf16 weights on the GPU (``to_empty`` + ``init_weights``);
-* LoRA as docs/semantics.md section 7 (r 8, alpha 16, dropout 0.1, the 196 language-model linears,
-  20,185,088 trainable, fp32), ``qvl_train.model.add_lora`` (which drops the input-embedding grad hooks, so
-  the frozen vision tower runs no backward), SDPA attention;
+  the meta device and materialised with random bf16 weights on the GPU (``qvl_train.model.random_base``:
+  ``to_empty`` + ``init_weights``), then made trainable by ``qvl_train.model.trainable_model``, the second
+  half of ``load_model``: LoRA as docs/semantics.md section 7 (r 8, alpha 16, dropout 0.1, the 196
+  language-model linears, 20,185,088 trainable, fp32; the input-embedding grad hooks dropped, so the frozen
+  vision tower runs no backward), non-reentrant checkpointing, SDPA attention;
 * two configurations (``--checkpointing``): non-reentrant gradient checkpointing on (the trainer's default)
   and off (activations kept: faster, and at seq 2048 the 7B LoRA step fits in 80 GB without it);
 * one row of ``--seq-len`` 2048 tokens holding one 448x448 image (grid 1x32x32: 1024 patches, 256 image
@@ -49,6 +51,7 @@ Not yet run on a GPU (no session of this project has had one); ``--smoke`` runs 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import sys
 import time
@@ -60,20 +63,21 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from bench import common
 from bench.common import fmt, fmt_bytes, fmt_ratio, ratio
+from qvl_data.processor import IM_END_ID, IM_START_ID, IMAGE_PAD_ID, PAD_ID, VISION_END_ID, VISION_START_ID
+from qvl_data.template import IGNORE_INDEX
 
 NAME = "gpu_step"
 TARGET_MFU = 0.40
 EXPECTED_7B_PARAMS = 8_292_166_656
 EXPECTED_7B_LORA = 20_185_088
-IMAGE_PAD_ID, VISION_START_ID, VISION_END_ID = 151655, 151652, 151653
 
 #: config.json of Qwen/Qwen2.5-VL-7B-Instruct (the architecture only; no weights are needed).
 QWEN25_VL_7B: dict[str, Any] = {
     "architectures": ["Qwen2_5_VLForConditionalGeneration"],
     "model_type": "qwen2_5_vl",
     "attention_dropout": 0.0,
-    "bos_token_id": 151643,
-    "eos_token_id": 151645,
+    "bos_token_id": PAD_ID,
+    "eos_token_id": IM_END_ID,
     "hidden_act": "silu",
     "hidden_size": 3584,
     "initializer_range": 0.02,
@@ -130,20 +134,6 @@ PEAK_BF16 = (
 # ---------------------------------------------------------------------------------------------- model
 
 
-def _ensure_pil() -> None:
-    """``qvl_data.vision`` (whose uint8 expansion both paths use) imports PIL at module level but needs it
-    only to open images, which this benchmark never does: a slim GPU image without Pillow gets a stub."""
-    try:
-        import PIL.Image  # noqa: F401
-    except ImportError:
-        import types
-
-        pil, image = types.ModuleType("PIL"), types.ModuleType("PIL.Image")
-        image.Image = object
-        pil.Image = image
-        sys.modules.update({"PIL": pil, "PIL.Image": image})
-
-
 def model_config(smoke: bool):
     from transformers import Qwen2_5_VLConfig
 
@@ -154,77 +144,25 @@ def model_config(smoke: bool):
     return Qwen2_5_VLConfig.from_dict(QWEN25_VL_7B)
 
 
-def _params_ok(model) -> bool:
-    """Random init really happened (``to_empty`` leaves whatever was in memory): finite, std ~0.02."""
-    for name, param in model.named_parameters():
-        if param.dim() == 2 and ("lm_head" in name or "layers.0.mlp" in name or "blocks.0.mlp" in name):
-            std = float(param.detach().float().std())
-            if not (bool(param.isfinite().all()) and 1e-3 < std < 1.0):
-                return False
-    return True
-
-
-def _buffers_ok(model) -> bool:
-    for name, buf in model.named_buffers():
-        if "inv_freq" in name:
-            b = buf.float()
-            if not (bool(b.isfinite().all()) and bool((b > 0).all()) and bool((b[1:] <= b[:-1]).all())):
-                return False
-    return True
-
-
 def build_model(config, device, dtype, gradient_checkpointing: bool = True):
-    """Random weights on ``device``: built on meta, ``to_empty``, then the model's own init (rotary
-    buffers included). Falls back to building under ``torch.device(device)`` if the buffers or weights look
-    wrong. Returns (model, parameter count on meta, how it was initialised)."""
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    """The trainable model as ``qvl_train.model.load_model`` makes it (``trainable_model``: no KV cache,
+    non-reentrant checkpointing, qvl's LoRA of docs/semantics.md section 7: 196 language-model linears,
+    r 8, alpha 16, fp32), on the random weights of ``qvl_train.model.random_base`` instead of a checkpoint.
+    Returns (model, base parameter count, how the weights were initialised)."""
+    from qvl_train.config import TrainConfig
+    from qvl_train.model import random_base, trainable_model
 
-    cls = Qwen2_5_VLForConditionalGeneration
-    with torch.device("meta"):
-        model = cls._from_config(config, dtype=dtype, attn_implementation="sdpa")
-    meta_params = sum(p.numel() for p in model.parameters())
-    model.to_empty(device=device)
-    with torch.no_grad():
-        model.init_weights()
-    how = "meta + to_empty + init_weights"
-    if not (_buffers_ok(model) and _params_ok(model)):
-        del model
-        gc.collect()
-        with torch.device(device):
-            model = cls._from_config(config, dtype=dtype, attn_implementation="sdpa")
-        how = f"built under torch.device({str(device)!r}) (to_empty + init_weights left bad values)"
-    model.config.use_cache = False
-    set_checkpointing(model, gradient_checkpointing)
-    return model, meta_params, how
+    base, how = random_base(config, device, dtype)
+    base_params = sum(p.numel() for p in base.parameters())
+    model = trainable_model(base, TrainConfig(gradient_checkpointing=gradient_checkpointing))
+    return model, base_params, how
 
 
 def set_checkpointing(model, on: bool) -> None:
-    """Non-reentrant gradient checkpointing on or off, as ``qvl_train.model.load_model`` sets it, without the
-    input-embedding grad hooks that enabling it registers (they would put the vision tower in the backward)."""
-    from qvl_train.model import drop_input_grad_hooks
+    """Switch between the checkpointing configurations (``qvl_train.model.set_gradient_checkpointing``)."""
+    from qvl_train.model import set_gradient_checkpointing
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if on:
-        kwargs = {"use_reentrant": False}
-        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        disable = (
-            getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
-        )
-        disable()
-    drop_input_grad_hooks(model)
-
-
-def add_lora(model):
-    """qvl_train's LoRA (docs/semantics.md section 7): 196 language-model linears, r 8, alpha 16, fp32."""
-    from qvl_train.config import TrainConfig
-    from qvl_train.model import add_lora
-
-    return add_lora(model, TrainConfig())
+    set_gradient_checkpointing(model, on)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -239,24 +177,11 @@ def make_row(seq_len: int, image_side: int, trained_fraction: float, seed: int =
     grid = (1, image_side // 14, image_side // 14)
     patches = grid[0] * grid[1] * grid[2]
     image_tokens = patches // 4
-    head = [
-        151644,
-        8948,
-        198,
-        2610,
-        525,
-        264,
-        10950,
-        17847,
-        13,
-        151645,
-        198,
-        151644,
-        872,
-        198,
-    ]  # system, user
+    newline, system, user, assistant = 198, 8948, 872, 77091  # "\n", "system", "user", "assistant"
+    default_system = [2610, 525, 264, 10950, 17847, 13]  # "You are a helpful assistant."
+    head = [IM_START_ID, system, newline, *default_system, IM_END_ID, newline, IM_START_ID, user, newline]
     image = [VISION_START_ID] + [IMAGE_PAD_ID] * image_tokens + [VISION_END_ID]
-    tail = [151645, 198, 151644, 77091, 198]  # <|im_end|>\n<|im_start|>assistant\n
+    tail = [IM_END_ID, newline, IM_START_ID, assistant, newline]  # <|im_end|>\n<|im_start|>assistant\n
     text = seq_len - len(head) - len(image) - len(tail) - 2  # 2: the answer's <|im_end|>\n
     if text < 2:
         raise ValueError(f"seq_len {seq_len} too short for a {image_side}px image ({image_tokens} tokens)")
@@ -264,9 +189,9 @@ def make_row(seq_len: int, image_side: int, trained_fraction: float, seed: int =
     question = text - answer
     rand = lambda n: torch.randint(1000, 150000, (n,), generator=g).tolist()  # noqa: E731
     prompt = head + image + rand(question) + tail
-    target = rand(answer) + [151645, 198]
+    target = rand(answer) + [IM_END_ID, newline]
     ids = prompt + target
-    labels = [-100] * len(prompt) + target
+    labels = [IGNORE_INDEX] * len(prompt) + target
     return {
         "row": 0,
         "source": "synthetic",
@@ -278,27 +203,14 @@ def make_row(seq_len: int, image_side: int, trained_fraction: float, seed: int =
     }
 
 
+@functools.cache
 def processor_summary():
-    """The manifest's processor summary of a build with the embedded processor (what to_device needs)."""
+    """What the manifest of a build with the embedded processor records about it (what to_device needs):
+    the build's own ``processor_task``, so normalisation and geometry are the product's."""
     from qvl_data.format import ProcessorSummary
-    from qvl_data.processor import IM_END_ID, PAD_ID
-    from qvl_data.processor import PREPROCESSOR_CONFIG as P
+    from qvl_data.task import processor_task
 
-    return ProcessorSummary(
-        model="embedded",
-        digest="",
-        vocab_size=151665,  # 151,643 ranks + 22 added tokens
-        pad_token_id=PAD_ID,
-        eos_token_id=IM_END_ID,
-        image_mean=P["image_mean"],
-        image_std=P["image_std"],
-        rescale_factor=P["rescale_factor"],
-        patch_size=P["patch_size"],
-        temporal_patch_size=P["temporal_patch_size"],
-        merge_size=P["merge_size"],
-        min_pixels=P["min_pixels"],
-        max_pixels=P["max_pixels"],
-    )
+    return ProcessorSummary(**processor_task(None))
 
 
 # ---------------------------------------------------------------------------------------------- flops
@@ -553,7 +465,7 @@ def run_packing(model, config, args, device, dtype, peak) -> dict[str, Any]:
 
     rows = packing_rows(args)
     patches = int(rows[0]["image_grid_thw"].prod())
-    trained = sum(int((r["labels"][1:] != -100).sum()) for r in rows)
+    trained = sum(int((r["labels"][1:] != IGNORE_INDEX).sum()) for r in rows)
     # model FLOPs per row (attention within the row only), times the rows: the packed step does this work
     flops = model_flops(model, config, args.short_len, patches, trained // len(rows))["total"] * len(rows)
     attn = packed_attention(args.smoke)
@@ -616,7 +528,6 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         pin_one_gpu()
     import torch
 
-    _ensure_pil()
     info = common.machine_info()
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
@@ -629,7 +540,6 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     config = model_config(args.smoke)
     started = time.perf_counter()
     model, meta_params, how = build_model(config, device, dtype)
-    model = add_lora(model)
     report = {
         "total": sum(p.numel() for p in model.parameters()),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -645,7 +555,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
     row = make_row(args.seq_len, args.image_side, args.trained_fraction)
     patches = int(row["image_grid_thw"].prod())
-    trained = int((row["labels"][1:] != -100).sum())
+    trained = int((row["labels"][1:] != IGNORE_INDEX).sum())
     flops = model_flops(model, config, args.seq_len, patches, trained)
     peak = peak_flops(card, args.peak_tflops) if cuda or args.peak_tflops else None
     results = []

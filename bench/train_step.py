@@ -104,15 +104,18 @@ def child_qvl(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _step_tokens(data: str, rows: int, seed: int, grad_accum: int, steps: int) -> list[int]:
-    """Trained tokens (shifted labels != -100) of each optimizer step, in the trainer's order."""
+    """Trained tokens (shifted labels != IGNORE_INDEX) of each optimizer step, in the trainer's order."""
     import numpy as np
 
     from qvl_data.shards import ShardSet
+    from qvl_data.template import IGNORE_INDEX
     from qvl_train.data import rank_rows
 
     shards = ShardSet(data, columns=["labels"])
     order = rank_rows(rows, 0, seed, 0, 1)
-    per_row = [int((np.asarray(shards.row(i, ("labels",))["labels"][1:]) != -100).sum()) for i in order]
+    per_row = [
+        int((np.asarray(shards.row(i, ("labels",))["labels"][1:]) != IGNORE_INDEX).sum()) for i in order
+    ]
     return [sum(per_row[s * grad_accum : (s + 1) * grad_accum]) for s in range(steps)]
 
 

@@ -138,7 +138,7 @@ def fingerprint(specs: list[DatasetSpec], dataset_dir: Path, config: BuildConfig
     template, :func:`build_options` (as the manifest records them), library versions and qvl's version.
     Images are checked per partition by their tasks (path, size, mtime), so deciding "nothing to do" reads
     no image."""
-    from qvl_data.demo import sha256_file
+    from qvl_data.files import sha256_file
     from qvl_data.processor import processor_files_digest
 
     h = hashlib.sha256()

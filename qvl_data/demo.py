@@ -8,7 +8,6 @@ cache complete and returns at once, offline.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from qvl_data.errors import QvlError
-from qvl_data.processor import cache_dir, publish_directory, staging_directory
+from qvl_data.files import cache_dir, publish_directory, regular_file, sha256_file, staging_directory
 
 LLAMAFACTORY_VERSION = "0.9.5"
 DEMO_DATASETS = ("mllm_demo", "identity", "alpaca_en_demo")
@@ -34,23 +33,27 @@ DEMO_FILES: dict[str, str] = {
 }
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def demo_data_dir() -> Path:
     """Where the verified demo files live once fetched."""
     return cache_dir() / "demo" / f"llamafactory-{LLAMAFACTORY_VERSION}" / "data"
 
 
+def _damaged_files(data_dir: Path) -> list[str]:
+    """The demo files that are missing, not regular files, or not of their digest: ~1 ms for all seven,
+    so every use checks them and a damaged cache is never read."""
+    damaged = []
+    for name, expected in DEMO_FILES.items():
+        try:
+            if sha256_file(data_dir / name) != expected:
+                damaged.append(name)
+        except QvlError:
+            damaged.append(name)
+    return damaged
+
+
 def _cache_is_complete(data_dir: Path) -> bool:
-    # A marker written after verification: checking seven digests on every build would be cheap too,
-    # but the marker also tells a half-extracted directory from a complete one.
-    return (data_dir / ".verified").is_file() and all((data_dir / name).is_file() for name in DEMO_FILES)
+    # The marker, written after verification, tells a half-extracted directory from a complete one.
+    return (data_dir / ".verified").is_file() and not _damaged_files(data_dir)
 
 
 def _download_sdist(dest: Path) -> Path:
@@ -95,14 +98,26 @@ def _extract_and_verify(sdist: Path, out_dir: Path) -> None:
 def fetch_demo_data(sdist: Path | None = None) -> Path:
     """Return the verified demo data directory, downloading the sdist with pip on first use.
 
-    ``sdist`` lets a caller (or a test) supply an already downloaded ``llamafactory-0.9.5.tar.gz``.
+    ``sdist`` lets a caller (or a test) supply an already downloaded ``llamafactory-0.9.5.tar.gz``. A
+    cached copy with a damaged file (truncated, edited) is fetched again and replaced: it is qvl's own.
     """
     data_dir = demo_data_dir()
     if _cache_is_complete(data_dir):
         return data_dir
+    damaged = _damaged_files(data_dir) if data_dir.exists() else []
     with tempfile.TemporaryDirectory(prefix="qvl-demo-") as tmp:
         if sdist is None:
-            sdist = _download_sdist(Path(tmp))
+            try:
+                sdist = _download_sdist(Path(tmp))
+            except QvlError as e:
+                if not damaged:
+                    raise
+                raise QvlError(
+                    f"{data_dir}: the cached demo data is damaged ({', '.join(damaged)}) and {e}; "
+                    f"delete {data_dir} and run `qvl-data demo-data` where pip can reach PyPI"
+                ) from None
+        else:
+            regular_file(Path(sdist), "sdist")
         staging = staging_directory(data_dir)
         try:
             _extract_and_verify(Path(sdist), staging)

@@ -21,14 +21,23 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qvl_data.errors import QvlError
+from qvl_data.files import (
+    cache_dir,
+    contents_intact,
+    publish_directory,
+    read_marker,
+    refuse_special_files,
+    regular_file,
+    staging_directory,
+    write_marker,
+)
+from qvl_data.hub import require_hub
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
@@ -57,15 +66,12 @@ __all__ = [
     "VISION_START_ID",
     "VISION_START_TOKEN",
     "build_embedded_processor",
-    "cache_dir",
     "check_model_source",
     "embedded_processor_dir",
     "load_image_processor",
     "load_tokenizer",
     "processor_files_digest",
-    "publish_directory",
-    "resolve_model_file",
-    "staging_directory",
+    "resolve_processor_file",
 ]
 
 #: Bump whenever the files written by :func:`build_embedded_processor` change: it is part of the
@@ -181,19 +187,8 @@ PROCESSOR_FILES = (
     "chat_template.jinja",
 )
 
-_BUILD_MARKER = ".qvl-build.json"
-_STALE_TMP_SECONDS = 3600.0
-
 
 # --------------------------------------------------------------------------------------------- paths
-
-
-def cache_dir() -> Path:
-    """Return qvl's cache directory: ``$QVL_CACHE`` if set, else ``~/.cache/qvl`` (created on demand)."""
-    env = os.environ.get("QVL_CACHE")
-    path = Path(env).expanduser().absolute() if env else Path.home() / ".cache" / "qvl"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _tiktoken_file() -> Path:
@@ -221,7 +216,8 @@ def embedded_processor_dir() -> Path:
     """Return the embedded Qwen2.5-VL processor directory, building it (once, a few seconds) if missing.
 
     It lives at ``cache_dir()/processor/qwen2_5_vl-<hash>``, the hash covering the ``qwen.tiktoken``
-    rank file and :data:`BUILD_VERSION`; an existing complete build is reused as is.
+    rank file and :data:`BUILD_VERSION`; an existing complete build is reused as is. One whose files no
+    longer have the sizes its marker records (truncated, replaced by a FIFO) is rebuilt in its place.
     """
     source = _tiktoken_file()
     source_hash = _source_hash(source)
@@ -231,12 +227,26 @@ def embedded_processor_dir() -> Path:
     return out_dir
 
 
-def _is_complete_build(out_dir: Path, source_hash: str) -> bool:
-    marker = out_dir / _BUILD_MARKER
-    try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("source_sha256") == source_hash
-    except (OSError, ValueError, AttributeError):
+def _is_complete_build(out_dir: Path, source_hash: str, hashes: bool = False) -> bool:
+    """The marker names this source and every file it records has its size (and, with ``hashes``, its
+    sha256). Markers of builds before file records existed record none and pass on the source alone."""
+    marker = read_marker(out_dir)
+    return (
+        marker is not None
+        and marker.get("source_sha256") == source_hash
+        and contents_intact(out_dir, marker, hashes=hashes)
+    )
+
+
+def _rebuild_if_damaged() -> bool:
+    """After the embedded processor failed to load: rebuild it when its files do not match the sha256s
+    its marker records (or it records none); returns whether it was rebuilt."""
+    source_hash = _source_hash(_tiktoken_file())
+    out_dir = embedded_processor_dir()
+    if _is_complete_build(out_dir, source_hash, hashes=True):
         return False
+    build_embedded_processor(out_dir)
+    return True
 
 
 # --------------------------------------------------------------------------------------------- build
@@ -470,7 +480,8 @@ def build_embedded_processor(out_dir: Path) -> Path:
             "build_version": BUILD_VERSION,
             "build_seconds": round(time.perf_counter() - started, 3),
         }
-        _write_json(tmp_dir / _BUILD_MARKER, marker)  # last: its presence means the rest is complete
+        files = sorted(path.name for path in tmp_dir.iterdir() if path.is_file())
+        write_marker(tmp_dir, files, marker)  # last: its presence means the rest is complete
         _move_into_place(tmp_dir, out_dir, source_hash)
     finally:
         if tmp_dir.exists():
@@ -480,62 +491,7 @@ def build_embedded_processor(out_dir: Path) -> Path:
 
 def _move_into_place(tmp_dir: Path, out_dir: Path, source_hash: str) -> None:
     """Publish a finished embedded-processor build (see :func:`publish_directory`)."""
-    publish_directory(tmp_dir, out_dir, lambda path: _is_complete_build(path, source_hash))
-
-
-def staging_directory(out_dir: Path) -> Path:
-    """A fresh, empty ``.<name>.tmp-*`` directory next to ``out_dir`` to build a cache entry in.
-
-    Stale staging directories of killed builders (over an hour old) are removed first. The directory is
-    world-readable like the finished cache entry will be; publish it with :func:`publish_directory`.
-    """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp_dirs(out_dir)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; the finished directory is a shared cache
-    return tmp_dir
-
-
-def publish_directory(tmp_dir: Path, out_dir: Path, is_complete: Callable[[Path], bool]) -> None:
-    """Rename a finished cache directory onto ``out_dir`` (a directory rename is atomic on one filesystem).
-
-    The one implementation of qvl's cache publishing (embedded processor, demo data, tiny model): readers
-    see either nothing or a complete directory. If ``out_dir`` already passes ``is_complete`` (a
-    concurrent builder won the race; builds are deterministic), it is kept and ``tmp_dir`` is left for
-    the caller to delete; anything else there (an incomplete earlier attempt, a file) is moved aside and
-    replaced.
-    """
-    for _ in range(5):
-        try:
-            os.rename(tmp_dir, out_dir)
-            return
-        except OSError:
-            if not os.path.lexists(out_dir):
-                raise
-        if out_dir.is_dir() and is_complete(out_dir):
-            return
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(out_dir, old)
-        except FileNotFoundError:
-            continue  # another process moved it first
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-    raise OSError(f"could not move {tmp_dir} into place at {out_dir}")
-
-
-def _remove_stale_tmp_dirs(out_dir: Path) -> None:
-    """Delete temporary/old directories that killed builds left next to ``out_dir`` over an hour ago."""
-    now = time.time()
-    for pattern in (f".{out_dir.name}.tmp-*", f".{out_dir.name}.old-*"):
-        for path in out_dir.parent.glob(pattern):
-            try:
-                if now - path.stat().st_mtime > _STALE_TMP_SECONDS:
-                    shutil.rmtree(path, ignore_errors=True)
-            except OSError:
-                pass
+    publish_directory(tmp_dir, out_dir, lambda path: _is_complete_build(path, source_hash, hashes=True))
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -562,6 +518,7 @@ def check_model_source(model: str | None) -> None:
         raise QvlError(f"--model must be a checkpoint directory or a hub id, got {model!r}")
     path = Path(model).expanduser()
     if path.is_dir():
+        refuse_special_files(path, f"processor directory --model {model}")
         missing = []
         if not (path / "preprocessor_config.json").is_file():
             missing.append("preprocessor_config.json")
@@ -586,18 +543,30 @@ def _load_failed(what: str, model: str | None, error: Exception) -> QvlError:
     """One line for any loading failure (transformers' errors span many lines)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     detail = lines[0] if lines else type(error).__name__
-    source = "the embedded processor" if model is None else f"--model {model}"
-    return QvlError(f"cannot load the {what} of {source}: {detail}")
+    if model is None:
+        where = embedded_processor_dir()
+        return QvlError(
+            f"cannot load the {what} of the embedded processor in the cache ({where}): {detail}; "
+            f"delete that directory (rm -r {where}) and qvl rebuilds it"
+        )
+    return QvlError(f"cannot load the {what} of --model {model}: {detail}")
 
 
 def _model_dir(model: str | None) -> str:
     """``None`` -> the embedded directory; otherwise the path or hub id as given."""
-    return str(embedded_processor_dir()) if model is None else str(model)
+    if model is None:
+        return str(embedded_processor_dir())
+    local = Path(model).expanduser()
+    if local.is_dir():
+        refuse_special_files(local, f"processor directory --model {model}")
+    elif _looks_like_hub_id(model):
+        require_hub(model, "--model")
+    return str(model)
 
 
-def resolve_model_file(model: str | None, filename: str) -> Path | None:
-    """Path of ``filename`` in the processor ``model`` (local directory or hub id; None: the embedded one),
-    or None if absent: the file the build reads.
+def resolve_processor_file(model: str | None, filename: str) -> Path | None:
+    """Path of ``filename`` in the processor ``model`` (``None`` for the embedded one, a local directory
+    or a hub id), or None if absent; a one-line QvlError when it exists but is not a regular file.
 
     A hub id is only looked up (and downloaded into the Hugging Face cache) when the user passes one.
     """
@@ -605,7 +574,10 @@ def resolve_model_file(model: str | None, filename: str) -> Path | None:
     local = Path(source).expanduser()
     if local.is_dir():
         path = local / filename
-        return path if path.is_file() else None
+        if not os.path.lexists(path):
+            return None
+        regular_file(path, f"processor file {filename}")
+        return path
     from transformers.utils import cached_file
 
     try:
@@ -615,20 +587,39 @@ def resolve_model_file(model: str | None, filename: str) -> Path | None:
     return Path(resolved) if resolved else None
 
 
+def _load_embedded_once_more(load: Callable[[], Any], what: str, model: str | None) -> Any:
+    """Run ``load``; when the embedded processor fails to load because its cached files are damaged,
+    rebuild it and load once more. Any failure is one line."""
+    try:
+        return load()
+    except QvlError:
+        raise
+    except Exception as e:  # OSError, ValueError, hub errors...: the user's input, not a qvl bug
+        error = e
+    if model is None and _rebuild_if_damaged():
+        try:
+            return load()
+        except QvlError:
+            raise
+        except Exception as e:
+            error = e
+    raise _load_failed(what, model, error) from None
+
+
 def load_tokenizer(model: str | None = None) -> PreTrainedTokenizerFast:
     """Load the fast Qwen2 tokenizer: the embedded one for ``model=None``, else a checkpoint dir or hub id.
 
     Both go through ``AutoTokenizer.from_pretrained(..., use_fast=True)``, so the embedded directory and
-    a real Qwen2.5-VL checkpoint load through the same class and code path.
+    a real Qwen2.5-VL checkpoint load through the same class and code path. A damaged embedded
+    directory in the cache is rebuilt (it is qvl's own build).
     """
-    try:
+
+    def load() -> PreTrainedTokenizerFast:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(_model_dir(model), use_fast=True)
-    except QvlError:
-        raise
-    except Exception as e:  # OSError, ValueError, hub errors...: the user's input, not a qvl bug
-        raise _load_failed("tokenizer", model, e) from None
+
+    return _load_embedded_once_more(load, "tokenizer", model)
 
 
 def load_image_processor(model: str | None = None) -> Qwen2VLImageProcessorPil:
@@ -637,18 +628,13 @@ def load_image_processor(model: str | None = None) -> Qwen2VLImageProcessorPil:
     ``min_pixels``/``max_pixels`` (or a ``size`` dict) from the file go through the constructor, which
     turns them into ``size={"shortest_edge": min_pixels, "longest_edge": max_pixels}``.
     """
-    try:
-        return _image_processor(model)
-    except QvlError:
-        raise
-    except Exception as e:
-        raise _load_failed("image processor", model, e) from None
+    return _load_embedded_once_more(lambda: _image_processor(model), "image processor", model)
 
 
 def _image_processor(model: str | None) -> Qwen2VLImageProcessorPil:
     from transformers import Qwen2VLImageProcessorPil
 
-    path = resolve_model_file(model, "preprocessor_config.json")
+    path = resolve_processor_file(model, "preprocessor_config.json")
     if path is None:
         raise QvlError(f"no preprocessor_config.json in {_model_dir(model)}")
     config = json.loads(path.read_text(encoding="utf-8"))
@@ -677,7 +663,7 @@ def processor_files_digest(model: str | None = None) -> str:
     """
     digest = hashlib.sha256(b"qvl-processor-files-v1\0")
     for filename in PROCESSOR_FILES:
-        path = resolve_model_file(model, filename)
+        path = resolve_processor_file(model, filename)
         if path is None:
             continue
         data = path.read_bytes()

@@ -27,10 +27,19 @@ import numpy as np
 import pyarrow as pa
 
 from qvl_data.errors import QvlError
-from qvl_data.files import file_kind
+from qvl_data.files import file_kind, write_json_atomic
 from qvl_data.format import FORMAT_NAME, FORMAT_VERSION, PATCH_DIM, PIXEL_FORMATS, Manifest, ShardEntry
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "PATCH_DIM", "PIXEL_FORMATS", "ShardWriter", "ShardSet"]
+# write_json_atomic (qvl_data.files) is re-exported: the build writes its manifest and records with it.
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "PATCH_DIM",
+    "PIXEL_FORMATS",
+    "ShardWriter",
+    "ShardSet",
+    "write_json_atomic",
+]
 
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
@@ -110,13 +119,6 @@ def rows_to_batch(rows: list, pixel_format: str) -> pa.RecordBatch:
         pixels,
     ]
     return pa.RecordBatch.from_arrays(columns, schema=shard_schema(pixel_format))
-
-
-def _fsync_and_rename(tmp: Path, final: Path) -> None:
-    """Make ``tmp`` durable, then visible as ``final``."""
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
 
 
 class _HashingFile:
@@ -232,12 +234,6 @@ class ShardWriter:
         if self._writer is not None:
             self._close_shard()
         return self.shards
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    _fsync_and_rename(tmp, path)
 
 
 def load_manifest(out_dir: Path) -> Manifest:

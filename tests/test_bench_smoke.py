@@ -7,7 +7,6 @@ the heavy imports are paid once.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -16,15 +15,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # bench/ is not an installed package: import it from the checkout
-    sys.path.insert(0, str(REPO))
-
-bench_build = importlib.import_module("bench.build")
-loader = importlib.import_module("bench.loader")
-train_step = importlib.import_module("bench.train_step")
-gpu_step = importlib.import_module("bench.gpu_step")
-common = importlib.import_module("bench.common")
+from bench import build as bench_build
+from bench import common, gpu_step, loader, train_step
 
 
 @pytest.fixture(scope="module")

