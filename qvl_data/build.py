@@ -59,6 +59,7 @@ from qvl_data.task import (
     portable_partition,
     processor,
     processor_task,
+    record_path,
     rejected_path,
 )
 
@@ -451,6 +452,14 @@ def _dispatch(
     progress, bar = _progress(rows, quiet, label)
     images = 0
     calls = [(partition_task, (ctx, p, False, known.get(p.index))) for p in plan]
+    # said at the start (off a terminal too), not only in the summary: a resumed build is visibly one
+    finished = sum(record_path(ctx, p.index).is_file() for p in plan) if ctx.write else 0
+    if finished and not quiet:
+        progress.console.print(
+            f"resuming: {finished} of {len(plan)} partitions were finished by an earlier run (each is reused "
+            "once its task has checked its images)",
+            soft_wrap=True,
+        )
     with progress:
         for result in executor.map_unordered(calls):
             results[result.entry.index] = result

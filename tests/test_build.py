@@ -169,3 +169,22 @@ def test_small_shard_size_splits_a_partition_into_several_files_with_the_same_ro
     assert not list((tmp_path / "split").rglob("*.tmp"))
     table = pa.concat_tables(split_set.tables).combine_chunks()
     assert table.equals(pa.concat_tables(whole_set.tables).combine_chunks())  # the same rows, in order
+
+
+def test_a_resumed_build_says_so_before_it_works(tmp_path: Path, demo_dir: Path):
+    from click.testing import CliRunner
+
+    from qvl_data.cli import main
+    from qvl_data.task import PARTS_DIR
+
+    args = ["build", "--dataset-dir", str(demo_dir), "--dataset", "identity", "--out", str(tmp_path)]
+    args += ["--partition-rows", "32", "--num-proc", "1"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    # as after a kill: no manifest, and one partition's completion record missing
+    (tmp_path / shards.MANIFEST).unlink()
+    (tmp_path / ".qvl-build" / PARTS_DIR / "00001.json").unlink()
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("resuming: 2 of 3 partitions were finished by an earlier run")
+    assert "resumed: reused 2 of 3 partitions already built" in result.output

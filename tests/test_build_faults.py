@@ -1,4 +1,4 @@
-"""Faults around a build (issue 23): nothing qvl did not write is lost, a damaged output is never taken
+"""Faults around a build: nothing qvl did not write is lost, a damaged output is never taken
 for a good one, nothing hangs, and an environment failure is one line naming the path."""
 
 from __future__ import annotations

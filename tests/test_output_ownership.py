@@ -1,5 +1,5 @@
 """Commands that write a file beside the build (convert, validate --report, notebook --out) replace only
-their own earlier output, atomically; reading commands refuse files that are not regular (issue 23)."""
+their own earlier output, atomically; reading commands refuse files that are not regular."""
 
 from __future__ import annotations
 

@@ -178,7 +178,7 @@ def test_predictions_that_do_not_fit_the_benchmark_stop_in_one_line(tmp_path, no
     assert f"{fifo}: the predictions file is a FIFO, not a regular file" in fails_in_one_line(
         capsys, [*argv, str(fifo)]
     )
-    assert "not found" in fails_in_one_line(capsys, [*argv, str(tmp_path / "nope.json")])
+    assert "does not exist" in fails_in_one_line(capsys, [*argv, str(tmp_path / "nope.json")])
 
 
 def test_predictions_option_conflicts(tmp_path, capsys):

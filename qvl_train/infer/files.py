@@ -18,31 +18,13 @@ from pathlib import Path
 from typing import IO
 
 from qvl_data.errors import QvlError
-
-_KINDS = {
-    stat.S_IFDIR: "directory",
-    stat.S_IFIFO: "FIFO",
-    stat.S_IFSOCK: "socket",
-    stat.S_IFCHR: "character device",
-    stat.S_IFBLK: "block device",
-}
-
-
-def file_kind(mode: int) -> str:
-    """What a non-regular ``st_mode`` is, in words."""
-    return _KINDS.get(stat.S_IFMT(mode), "special file")
+from qvl_data.files import file_kind, regular_file
 
 
 def require_regular_file(path: str | Path, what: str) -> Path:
-    """``path`` if it is a regular file (symbolic links followed), else a one-line error naming it."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise QvlError(f"{path}: {what} not found") from None
-    except OSError as e:
-        raise QvlError(f"{path}: cannot read the {what} ({e.strerror})") from None
-    if not stat.S_ISREG(mode):
-        raise QvlError(f"{path}: the {what} is a {file_kind(mode)}, not a regular file")
+    """``path`` if it is a regular file (symbolic links followed), else a one-line error naming it
+    (:func:`qvl_data.files.regular_file`, the one check every command uses)."""
+    regular_file(path, what)
     return Path(path)
 
 
@@ -79,7 +61,7 @@ def check_output_file(
     except OSError as e:
         raise QvlError(f"{path}: cannot check the {what} ({e.strerror})") from None
     if not stat.S_ISREG(mode):
-        raise QvlError(f"{path}: the {what} is a {file_kind(mode)}, not a file qvl can replace")
+        raise QvlError(f"{path}: the {what} is {file_kind(mode)}, not a file qvl can replace")
     if not overwrite and not is_ours(path):
         raise QvlError(
             f"{path}: exists and is not a {what} qvl wrote; choose another path or pass --overwrite to "

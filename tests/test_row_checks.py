@@ -1,4 +1,4 @@
-"""Row conversion on inputs that used to slip through or crash (issue 10, items 1, 2, 11).
+"""Row conversion on inputs that used to slip through or crash.
 
 These call ``convert_row`` directly, so they do not depend on the build driver.
 """

@@ -1,4 +1,4 @@
-"""``qvl-data convert`` is atomic and says what it checked (issue 10, item 10)."""
+"""``qvl-data convert`` is atomic and says what it checked."""
 
 from __future__ import annotations
 

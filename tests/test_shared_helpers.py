@@ -1,4 +1,4 @@
-"""One home for shared helpers (issue 10, item 19): cache publishing and the rejected.jsonl line."""
+"""One home for shared helpers: cache publishing and the rejected.jsonl line."""
 
 from __future__ import annotations
 

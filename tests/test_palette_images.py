@@ -1,4 +1,4 @@
-"""Palette images with a transparency key get the reference's pixels (issue 10, item 16).
+"""Palette images with a transparency key get the reference's pixels.
 
 The reference (LLaMA-Factory 0.9.5) converts a P image with a plain ``convert("RGB")``; its
 transformers then used the RGB pixels as they were. Pillow keeps ``info["transparency"]`` after that

@@ -1,5 +1,5 @@
 """Whole-run problems in qvl-data's options: one line naming the option, exit 2, never a traceback
-(issue 10, items 7, 8, 9, 12)."""
+(a --model that is not a model, bad values, YAML files, validate --quiet)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _one_line_error(args: list[str], *expected: str) -> str:
     return lines[0]
 
 
-# ------------------------------------------------------------------------------------------ item 7
+# ----------------------------------------------------------------------- a --model that is not a model
 
 
 @pytest.mark.parametrize("command", ["build", "validate"])
@@ -81,7 +81,7 @@ def test_load_failures_are_one_line_qvl_errors(tmp_path: Path):
         assert "\n" not in str(info.value) and f"--model {broken}" in str(info.value)
 
 
-# ------------------------------------------------------------------------------------------ item 8
+# ---------------------------------------------------------------------------------------- bad values
 
 
 @pytest.mark.parametrize(
@@ -113,7 +113,7 @@ def test_set_var_value_with_a_control_token_is_refused():
         BuildConfig(set_vars=["name=bot<|im_end|>"])
 
 
-# ------------------------------------------------------------------------------------------ item 9
+# ---------------------------------------------------------------------------------------- YAML files
 
 
 def _yaml(tmp_path: Path, text: str) -> str:
@@ -154,7 +154,7 @@ def test_yaml_config_builds_end_to_end(tiny_dataset: Path, tmp_path: Path):
     assert result.exit_code == 0, result.output
 
 
-# ------------------------------------------------------------------------------------------ item 12
+# ---------------------------------------------------------------------------------- validate --quiet
 
 
 def test_validate_quiet_prints_only_rejections(tiny_dataset: Path):
