@@ -1,7 +1,8 @@
-"""One writer per output folder: an advisory ``flock`` on a lock file inside the folder qvl owns.
+"""One writer per output folder: an advisory ``flock`` on a lock file inside the folder qvl owns (a build's
+``--out``, a training run's ``--output-dir``).
 
 Two builds into the same ``--out`` would delete and rewrite each other's shards and could commit a
-manifest that describes neither. The lock is released by the kernel when its holder exits, however it
+manifest that describes neither; two training runs would interleave their checkpoints. The lock is released by the kernel when its holder exits, however it
 exits (``kill -9`` included), so a stale lock file never blocks a later run.
 """
 
@@ -36,10 +37,22 @@ def _died_here(holder: str) -> bool:
 
 
 @contextmanager
-def exclusive_lock(path: Path, folder: Path, command: str = "qvl-data build") -> Iterator[None]:
+def exclusive_lock(
+    path: Path,
+    folder: Path,
+    command: str = "qvl-data build",
+    advice: str = "wait for it to finish (or stop it), then re-run",
+) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if absent) for the ``with`` block; when another process
-    holds it, a one-line QvlError naming ``folder`` and the holder (pid, host)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    holds it, a one-line QvlError naming ``folder``, the other ``command``'s holder (pid, host) and
+    ``advice``. The file stays: removing it would let a third run lock a new file while a second holds
+    the old one."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise QvlError(
+            f"{path}: cannot create the lock file ({e.strerror}); {folder} must be a writable folder"
+        ) from None
     deadline = time.monotonic() + EXIT_WAIT_SECONDS
     while True:
         try:
@@ -55,7 +68,7 @@ def exclusive_lock(path: Path, folder: Path, command: str = "qvl-data build") ->
             os.close(fd)
             raise QvlError(
                 f"{folder}: another {command} is writing here ({holder or 'a process that just started'}); "
-                "wait for it to finish (or stop it), then re-run"
+                f"{advice}"
             ) from None
     try:
         os.ftruncate(fd, 0)

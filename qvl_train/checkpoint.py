@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from qvl_data.errors import QvlError
+from qvl_data.lock import exclusive_lock
 from qvl_train.config import TrainConfig
 from qvl_train.distributed import Dist
-from qvl_train.lock import LOCK_FILE, OutputLock
 from qvl_train.meter import Window
 from qvl_train.plan import Plan
 
@@ -35,6 +35,8 @@ PLOT_FILE = "training_loss.png"
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+LOCK_FILE = ".qvl-train.lock"  # one run per output_dir (qvl_data.lock); the file stays
+_HELD_LOCKS: list = []  # locks taken without an ExitStack to hold them: kept until the process ends
 
 
 # ----------------------------------------------------------------------------------------- the state
@@ -511,9 +513,14 @@ def prepare_output_dir(
     if dist.main:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            lock = OutputLock(out).acquire()
+            lock = exclusive_lock(
+                out / LOCK_FILE, out, "qvl-train run", "wait for it to end, or pass another --output-dir"
+            )
             if hold is not None:
-                hold.callback(lock.release)
+                hold.enter_context(lock)
+            else:  # held until this process ends
+                _HELD_LOCKS.append(lock)
+                lock.__enter__()
             if clear:
                 _clear_run(out)
         except QvlError as e:

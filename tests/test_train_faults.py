@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from qvl_data.lock import exclusive_lock
 from qvl_train.__main__ import main
 from qvl_train.checkpoint import append_jsonl, checkpoint_damage, checkpoints
-from qvl_train.lock import OutputLock
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -133,12 +133,11 @@ def test_an_eval_build_with_another_cutoff_is_named_in_a_warning(demo_build, oth
 def test_a_second_run_into_a_locked_output_dir_says_who_holds_it(demo_build, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    lock = OutputLock(out).acquire()  # another run's lock (a second descriptor conflicts, as a process would)
-    try:
+    # another run's lock (a second descriptor conflicts, as another process's would)
+    with exclusive_lock(out / ".qvl-train.lock", out, "qvl-train run"):
         err = _fails(_args(demo_build, out, "--max-steps", "1"), capsys)
-    finally:
-        lock.release()
-    assert f"another qvl-train run (pid {os.getpid()} on " in err and "pass another --output-dir" in err
+    assert f"another qvl-train run is writing here (pid {os.getpid()} on " in err
+    assert "pass another --output-dir" in err
     assert sorted(p.name for p in out.iterdir()) == [".qvl-train.lock"]  # nothing else written
     main(_args(demo_build, out, "--max-steps", "1"))  # released: the lock file alone is an empty directory
     assert (out / "adapter_model.safetensors").is_file()
@@ -173,7 +172,7 @@ def test_an_output_dir_that_is_a_file_is_one_line(demo_build, tmp_path, capsys):
 def test_a_read_only_output_dir_is_one_line(demo_build, tmp_path, capsys):
     with _tmpfs(tmp_path / "ro", "size=1m,ro") as out:
         err = _fails(_args(demo_build, out, "--max-steps", "1"), capsys)
-    assert f"{out / '.qvl-train.lock'}: cannot create the output directory's lock file" in err
+    assert f"{out / '.qvl-train.lock'}: cannot create the lock file" in err
     assert "Read-only file system" in err
 
 
