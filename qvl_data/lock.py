@@ -47,12 +47,7 @@ def exclusive_lock(
     holds it, a one-line QvlError naming ``folder``, the other ``command``'s holder (pid, host) and
     ``advice``. The file stays: removing it would let a third run lock a new file while a second holds
     the old one."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise QvlError(
-            f"{path}: cannot create the lock file ({e.strerror}); {folder} must be a writable folder"
-        ) from None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # an OSError is the caller's one-line error
     deadline = time.monotonic() + EXIT_WAIT_SECONDS
     while True:
         try:

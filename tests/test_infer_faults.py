@@ -99,9 +99,7 @@ def test_a_failed_predict_leaves_the_previous_predictions_file_intact(dataset, t
 
 
 def test_predict_refuses_outputs_that_are_not_files(dataset, demo_build, tmp_path, capsys):
-    assert "is a directory, not a file qvl can replace" in fails_in_one_line(
-        capsys, _predict(dataset, tmp_path)
-    )
+    assert "is a folder, not a file qvl can replace" in fails_in_one_line(capsys, _predict(dataset, tmp_path))
     inside = demo_build / "predictions.jsonl"  # inside the shard directory read
     err = fails_in_one_line(capsys, ["predict", "--data", str(demo_build), *FAST, "--output", str(inside)])
     assert f"is inside {demo_build}, which this command reads" in err and not inside.exists()

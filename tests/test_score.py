@@ -437,7 +437,7 @@ def test_score_options_and_failures(tmp_path, capsys):
             ["--task", "okvqa", "--data", str(tmp_path), "--adapter", str(tmp_path)],
             "not a LoRA adapter directory",
         ),
-        (["--task", "okvqa", "--data", str(tmp_path)], "OK-VQA questions file not found"),
+        (["--task", "okvqa", "--data", str(tmp_path)], "OK-VQA questions file does not exist"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(["score", *argv])

@@ -172,7 +172,7 @@ def test_an_output_dir_that_is_a_file_is_one_line(demo_build, tmp_path, capsys):
 def test_a_read_only_output_dir_is_one_line(demo_build, tmp_path, capsys):
     with _tmpfs(tmp_path / "ro", "size=1m,ro") as out:
         err = _fails(_args(demo_build, out, "--max-steps", "1"), capsys)
-    assert f"{out / '.qvl-train.lock'}: cannot create the lock file" in err
+    assert f"{out / '.qvl-train.lock'}: cannot prepare the output directory" in err
     assert "Read-only file system" in err
 
 
