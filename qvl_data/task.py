@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from qvl_data.encode import EncodedRow, EncodeOptions, encode_record, processor_summary
-from qvl_data.format import PartitionEntry, SourceTotals
+from qvl_data.format import QWEN2_VL_GEOMETRY, PartitionEntry, PatchGeometry, SourceTotals
 from qvl_data.partition import DatasetIndex, Partition, index_dataset
 from qvl_data.schema import Rejection, rejection_line
 from qvl_data.shards import SHARD_DIR, SHARD_NAME, ShardWriter, shard_problem, write_json_atomic
@@ -49,6 +49,7 @@ class BuildContext:
     specs: tuple[DatasetSpec, ...]
     shard_bytes: int
     write: bool = True  # False: validate only; rejections come back in the result, nothing is written
+    geometry: PatchGeometry = QWEN2_VL_GEOMETRY  # the family's: the shards' pixel column width
 
     def spec(self, source: str) -> DatasetSpec:
         return next(s for s in self.specs if s.name == source)
@@ -133,7 +134,7 @@ def _reusable(
     ):
         return None, ""
     for shard in entry.shards:
-        problem = shard_problem(Path(ctx.out_dir) / shard.file, shard, ctx.encode.pixel_format)
+        problem = shard_problem(Path(ctx.out_dir) / shard.file, shard, ctx.encode.pixel_format, ctx.geometry)
         if problem is not None:
             return None, problem
     return entry, ""
@@ -219,7 +220,11 @@ def partition_task(
     writer = None
     if ctx.write:
         writer = ShardWriter(
-            Path(ctx.out_dir), ctx.encode.pixel_format, ctx.shard_bytes, prefix=f"part-{partition.index:05d}"
+            Path(ctx.out_dir),
+            ctx.encode.pixel_format,
+            ctx.shard_bytes,
+            prefix=f"part-{partition.index:05d}",
+            geometry=ctx.geometry,
         )
     tokenizer = image_processor = None
     loads = _PROCESSOR.get("loads", 0)

@@ -75,7 +75,8 @@ def _reject(spec: DatasetSpec, row, tmp_path: Path) -> Rejection:
             "<|vision_start|>",
         ),
         ({"conversations": _turns("hi", "yo"), "system": "x<|endoftext|>"}, "field system", "<|endoftext|>"),
-        ({"conversations": _turns("a <tool_call> b", "yo")}, "field conversations[0].value", "<tool_call>"),
+        # <tool_call> is content (LLaMA-Factory keeps it as text; tests/test_families.py), <|fim_pad|> is not
+        ({"conversations": _turns("a <|fim_pad|> b", "yo")}, "field conversations[0].value", "<|fim_pad|>"),
     ],
 )
 def test_sharegpt_control_tokens_are_rejected_naming_token_and_field(tmp_path, row, field, token):
