@@ -89,8 +89,7 @@ class BuildConfig:
         None,
         output=OUTPUT_OPTION,
         stage="encode",
-        choices=tuple(TEMPLATES),
-        metavar="NAME",
+        metavar="NAME",  # checked in __post_init__: click's choices would print qwen3-vl for qwen3_vl
         help="Chat template (LLaMA-Factory's name); default: the model family's.",
     )
     """Chat template, by LLaMA-Factory's name: qwen2_vl, qwen3_vl (reasoning: think blocks) or
