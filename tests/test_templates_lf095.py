@@ -122,3 +122,42 @@ def test_build_equals_llamafactory(tmp_path: Path, name: str) -> None:
 def _cuts_an_image(lf: dict) -> bool:
     grid_tokens = sum(t * h * w // 4 for t, h, w in lf.get("image_grid_thw", []))
     return lf["input_ids"].count(IMAGE_PAD_ID) < grid_tokens
+
+
+PREDICT_RUNS = {
+    "qwen2_vl.cases.predict": (None, True),
+    "qwen3_vl.cases.predict": ("qwen3-vl", True),
+    "qwen3_vl.cases.predict.enable_thinking_false": ("qwen3-vl", False),
+    "qwen3_vl_nothink.cases.predict": ("qwen3-vl", True),
+}
+
+
+@pytest.mark.parametrize("name", list(PREDICT_RUNS))
+def test_generation_prompts_equal_llamafactory(name: str) -> None:
+    """LF's predict-path prompts (``encode_oneturn``) vs qvl's ``encode_prompt_record``: history answers
+    lose their think blocks, and with enable_thinking false the prompt ends with the empty think. LF
+    truncates prompts longer than cutoff_len; qvl never does, so those rows are left out."""
+    from qvl_data.encode import EncodeOptions, encode_prompt_record
+    from qvl_data.processor import load_image_processor, load_tokenizer
+    from qvl_data.sources import ReadOptions, iter_records, resolve_datasets
+
+    model, enable_thinking = PREDICT_RUNS[name]
+    run = lf_run(name)
+    tokenizer, image_processor = load_tokenizer(model), load_image_processor(model)
+    options = EncodeOptions(
+        image_max_pixels=run["settings"]["image_max_pixels"],
+        template=run["template"],
+        enable_thinking=enable_thinking,
+    )
+    specs = resolve_datasets(DATA, run["datasets"])
+    lf_rows = {(row["dataset"], row["index"]): row for row in run["rows"]}
+    file_of = {spec.name: spec.path.name for spec in specs}
+    equal = 0
+    for record in iter_records(specs, ReadOptions(dataset_dir=DATA)):
+        lf = lf_rows[(file_of[record["source"]], record["index"])]
+        if len(lf["input_ids"]) + len(lf["response_ids"]) >= run["settings"]["cutoff_len"]:
+            continue  # LF truncated this prompt (long_answer, long_multi_turn)
+        prompt = encode_prompt_record(record, tokenizer, image_processor, options)
+        assert prompt.input_ids == lf["input_ids"], record["id"]
+        equal += 1
+    assert equal == len(run["rows"]) - 2
