@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from qvl_data.encode import EncodedRow, EncodeOptions, encode_record, processor_summary
+from qvl_data.errors import QvlError
 from qvl_data.format import QWEN2_VL_GEOMETRY, PartitionEntry, PatchGeometry, SourceTotals
 from qvl_data.partition import DatasetIndex, Partition, index_dataset
 from qvl_data.schema import Rejection, rejection_line
@@ -232,6 +233,7 @@ def partition_task(
         if isinstance(item, dict):
             if tokenizer is None:
                 tokenizer, image_processor = processor(ctx.model)
+                _check_geometry(ctx, image_processor)
             item = encode_record(item, tokenizer, image_processor, ctx.encode, file=partition.file)
         if isinstance(item, Rejection):
             rejections.append(item)
@@ -251,6 +253,22 @@ def partition_task(
     _write_record(ctx, partition, entry)  # last: marks the partition done
     cpu = time.process_time() - started
     return TaskResult(entry, cpu_seconds=cpu, loaded_processor=loaded, damaged=damaged)
+
+
+def _check_geometry(ctx: BuildContext, image_processor: Any) -> None:
+    """The processor's patch geometry is its family's (the shards' pixel column width); one line if not."""
+    got = PatchGeometry(
+        int(image_processor.patch_size),
+        int(image_processor.temporal_patch_size),
+        int(image_processor.merge_size),
+    )
+    if got != ctx.geometry:
+        raise QvlError(
+            f"--model {ctx.model}: its preprocessor_config.json has patch_size {got.patch_size}, merge_size "
+            f"{got.merge_size}, temporal_patch_size {got.temporal_patch_size}, but its model family has "
+            f"{ctx.geometry.patch_size}, {ctx.geometry.merge_size}, {ctx.geometry.temporal_patch_size} "
+            "(config.json model_type); use a checkpoint whose files agree"
+        )
 
 
 def _entry(

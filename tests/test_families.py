@@ -60,6 +60,26 @@ def test_an_unsupported_model_type_stops_with_one_line_naming_it_and_the_support
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+def test_a_checkpoint_whose_config_and_processor_disagree_stops_with_one_line(tmp_path: Path):
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(embedded_processor_dir(), checkpoint)  # 14-px Qwen2.5-VL files...
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))  # ...called Qwen3-VL
+    data = write_dataset(tmp_path / "data", "d", [{"messages": chat("hi", "hello")}])
+    args = [
+        "build",
+        "--dataset-dir",
+        str(data),
+        "--dataset",
+        "d",
+        "--model",
+        str(checkpoint),
+        "--num-proc",
+        "1",
+    ]
+    line = one_line_error([*args, "--out", str(tmp_path / "out"), "--quiet"])
+    assert "patch_size 14" in line and "model family has 16" in line
+
+
 def test_the_family_comes_from_config_json_then_processor_class(tmp_path: Path):
     checkpoint = tmp_path / "ckpt"
     shutil.copytree(embedded_processor_dir("qwen3_vl"), checkpoint)
