@@ -40,7 +40,6 @@ from qvl_data.format import (
     BuildOptions,
     Manifest,
     PartitionEntry,
-    PatchGeometry,
     ProcessorSummary,
     Rejected,
     SourceTotals,
@@ -98,11 +97,6 @@ def build_family(config: BuildConfig) -> Family:
     from qvl_data.processor import model_family
 
     return model_family(config.model)
-
-
-def family_geometry(family: Family) -> PatchGeometry:
-    """The family's patch geometry (its shards' pixel column width)."""
-    return PatchGeometry(family.patch_size, family.temporal_patch_size, family.merge_size)
 
 
 def build_template(config: BuildConfig) -> str:
@@ -406,7 +400,7 @@ def _run(
         specs=tuple(specs),
         shard_bytes=config.shard_size_mb << 20,
         write=write,
-        geometry=family_geometry(build_family(config)),
+        geometry=build_family(config).geometry,
     )
     if config.executor == "local" and existing is None:
         # Work ahead: load the processor here once, before the pool forks, so that every local worker

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qvl_data.errors import QvlError
+from qvl_data.format import PatchGeometry
 
 # ============================================================================================ data side
 
@@ -133,15 +134,11 @@ class Family:
         """smart_resize's factor: image sides are multiples of it (28 or 32 px)."""
         return self.patch_size * self.merge_size
 
-    def values_per_patch(self, pixel_format: str) -> int:
-        """Values per stored patch (uint8/webp: one temporal copy, 588 or 768; float32: 1176 or 1536)."""
-        frame = 3 * self.patch_size * self.patch_size
-        return frame * self.temporal_patch_size if pixel_format == "float32" else frame
-
-    def image_tokens(self, grid_thw: tuple[int, int, int]) -> int:
-        """Language tokens (``<|image_pad|>``) of one image of grid (t, h, w): t*h*w / merge^2."""
-        t, h, w = grid_thw
-        return t * h * w // (self.merge_size * self.merge_size)
+    @property
+    def geometry(self) -> PatchGeometry:
+        """Its patch geometry: values per stored patch (``geometry.values_per_patch``: uint8/webp one temporal
+        copy, 588 or 768; float32 1176 or 1536). Image tokens per image: ``vision.image_token_count``."""
+        return PatchGeometry(self.patch_size, self.temporal_patch_size, self.merge_size)
 
 
 _QWEN2 = dict(

@@ -45,6 +45,25 @@ def one_line_error(args: list[str]) -> str:
 # ------------------------------------------------------------------------------------- choosing a family
 
 
+def test_each_family_has_its_geometry_template_and_tokens():
+    widths = {
+        n: (f.geometry.values_per_patch("uint8"), f.geometry.values_per_patch("float32"))
+        for n, f in FAMILIES.items()
+    }
+    assert widths == {
+        "qwen2_vl": (588, 1176),
+        "qwen2_5_vl": (588, 1176),
+        "qwen3_vl": (768, 1536),
+        "qwen3_vl_moe": (768, 1536),
+    }
+    assert [f.template for f in FAMILIES.values()] == ["qwen2_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl"]
+    assert [f.factor for f in FAMILIES.values()] == [28, 28, 32, 32]
+    assert len(FAMILIES["qwen3_vl"].added_tokens) == 26 and len(FAMILIES["qwen2_5_vl"].added_tokens) == 22
+    for family in FAMILIES.values():
+        assert "<think>" not in family.control_tokens and "<tool_call>" not in family.control_tokens
+        assert "<|im_start|>" in family.control_tokens and "<|image_pad|>" in family.control_tokens
+
+
 def test_an_unsupported_model_type_stops_with_one_line_naming_it_and_the_supported_ones(tmp_path: Path):
     with pytest.raises(QvlError, match="'llava'.*qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe"):
         family_for_model_type("llava")
