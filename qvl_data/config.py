@@ -100,6 +100,10 @@ class BuildConfig:
     """With a reasoning template (qwen3_vl): answers without a think block get the empty one, trained
     (LLaMA-Factory's enable_thinking, default true); false removes every think block and puts the empty
     one in the prompt, untrained."""
+    preserve_thinking: bool = option(False, output=OUTPUT_OPTION, stage="encode")
+    """With a reasoning template and --mask-history: keep the history answers' think blocks (and give each
+    answer without one the empty think), as LLaMA-Factory's preserve_thinking; default: history answers
+    lose them and only the last answer gets the empty think."""
     pixel_format: str = option(
         "uint8",
         output=OUTPUT_OPTION,

@@ -53,6 +53,7 @@ class EncodeOptions:
     # --template or the model's family; a reasoning template's think handling follows enable_thinking
     template: str = DEFAULT_TEMPLATE
     enable_thinking: bool = True
+    preserve_thinking: bool = False
 
     def __post_init__(self) -> None:
         if self.pixel_format not in PIXEL_FORMATS:
@@ -197,6 +198,7 @@ def encode_record(
         options.mask_history,
         options.template,
         options.enable_thinking,
+        options.preserve_thinking,
     )
     if grids and not _image_spans_intact(input_ids, len(grids), sum(token_counts)):
         return reject(
@@ -261,7 +263,12 @@ def encode_prompt_record(
     token_counts = [vision.image_token_count(p.grid_thw, image_processor.merge_size) for p in processed]
     messages = expand_image_placeholders(messages, token_counts)
     input_ids = encode_prompt(
-        tokenizer, messages, record["system"], options.template, options.enable_thinking
+        tokenizer,
+        messages,
+        record["system"],
+        options.template,
+        options.enable_thinking,
+        options.preserve_thinking,
     )
     return EncodedPrompt(
         id=record["id"],

@@ -124,6 +124,7 @@ class BuildOptions:
     template: str = "qwen2_vl"
     family: str = "qwen2_5_vl"  # qvl_data/family.py FAMILIES; a manifest before families were Qwen2.5-VL's
     enable_thinking: bool = True
+    preserve_thinking: bool = False
     # None in a manifest written before qvl recorded them (they were hashed all along)
     shard_size_mb: int | None = None
     media_dir: str | None = None  # absolute; None: the dataset dir

@@ -93,16 +93,19 @@ def encode_pairs(
     template: ChatTemplate | str = DEFAULT_TEMPLATE,
     enable_thinking: bool = True,
     mask_history: bool = False,
+    preserve_thinking: bool = False,
 ) -> list[tuple[list[int], list[int]]]:
     """Token ids of each (source, target) pair, every segment encoded separately; a reasoning template's
-    think handling as LF 0.9.5's ``ReasoningTemplate.encode_multiturn`` (module docstring)."""
+    think handling as LF 0.9.5's ``ReasoningTemplate.encode_multiturn`` (module docstring). With
+    ``mask_history`` and not ``preserve_thinking`` (LF's ``discarding_history_cot``) history answers lose
+    their think blocks and only the last pair gets the empty think."""
     template = _template(template)
     messages = [dict(m) for m in messages]
-    answers = range(1, len(messages), 2)
+    discarding_history = mask_history and not preserve_thinking
     if template.reasoning:
-        for i in answers:
-            # enable_thinking false removes every think block; mask_history every one but the last
-            if not enable_thinking or (mask_history and i < len(messages) - 2):
+        for i in range(1, len(messages), 2):
+            # enable_thinking false removes every think block; discarding history every one but the last
+            if not enable_thinking or (discarding_history and i < len(messages) - 2):
                 messages[i]["content"] = remove_thought(template, messages[i]["content"])
     encoded = [
         (_encode_segments(tokenizer, sources), tokenizer.encode(target, add_special_tokens=False))
@@ -110,7 +113,7 @@ def encode_pairs(
     ]
     if template.reasoning:
         thought = tokenizer.encode(empty_thought(template), add_special_tokens=False)
-        turns = [len(encoded) - 1] if mask_history else range(len(encoded))
+        turns = [len(encoded) - 1] if discarding_history else range(len(encoded))
         for turn in turns:
             if has_thought(template, messages[2 * turn + 1]["content"]):
                 continue
@@ -172,9 +175,12 @@ def encode_conversation(
     mask_history: bool = False,
     template: ChatTemplate | str = DEFAULT_TEMPLATE,
     enable_thinking: bool = True,
+    preserve_thinking: bool = False,
 ) -> tuple[list[int], list[int], bool]:
     """Template, tokenize, mask and truncate one conversation: (input_ids, labels, truncated)."""
-    pairs = encode_pairs(tokenizer, messages, system, template, enable_thinking, mask_history)
+    pairs = encode_pairs(
+        tokenizer, messages, system, template, enable_thinking, mask_history, preserve_thinking
+    )
     return assemble(pairs, cutoff_len, mask_history)
 
 
@@ -186,6 +192,7 @@ def format_prompt(
     system: str | None,
     template: ChatTemplate | str = DEFAULT_TEMPLATE,
     enable_thinking: bool = True,
+    preserve_thinking: bool = False,
 ) -> list[str]:
     """The segment strings of a generation prompt: the conversation up to and including the final
     ``<|im_start|>assistant\n``. ``messages`` alternate user/assistant and end with the user turn to answer.
@@ -193,14 +200,15 @@ def format_prompt(
     It is :func:`format_segments` of the conversation with an empty last answer, that answer left out, so a
     prompt is exactly the prefix that training saw before the answer (same segments, same system rule). A
     reasoning template's prompt is LF's ``ReasoningTemplate.encode_oneturn``: history answers lose their
-    think blocks, and without ``enable_thinking`` the prompt ends with the empty think.
+    think blocks (unless ``preserve_thinking``), and without ``enable_thinking`` the prompt ends with the
+    empty think.
     """
     template = _template(template)
     expected = ["user", "assistant"] * (len(messages) // 2) + ["user"]
     if [m["role"] for m in messages] != expected:
         raise ValueError("a prompt's messages alternate user, assistant, ... and end with a user message")
     messages = [dict(m) for m in messages]
-    if template.reasoning:
+    if template.reasoning and not preserve_thinking:
         for i in range(1, len(messages), 2):
             messages[i]["content"] = remove_thought(template, messages[i]["content"])
     pairs = format_segments([*messages, {"role": "assistant", "content": ""}], system, template)
@@ -219,10 +227,12 @@ def encode_prompt(
     system: str | None,
     template: ChatTemplate | str = DEFAULT_TEMPLATE,
     enable_thinking: bool = True,
+    preserve_thinking: bool = False,
 ) -> list[int]:
     """Token ids of :func:`format_prompt`, each segment encoded on its own (docs/semantics.md section 2):
     what a model generates the answer to the last user message from."""
-    return _encode_segments(tokenizer, format_prompt(messages, system, template, enable_thinking))
+    segments = format_prompt(messages, system, template, enable_thinking, preserve_thinking)
+    return _encode_segments(tokenizer, segments)
 
 
 def last_answer_start(labels: Sequence[int]) -> int:

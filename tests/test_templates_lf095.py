@@ -25,23 +25,25 @@ FIXTURES = Path(__file__).parent / "fixtures" / "lf095"
 DATA = FIXTURES / "data"
 IMAGE_PAD_ID = 151655
 
-# run name -> extra command-line options; tools runs are another issue's
-RUNS = {
-    "qwen2_vl.demo": [],
-    "qwen2_vl.cases": [],
-    "qwen2_vl.cases.mask_history": [],
-    "qwen2_vl.cases.cutoff512": [],
-    "qwen3_vl.demo": [],
-    "qwen3_vl.cases": [],
-    "qwen3_vl.cases.mask_history": [],
-    "qwen3_vl.cases.cutoff512": [],
-    "qwen3_vl.cases.enable_thinking_false": [],
-    "qwen3_vl.cases.image_max_pixels_589824": [],
-    "qwen3_vl_nothink.demo": [],
-    "qwen3_vl_nothink.cases": [],
-    "qwen3_vl_nothink.cases.mask_history": [],
-    "qwen3_vl_nothink.cases.cutoff512": [],
-}
+# the LF runs a build reproduces (the tools runs are another issue's)
+RUNS = (
+    "qwen2_vl.demo",
+    "qwen2_vl.cases",
+    "qwen2_vl.cases.mask_history",
+    "qwen2_vl.cases.cutoff512",
+    "qwen3_vl.demo",
+    "qwen3_vl.cases",
+    "qwen3_vl.cases.mask_history",
+    "qwen3_vl.cases.cutoff512",
+    "qwen3_vl.cases.enable_thinking_false",
+    "qwen3_vl.cases.preserve_thinking",
+    "qwen3_vl.cases.mask_history.preserve_thinking",
+    "qwen3_vl.cases.image_max_pixels_589824",
+    "qwen3_vl_nothink.demo",
+    "qwen3_vl_nothink.cases",
+    "qwen3_vl_nothink.cases.mask_history",
+    "qwen3_vl_nothink.cases.cutoff512",
+)
 
 
 def lf_run(name: str) -> dict:
@@ -75,12 +77,14 @@ def build_like(run: dict, out: Path) -> Path:
             args += ["--template", run["template"]]
     if not settings["enable_thinking"]:
         args += ["--enable-thinking", "false"]
+    if settings["preserve_thinking"]:
+        args.append("--preserve-thinking")
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     return out
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("name", RUNS)
 def test_build_equals_llamafactory(tmp_path: Path, name: str) -> None:
     run = lf_run(name)
     out = build_like(run, tmp_path / "out")
