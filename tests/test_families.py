@@ -237,3 +237,28 @@ def test_stats_and_inspect_read_the_qwen3_vl_geometry(qwen3_builds: dict[str, Pa
         assert grids[(1, 12, 22)]["processed_size"] == [352, 192]
         images = row_images(ShardSet(out), 1)
         assert [image.shape for image in images] == [(416, 608, 3)], pixel_format
+
+
+def test_a_qwen3_vl_checkpoint_directory_builds_the_same_shards_as_the_offline_name(tmp_path: Path):
+    checkpoint = tmp_path / "Qwen3-VL-8B-Instruct"
+    shutil.copytree(embedded_processor_dir("qwen3_vl"), checkpoint)
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
+    data = write_dataset(
+        tmp_path / "data",
+        "d",
+        [{"messages": chat("<think>hm</think> hi", "<think>\nx\n</think>\n\nhello", "more?", "no")}],
+    )
+    digests = {}
+    for model in ("qwen3-vl", str(checkpoint)):
+        out = tmp_path / ("named" if model == "qwen3-vl" else "dir")
+        args = ["build", "--dataset-dir", str(data), "--dataset", "d", "--model", model]
+        result = CliRunner().invoke(main, [*args, "--out", str(out), "--num-proc", "1", "--quiet"])
+        assert result.exit_code == 0, result.output
+        manifest = shards.load_manifest(out)
+        assert (manifest.family, manifest.template) == ("qwen3_vl", "qwen3_vl")
+        digests[model] = [s.sha256 for s in manifest.shards]
+        row = ShardSet(out).row(0)
+    assert digests["qwen3-vl"] == digests[str(checkpoint)]
+    # <think> in a question is content (token 151667); the second answer got the empty think, trained
+    assert 151667 in row["input_ids"][: row["labels"].index(151667)]
+    assert row["labels"].count(151667) == 2
