@@ -28,11 +28,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from qvl_data import __version__, shards, template
+from qvl_data import __version__, shards
 from qvl_data.config import BuildConfig
 from qvl_data.encode import EncodeOptions
 from qvl_data.errors import QvlError
 from qvl_data.executors import InProcess, open_executor
+from qvl_data.family import Family, chat_template, template_for
 from qvl_data.files import environment_error, is_regular_file
 from qvl_data.format import (
     FORMAT_VERSION,
@@ -86,10 +87,22 @@ class BuildResult:
 
 
 def encode_options(config: BuildConfig) -> EncodeOptions:
-    """The task's encoding options: the BuildConfig fields of the same names."""
-    return EncodeOptions(
-        **{f.name: getattr(config, f.name) for f in fields(EncodeOptions) if hasattr(config, f.name)}
-    )
+    """The task's encoding options: the BuildConfig fields of the same names, the template resolved."""
+    values = {f.name: getattr(config, f.name) for f in fields(EncodeOptions) if hasattr(config, f.name)}
+    values["template"] = build_template(config)
+    return EncodeOptions(**values)
+
+
+def build_family(config: BuildConfig) -> Family:
+    """The model family of the build: ``--model``'s (qvl_data/processor.py :func:`model_family`)."""
+    from qvl_data.processor import model_family
+
+    return model_family(config.model)
+
+
+def build_template(config: BuildConfig) -> str:
+    """``--template`` when given, else the family's default template."""
+    return template_for(build_family(config), config.template).name
 
 
 def read_options(config: BuildConfig, dataset_dir: Path) -> ReadOptions:
@@ -129,6 +142,9 @@ def build_options(config: BuildConfig) -> BuildOptions:
     records under ``options`` (one set, so the manifest shows exactly what decided the bytes)."""
     values = {name: getattr(config, name) for name in output_options(BuildConfig)}
     values["set_vars"] = list(values["set_vars"])
+    family = build_family(config)
+    values["family"] = family.name
+    values["template"] = template_for(family, config.template).name
     # where the images are, not how this run spelled it (a relative path names another folder elsewhere)
     values["media_dir"] = str(Path(config.media_dir).resolve()) if config.media_dir else None
     return BuildOptions(**values)
@@ -152,9 +168,8 @@ def fingerprint(specs: list[DatasetSpec], dataset_dir: Path, config: BuildConfig
         for file in data_files(spec.path):
             h.update(f"{file.name} {sha256_file(file)}\n".encode())
     h.update(processor_files_digest(config.model).encode())
-    h.update(
-        f"{template.SYSTEM_FORMAT}{template.USER_FORMAT}{template.ASSISTANT_FORMAT}{template.DEFAULT_SYSTEM}".encode()
-    )
+    # the template's definition (its strings and think rules), not only its name
+    h.update(json.dumps(asdict(chat_template(build_template(config))), sort_keys=True).encode())
     h.update(json.dumps(asdict(build_options(config)), sort_keys=True).encode())
     h.update(json.dumps(versions, sort_keys=True).encode())
     return h.hexdigest()
@@ -386,6 +401,7 @@ def _run(
         specs=tuple(specs),
         shard_bytes=config.shard_size_mb << 20,
         write=write,
+        geometry=build_family(config).geometry,
     )
     if config.executor == "local" and existing is None:
         # Work ahead: load the processor here once, before the pool forks, so that every local worker

@@ -14,6 +14,7 @@ import yaml
 from qvl_data.demo import DEMO_DATASETS as DEMO_DATASET_NAMES
 from qvl_data.errors import QvlError
 from qvl_data.executors import EXECUTORS
+from qvl_data.family import TEMPLATES
 from qvl_data.options import (
     OUTPUT_INPUT,
     OUTPUT_OPTION,
@@ -30,7 +31,8 @@ from qvl_data.vision import DEFAULT_IMAGE_MAX_PIXELS, DEFAULT_IMAGE_MIN_PIXELS
 
 # The --dataset default: the demo sets of qvl_data/demo.py (their one home), as the option spells them.
 DEMO_DATASETS = ",".join(DEMO_DATASET_NAMES)
-MIN_IMAGE_PIXELS = 28 * 28  # the smallest image the Qwen2-VL processor produces (one merged patch)
+# the smallest image the Qwen2-VL processor produces (one merged patch; LF's 28-px side rule for every family)
+MIN_IMAGE_PIXELS = 28 * 28
 
 T = TypeVar("T")
 
@@ -84,6 +86,24 @@ class BuildConfig:
     """Pre-resize images below this many pixels up to it."""
     mask_history: bool = option(False, output=OUTPUT_OPTION, stage="encode")
     """Train only on the last answer of each conversation (and truncate last turn first)."""
+    template: str | None = option(
+        None,
+        output=OUTPUT_OPTION,
+        stage="encode",
+        metavar="NAME",  # checked in __post_init__: click's choices would print qwen3-vl for qwen3_vl
+        help="Chat template (LLaMA-Factory's name); default: the model family's.",
+    )
+    """Chat template, by LLaMA-Factory's name: qwen2_vl, qwen3_vl (reasoning: think blocks) or
+    qwen3_vl_nothink; default: the model family's (qwen2_vl for Qwen2-VL and Qwen2.5-VL, qwen3_vl for
+    Qwen3-VL). It overrides the family's as LLaMA-Factory's --template does."""
+    enable_thinking: bool = option(True, output=OUTPUT_OPTION, stage="encode")
+    """With a reasoning template (qwen3_vl): answers without a think block get the empty one, trained
+    (LLaMA-Factory's enable_thinking, default true); false removes every think block and puts the empty
+    one in the prompt, untrained."""
+    preserve_thinking: bool = option(False, output=OUTPUT_OPTION, stage="encode")
+    """With a reasoning template and --mask-history: keep the history answers' think blocks (and give each
+    answer without one the empty think), as LLaMA-Factory's preserve_thinking; default: history answers
+    lose them and only the last answer gets the empty think."""
     pixel_format: str = option(
         "uint8",
         output=OUTPUT_OPTION,
@@ -124,6 +144,8 @@ class BuildConfig:
             raise QvlError(
                 f"--pixel-format must be one of {', '.join(PIXEL_FORMATS)}, got {self.pixel_format!r}"
             )
+        if self.template is not None and self.template not in TEMPLATES:
+            raise QvlError(f"--template must be one of {', '.join(TEMPLATES)}, got {self.template!r}")
         if self.executor not in EXECUTORS:
             raise QvlError(f"--executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
         at_least = {

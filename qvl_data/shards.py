@@ -28,7 +28,16 @@ import pyarrow as pa
 
 from qvl_data.errors import QvlError
 from qvl_data.files import file_kind, write_json_atomic
-from qvl_data.format import FORMAT_NAME, FORMAT_VERSION, PATCH_DIM, PIXEL_FORMATS, Manifest, ShardEntry
+from qvl_data.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    PATCH_DIM,
+    PIXEL_FORMATS,
+    QWEN2_VL_GEOMETRY,
+    Manifest,
+    PatchGeometry,
+    ShardEntry,
+)
 
 # write_json_atomic (qvl_data.files) is re-exported: the build writes its manifest and records with it.
 __all__ = [
@@ -50,14 +59,16 @@ SHARD_NAME = re.compile(r"part-\d{5}-\d{3}\.arrow(\.tmp)?")
 PIXEL_TYPE = {"uint8": pa.uint8(), "float32": pa.float32(), "webp": pa.uint8()}
 
 
-def _pixel_column_type(pixel_format: str) -> pa.DataType:
+def _pixel_column_type(pixel_format: str, geometry: PatchGeometry = QWEN2_VL_GEOMETRY) -> pa.DataType:
     if pixel_format == "webp":
         return pa.list_(pa.binary())
-    return pa.list_(pa.list_(PIXEL_TYPE[pixel_format], PATCH_DIM[pixel_format]))
+    return pa.list_(pa.list_(PIXEL_TYPE[pixel_format], geometry.values_per_patch(pixel_format)))
 
 
-def shard_schema(pixel_format: str) -> pa.Schema:
-    """Columns of every shard. Plain Arrow types only, so datasets and polars read them without qvl."""
+def shard_schema(pixel_format: str, geometry: PatchGeometry = QWEN2_VL_GEOMETRY) -> pa.Schema:
+    """Columns of every shard. Plain Arrow types only, so datasets and polars read them without qvl. The
+    pixels' patch width is the family's (``geometry``: 588 / 1176 values for 14-px patches, 768 / 1536 for
+    Qwen3-VL's 16-px ones)."""
     return pa.schema(
         [
             pa.field("id", pa.string()),
@@ -72,7 +83,9 @@ def shard_schema(pixel_format: str) -> pa.Schema:
             pa.field("image_grid_thw", pa.list_(pa.list_(pa.int32(), 3))),
             # original (w, h) then (w, h) after the pre-resize, per image
             pa.field("image_sizes", pa.list_(pa.list_(pa.int32(), 4))),
-            pa.field("pixels", _pixel_column_type(pixel_format)),  # all images in order; see ShardSet
+            pa.field(
+                "pixels", _pixel_column_type(pixel_format, geometry)
+            ),  # all images in order; see ShardSet
         ],
         metadata={
             "qvl_format": FORMAT_NAME,
@@ -94,12 +107,14 @@ def _list_array(values: list, value_type: pa.DataType, width: int | None = None)
     return pa.ListArray.from_arrays(pa.array(offsets), child)
 
 
-def rows_to_batch(rows: list, pixel_format: str) -> pa.RecordBatch:
-    """EncodedRows -> one record batch with ``shard_schema(pixel_format)``."""
+def rows_to_batch(
+    rows: list, pixel_format: str, geometry: PatchGeometry = QWEN2_VL_GEOMETRY
+) -> pa.RecordBatch:
+    """EncodedRows -> one record batch with ``shard_schema(pixel_format, geometry)``."""
     if pixel_format == "webp":
         pixels = pa.array([r.pixels or [] for r in rows], _pixel_column_type(pixel_format))
     else:
-        dim = PATCH_DIM[pixel_format]
+        dim = geometry.values_per_patch(pixel_format)
         empty_pixels = np.zeros((0, dim), dtype=PIXEL_TYPE[pixel_format].to_pandas_dtype())
         pixels = _list_array(
             [r.pixels if r.pixels is not None else empty_pixels for r in rows], PIXEL_TYPE[pixel_format], dim
@@ -118,7 +133,7 @@ def rows_to_batch(rows: list, pixel_format: str) -> pa.RecordBatch:
         _list_array([np.asarray(r.image_sizes, dtype=np.int32).reshape(-1) for r in rows], pa.int32(), 4),
         pixels,
     ]
-    return pa.RecordBatch.from_arrays(columns, schema=shard_schema(pixel_format))
+    return pa.RecordBatch.from_arrays(columns, schema=shard_schema(pixel_format, geometry))
 
 
 class _HashingFile:
@@ -167,13 +182,15 @@ class ShardWriter:
         max_shard_bytes: int = 256 << 20,
         batch_rows: int = 64,
         prefix: str = "part",
+        geometry: PatchGeometry = QWEN2_VL_GEOMETRY,
     ):
         self.out_dir = Path(out_dir)
+        self.geometry = geometry
         self.prefix = prefix
         self.pixel_format = pixel_format
         self.max_shard_bytes = max_shard_bytes
         self.batch_rows = batch_rows
-        self.schema = shard_schema(pixel_format)
+        self.schema = shard_schema(pixel_format, geometry)
         self.shards: list[ShardEntry] = []
         self._pending: list = []
         self._pending_bytes = 0
@@ -204,7 +221,7 @@ class ShardWriter:
             return
         if self._writer is None:
             self._open_shard()
-        batch = rows_to_batch(self._pending, self.pixel_format)
+        batch = rows_to_batch(self._pending, self.pixel_format, self.geometry)
         self._writer.write_batch(batch)
         info = self._info
         info.rows += batch.num_rows
@@ -285,27 +302,33 @@ class DamagedShard(QvlError):
     """A shard that is missing or does not match its manifest entry (size, schema, row count)."""
 
 
-def shard_problem(path: Path, shard: ShardEntry, pixel_format: str) -> str | None:
+def shard_problem(
+    path: Path, shard: ShardEntry, pixel_format: str, geometry: PatchGeometry = QWEN2_VL_GEOMETRY
+) -> str | None:
     """Why the shard at ``path`` does not match ``shard`` (its size, its Arrow structure: schema and row
     count, read from the IPC stream's headers, no data page touched), or None when it does. Cheap: for the
     file's content, see ``qvl_data/verify.py`` (sha256)."""
     try:
-        _open_checked(path, shard, pixel_format)
+        _open_checked(path, shard, pixel_format, geometry)
     except DamagedShard as e:
         return str(e)
     return None
 
 
-def open_checked_shard(path: Path, shard: ShardEntry, pixel_format: str) -> tuple[pa.Table, mmap.mmap]:
+def open_checked_shard(
+    path: Path, shard: ShardEntry, pixel_format: str, geometry: PatchGeometry = QWEN2_VL_GEOMETRY
+) -> tuple[pa.Table, mmap.mmap]:
     """The shard's table and memory map (see :func:`_map_shard`) once :func:`shard_problem` finds nothing
     wrong; a one-line :class:`DamagedShard` naming the file and how to repair it otherwise."""
     try:
-        return _open_checked(path, shard, pixel_format)
+        return _open_checked(path, shard, pixel_format, geometry)
     except DamagedShard as e:
         raise DamagedShard(f"{e}; {REPAIR}") from None
 
 
-def _open_checked(path: Path, shard: ShardEntry, pixel_format: str) -> tuple[pa.Table, mmap.mmap]:
+def _open_checked(
+    path: Path, shard: ShardEntry, pixel_format: str, geometry: PatchGeometry
+) -> tuple[pa.Table, mmap.mmap]:
     try:
         st = os.stat(path)
     except OSError:
@@ -324,7 +347,7 @@ def _open_checked(path: Path, shard: ShardEntry, pixel_format: str) -> tuple[pa.
         raise DamagedShard(
             f"{path}: damaged or unreadable shard (unreadable Arrow stream: {first_line})"
         ) from None
-    if not table.schema.equals(shard_schema(pixel_format), check_metadata=True):
+    if not table.schema.equals(shard_schema(pixel_format, geometry), check_metadata=True):
         raise DamagedShard(
             f"{path}: damaged or unreadable shard (its columns are not those of a {pixel_format} shard)"
         )
@@ -392,7 +415,7 @@ class ShardSet:
         self.tables, self.paths, self._maps, self._bases = [], [], [], []
         for shard in self.manifest.shards:
             path = self.out_dir / shard.file
-            table, mapping = open_checked_shard(path, shard, self.pixel_format)
+            table, mapping = open_checked_shard(path, shard, self.pixel_format, self.manifest.geometry)
             self.tables.append(table.select(columns) if columns else table)
             self.paths.append(path)
             self._maps.append(mapping)

@@ -138,7 +138,8 @@ class _Reject(Exception):
         self.reason = reason
 
 
-# Every added token of the Qwen2.5-VL tokenizer. The tokenizer turns their text into the token itself,
+# Every added token of the Qwen-VL tokenizers but the content ones (think and tool tags, which LLaMA-Factory
+# keeps as text; qvl_data/family.py CONTENT_TOKENS). The tokenizer turns their text into the token itself,
 # so a row quoting one would carry a stray <|im_start|> or <|image_pad|> that breaks the template or the
 # image-feature alignment in training; such rows are rejected instead (docs/semantics.md section 1).
 

@@ -42,13 +42,15 @@ def read_columns(out_dir: str | Path, manifest: Manifest | None = None) -> pa.Ta
     tables = []
     for shard in manifest.shards:
         path = out_dir / shard.file
-        table = open_checked_shard(path, shard, manifest.pixel_format)[0]
+        table = open_checked_shard(path, shard, manifest.pixel_format, manifest.geometry)[0]
         missing = [c for c in STATS_COLUMNS if c not in table.column_names]
         if missing:
             raise QvlError(f"{path}: shard lacks column(s) {', '.join(missing)}")
         tables.append(table.select(list(STATS_COLUMNS)))
     if not tables:
-        return shard_schema(manifest.pixel_format).empty_table().select(list(STATS_COLUMNS))
+        return (
+            shard_schema(manifest.pixel_format, manifest.geometry).empty_table().select(list(STATS_COLUMNS))
+        )
     return pa.concat_tables(tables)
 
 

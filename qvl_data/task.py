@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from qvl_data.encode import EncodedRow, EncodeOptions, encode_record, processor_summary
-from qvl_data.format import PartitionEntry, SourceTotals
+from qvl_data.errors import QvlError
+from qvl_data.format import QWEN2_VL_GEOMETRY, PartitionEntry, PatchGeometry, SourceTotals
 from qvl_data.partition import DatasetIndex, Partition, index_dataset
 from qvl_data.schema import Rejection, rejection_line
 from qvl_data.shards import SHARD_DIR, SHARD_NAME, ShardWriter, shard_problem, write_json_atomic
@@ -49,6 +50,7 @@ class BuildContext:
     specs: tuple[DatasetSpec, ...]
     shard_bytes: int
     write: bool = True  # False: validate only; rejections come back in the result, nothing is written
+    geometry: PatchGeometry = QWEN2_VL_GEOMETRY  # the family's: the shards' pixel column width
 
     def spec(self, source: str) -> DatasetSpec:
         return next(s for s in self.specs if s.name == source)
@@ -133,7 +135,7 @@ def _reusable(
     ):
         return None, ""
     for shard in entry.shards:
-        problem = shard_problem(Path(ctx.out_dir) / shard.file, shard, ctx.encode.pixel_format)
+        problem = shard_problem(Path(ctx.out_dir) / shard.file, shard, ctx.encode.pixel_format, ctx.geometry)
         if problem is not None:
             return None, problem
     return entry, ""
@@ -219,7 +221,11 @@ def partition_task(
     writer = None
     if ctx.write:
         writer = ShardWriter(
-            Path(ctx.out_dir), ctx.encode.pixel_format, ctx.shard_bytes, prefix=f"part-{partition.index:05d}"
+            Path(ctx.out_dir),
+            ctx.encode.pixel_format,
+            ctx.shard_bytes,
+            prefix=f"part-{partition.index:05d}",
+            geometry=ctx.geometry,
         )
     tokenizer = image_processor = None
     loads = _PROCESSOR.get("loads", 0)
@@ -227,6 +233,7 @@ def partition_task(
         if isinstance(item, dict):
             if tokenizer is None:
                 tokenizer, image_processor = processor(ctx.model)
+                _check_geometry(ctx, image_processor)
             item = encode_record(item, tokenizer, image_processor, ctx.encode, file=partition.file)
         if isinstance(item, Rejection):
             rejections.append(item)
@@ -246,6 +253,22 @@ def partition_task(
     _write_record(ctx, partition, entry)  # last: marks the partition done
     cpu = time.process_time() - started
     return TaskResult(entry, cpu_seconds=cpu, loaded_processor=loaded, damaged=damaged)
+
+
+def _check_geometry(ctx: BuildContext, image_processor: Any) -> None:
+    """The processor's patch geometry is its family's (the shards' pixel column width); one line if not."""
+    got = PatchGeometry(
+        int(image_processor.patch_size),
+        int(image_processor.temporal_patch_size),
+        int(image_processor.merge_size),
+    )
+    if got != ctx.geometry:
+        raise QvlError(
+            f"--model {ctx.model}: its preprocessor_config.json has patch_size {got.patch_size}, merge_size "
+            f"{got.merge_size}, temporal_patch_size {got.temporal_patch_size}, but its model family has "
+            f"{ctx.geometry.patch_size}, {ctx.geometry.merge_size}, {ctx.geometry.temporal_patch_size} "
+            "(config.json model_type); use a checkpoint whose files agree"
+        )
 
 
 def _entry(

@@ -1,21 +1,34 @@
-"""The ``qwen2_vl`` chat template, label masking and truncation: the one implementation
-(docs/semantics.md sections 2 and 4).
+"""The chat templates (``qwen2_vl``, ``qwen3_vl``, ``qwen3_vl_nothink``), label masking and truncation: the one
+implementation (docs/semantics.md sections 2 and 4, and "Model families"). The templates' strings live in
+qvl_data/family.py; this module applies them.
 
 A conversation is a list of (source, target) turn pairs. Each segment string is encoded on its own with
 ``tokenizer.encode(s, add_special_tokens=False)`` and the pieces are concatenated, exactly as
 LLaMA-Factory does, so ids match the reference token for token.
+
+A reasoning template (``qwen3_vl``, LF's ``ReasoningTemplate``) also handles think blocks: an answer "has a
+think block" unless neither ``<think>`` nor ``</think>`` occurs in it. With ``enable_thinking`` (LF's
+default) every answer without one gets the empty think ``<think>\n\n</think>\n\n`` (encoded on its own)
+in front of its target ids, trained; without it, every answer's think blocks are removed first and every
+source ends with the empty think, not trained. With ``mask_history`` only the last answer keeps its think
+block and gets the empty think (LF's ``discarding_history_cot``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Protocol
 
+from qvl_data.family import TEMPLATES, ChatTemplate, chat_template
+
 IGNORE_INDEX = -100
-DEFAULT_SYSTEM = "You are a helpful assistant."
-SYSTEM_FORMAT = "<|im_start|>system\n{content}<|im_end|>\n"
-USER_FORMAT = "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
-ASSISTANT_FORMAT = "{content}<|im_end|>\n"
+DEFAULT_TEMPLATE = "qwen2_vl"
+# The qwen2_vl template's strings, under their old names (the template itself is TEMPLATES["qwen2_vl"]).
+DEFAULT_SYSTEM = TEMPLATES[DEFAULT_TEMPLATE].default_system
+SYSTEM_FORMAT = TEMPLATES[DEFAULT_TEMPLATE].system_format
+USER_FORMAT = TEMPLATES[DEFAULT_TEMPLATE].user_format
+ASSISTANT_FORMAT = TEMPLATES[DEFAULT_TEMPLATE].assistant_format
 
 
 class Tokenizer(Protocol):
@@ -27,29 +40,85 @@ def _fill(fmt: str, content: str) -> str:
     return fmt.replace("{content}", content)
 
 
-def format_segments(messages: Sequence[dict], system: str | None) -> list[tuple[list[str], str]]:
-    """Per turn pair: the source segment strings (system + user for the first pair) and the target string."""
+def _template(template: ChatTemplate | str) -> ChatTemplate:
+    return template if isinstance(template, ChatTemplate) else chat_template(template)
+
+
+def has_thought(template: ChatTemplate, content: str) -> bool:
+    """LF's test for a think block: ``<think>`` or ``</think>`` occurs in the answer."""
+    return any(word.strip() in content for word in template.thought_words)
+
+
+def remove_thought(template: ChatTemplate, content: str) -> str:
+    """LF's ``Template.remove_thought``: every ``<think>\n...\n</think>\n\n`` cut out, then leading newlines."""
+    start, end = (re.escape(word) for word in template.thought_words)
+    return re.sub(f"{start}(.*?){end}", "", content, flags=re.DOTALL).lstrip("\n")
+
+
+def empty_thought(template: ChatTemplate) -> str:
+    return template.thought_words[0] + template.thought_words[1]
+
+
+def format_segments(
+    messages: Sequence[dict], system: str | None, template: ChatTemplate | str = DEFAULT_TEMPLATE
+) -> list[tuple[list[str], str]]:
+    """Per turn pair: the source segment strings (system + user for the first pair) and the target string.
+
+    The system prompt is the row's, else the template's default; with neither, no system segment at all
+    (LF's ``_encode``: ``if system or tools``)."""
+    template = _template(template)
     if len(messages) % 2:
         raise ValueError("messages must be user/assistant pairs")
+    system = system or template.default_system
     pairs = []
     for i in range(0, len(messages), 2):
-        source = [_fill(USER_FORMAT, messages[i]["content"])]
-        if i == 0:
-            source.insert(0, _fill(SYSTEM_FORMAT, system or DEFAULT_SYSTEM))
-        pairs.append((source, _fill(ASSISTANT_FORMAT, messages[i + 1]["content"])))
+        source = [_fill(template.user_format, messages[i]["content"])]
+        if i == 0 and system:
+            source.insert(0, _fill(template.system_format, system))
+        pairs.append((source, _fill(template.assistant_format, messages[i + 1]["content"])))
     return pairs
 
 
+def _encode_segments(tokenizer: Tokenizer, segments: Sequence[str]) -> list[int]:
+    ids: list[int] = []
+    for segment in segments:
+        ids += tokenizer.encode(segment, add_special_tokens=False)
+    return ids
+
+
 def encode_pairs(
-    tokenizer: Tokenizer, messages: Sequence[dict], system: str | None
+    tokenizer: Tokenizer,
+    messages: Sequence[dict],
+    system: str | None,
+    template: ChatTemplate | str = DEFAULT_TEMPLATE,
+    enable_thinking: bool = True,
+    mask_history: bool = False,
+    preserve_thinking: bool = False,
 ) -> list[tuple[list[int], list[int]]]:
-    """Token ids of each (source, target) pair, every segment encoded separately."""
-    encoded = []
-    for sources, target in format_segments(messages, system):
-        source_ids: list[int] = []
-        for segment in sources:
-            source_ids += tokenizer.encode(segment, add_special_tokens=False)
-        encoded.append((source_ids, tokenizer.encode(target, add_special_tokens=False)))
+    """Token ids of each (source, target) pair, every segment encoded separately; a reasoning template's
+    think handling as LF 0.9.5's ``ReasoningTemplate.encode_multiturn`` (module docstring). With
+    ``mask_history`` and not ``preserve_thinking`` (LF's ``discarding_history_cot``) history answers lose
+    their think blocks and only the last pair gets the empty think."""
+    template = _template(template)
+    messages = [dict(m) for m in messages]
+    discarding_history = mask_history and not preserve_thinking
+    if template.reasoning:
+        for i in range(1, len(messages), 2):
+            # enable_thinking false removes every think block; discarding history every one but the last
+            if not enable_thinking or (discarding_history and i < len(messages) - 2):
+                messages[i]["content"] = remove_thought(template, messages[i]["content"])
+    encoded = [
+        (_encode_segments(tokenizer, sources), tokenizer.encode(target, add_special_tokens=False))
+        for sources, target in format_segments(messages, system, template)
+    ]
+    if template.reasoning:
+        thought = tokenizer.encode(empty_thought(template), add_special_tokens=False)
+        turns = [len(encoded) - 1] if discarding_history else range(len(encoded))
+        for turn in turns:
+            if has_thought(template, messages[2 * turn + 1]["content"]):
+                continue
+            source, target = encoded[turn]
+            encoded[turn] = (source + thought, target) if not enable_thinking else (source, thought + target)
     return encoded
 
 
@@ -104,38 +173,66 @@ def encode_conversation(
     system: str | None,
     cutoff_len: int = 2048,
     mask_history: bool = False,
+    template: ChatTemplate | str = DEFAULT_TEMPLATE,
+    enable_thinking: bool = True,
+    preserve_thinking: bool = False,
 ) -> tuple[list[int], list[int], bool]:
     """Template, tokenize, mask and truncate one conversation: (input_ids, labels, truncated)."""
-    return assemble(encode_pairs(tokenizer, messages, system), cutoff_len, mask_history)
+    pairs = encode_pairs(
+        tokenizer, messages, system, template, enable_thinking, mask_history, preserve_thinking
+    )
+    return assemble(pairs, cutoff_len, mask_history)
 
 
 # ------------------------------------------------------------------------------------------ generation
 
 
-def format_prompt(messages: Sequence[dict], system: str | None) -> list[str]:
+def format_prompt(
+    messages: Sequence[dict],
+    system: str | None,
+    template: ChatTemplate | str = DEFAULT_TEMPLATE,
+    enable_thinking: bool = True,
+    preserve_thinking: bool = False,
+) -> list[str]:
     """The segment strings of a generation prompt: the conversation up to and including the final
-    ``<|im_start|>assistant\\n``. ``messages`` alternate user/assistant and end with the user turn to answer.
+    ``<|im_start|>assistant\n``. ``messages`` alternate user/assistant and end with the user turn to answer.
 
     It is :func:`format_segments` of the conversation with an empty last answer, that answer left out, so a
-    prompt is exactly the prefix that training saw before the answer (same segments, same system rule).
+    prompt is exactly the prefix that training saw before the answer (same segments, same system rule). A
+    reasoning template's prompt is LF's ``ReasoningTemplate.encode_oneturn``: history answers lose their
+    think blocks (unless ``preserve_thinking``), and without ``enable_thinking`` the prompt ends with the
+    empty think.
     """
+    template = _template(template)
     expected = ["user", "assistant"] * (len(messages) // 2) + ["user"]
     if [m["role"] for m in messages] != expected:
         raise ValueError("a prompt's messages alternate user, assistant, ... and end with a user message")
-    pairs = format_segments([*messages, {"role": "assistant", "content": ""}], system)
+    messages = [dict(m) for m in messages]
+    if template.reasoning and not preserve_thinking:
+        for i in range(1, len(messages), 2):
+            messages[i]["content"] = remove_thought(template, messages[i]["content"])
+    pairs = format_segments([*messages, {"role": "assistant", "content": ""}], system, template)
     segments: list[str] = []
     for sources, target in pairs[:-1]:
         segments += [*sources, target]
-    return segments + pairs[-1][0]
+    segments += pairs[-1][0]
+    if template.reasoning and not enable_thinking:
+        segments.append(empty_thought(template))
+    return segments
 
 
-def encode_prompt(tokenizer: Tokenizer, messages: Sequence[dict], system: str | None) -> list[int]:
+def encode_prompt(
+    tokenizer: Tokenizer,
+    messages: Sequence[dict],
+    system: str | None,
+    template: ChatTemplate | str = DEFAULT_TEMPLATE,
+    enable_thinking: bool = True,
+    preserve_thinking: bool = False,
+) -> list[int]:
     """Token ids of :func:`format_prompt`, each segment encoded on its own (docs/semantics.md section 2):
     what a model generates the answer to the last user message from."""
-    ids: list[int] = []
-    for segment in format_prompt(messages, system):
-        ids += tokenizer.encode(segment, add_special_tokens=False)
-    return ids
+    segments = format_prompt(messages, system, template, enable_thinking, preserve_thinking)
+    return _encode_segments(tokenizer, segments)
 
 
 def last_answer_start(labels: Sequence[int]) -> int:

@@ -43,7 +43,7 @@ def verify_build(out_dir: str | Path) -> Verification:
     result = Verification(shards=len(manifest.shards), bytes=sum(s.bytes for s in manifest.shards))
     for shard in manifest.shards:
         path = out_dir / shard.file
-        problem = shard_problem(path, shard, manifest.pixel_format)
+        problem = shard_problem(path, shard, manifest.pixel_format, manifest.geometry)
         if problem is None and shard.sha256 and _sha256(path) != shard.sha256:
             problem = f"{path}: damaged shard (its sha256 differs from the manifest's)"
         if problem is not None:

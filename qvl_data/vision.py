@@ -11,6 +11,9 @@ storage formats we support:
   integers, so these 588 bytes per patch carry everything; :func:`pixel_values_from_uint8` (numpy) and
   :func:`pixel_values_from_uint8_torch` (any device) rebuild the float32 tensor bit-for-bit.
 
+The widths are for 14-px patches (Qwen2-VL, Qwen2.5-VL); Qwen3-VL's 16-px patches give 1536 and 768. Every
+function reads the geometry from the image processor it is given (qvl_data/family.py has each family's).
+
 A third, compressed storage (``"webp"`` in the shards) holds those uint8 patches as one lossless WebP of
 the image the processor saw (:func:`encode_patches_webp` / :func:`decode_patches_webp`); decoding gives the
 same uint8 patches back, byte for byte.
@@ -252,12 +255,13 @@ class ProcessedImage:
     """One image after pre-resize and the Qwen2-VL processor.
 
     Attributes:
-        grid_thw: ``(t, h, w)`` in 14-px patches, as the processor's ``image_grid_thw``.
-        pixels: ``(n_patches, 1176)`` float32 for ``"float32"``; ``(n_patches, 588)`` uint8 for ``"uint8"``.
+        grid_thw: ``(t, h, w)`` in patches (14 px, Qwen3-VL 16 px), as the processor's ``image_grid_thw``.
+        pixels: ``(n_patches, 3*2*p*p)`` float32 for ``"float32"``; ``(n_patches, 3*p*p)`` uint8 for
+            ``"uint8"`` (p = 14: 1176 / 588; Qwen3-VL's 16: 1536 / 768).
         pixel_format: Which of the two ``pixels`` holds.
         original_size: ``(w, h)`` of the input image.
         resized_size: ``(w, h)`` after :func:`preresize_image` (what the processor received).
-        processed_size: ``(w, h)`` after the processor's own smart_resize: ``(grid_w*14, grid_h*14)``.
+        processed_size: ``(w, h)`` after the processor's own smart_resize: ``(grid_w*p, grid_h*p)``.
     """
 
     grid_thw: tuple[int, int, int]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import chat, write_image
 
+from qvl_data.family import CONTENT_TOKENS
 from qvl_data.processor import ADDED_TOKENS, load_tokenizer
 from qvl_data.schema import Rejection
 from qvl_data.sources import (
@@ -75,7 +76,8 @@ def _reject(spec: DatasetSpec, row, tmp_path: Path) -> Rejection:
             "<|vision_start|>",
         ),
         ({"conversations": _turns("hi", "yo"), "system": "x<|endoftext|>"}, "field system", "<|endoftext|>"),
-        ({"conversations": _turns("a <tool_call> b", "yo")}, "field conversations[0].value", "<tool_call>"),
+        # <tool_call> is content (LLaMA-Factory keeps it as text; tests/test_families.py), <|fim_pad|> is not
+        ({"conversations": _turns("a <|fim_pad|> b", "yo")}, "field conversations[0].value", "<|fim_pad|>"),
     ],
 )
 def test_sharegpt_control_tokens_are_rejected_naming_token_and_field(tmp_path, row, field, token):
@@ -101,13 +103,17 @@ def test_alpaca_control_tokens_are_rejected_in_the_users_column_names(tmp_path, 
     assert r.reason == "control_token" and field in r.message
 
 
-def test_every_added_token_of_the_tokenizer_is_a_control_token(tmp_path):
+def test_every_added_token_of_the_tokenizer_but_the_content_ones_is_a_control_token(tmp_path):
     tokenizer = load_tokenizer(None)
     added = {t.content for t in tokenizer.added_tokens_decoder.values()}
     assert added == {content for _, content, _ in ADDED_TOKENS}
-    for token in sorted(added):
+    for token in sorted(added - set(CONTENT_TOKENS)):
         r = _reject(_alpaca(tmp_path), {"instruction": f"a{token}b", "output": "x"}, tmp_path)
         assert r.reason == "control_token" and token in r.message
+    # tool-call and think tags are content: LLaMA-Factory keeps them as text (docs/semantics.md)
+    for token in CONTENT_TOKENS:
+        row = {"instruction": f"a{token}b", "output": f"x{token}"}
+        assert isinstance(convert_row(_alpaca(tmp_path), 0, row, ReadOptions(dataset_dir=tmp_path)), dict)
 
 
 def test_lookalikes_of_control_tokens_are_kept(tmp_path):
