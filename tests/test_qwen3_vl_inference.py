@@ -104,3 +104,20 @@ def test_merged_export_equals_base_plus_adapter(name, qwen3_build, prompts, tmp_
             base = reference(**inputs).logits
     assert (got - expected).abs().max() < 1e-3
     assert (base - expected).abs().max() > 0.1  # the adapter changes the logits
+
+
+def test_a_qwen3_vl_base_without_processor_files_exports_qwen3_vls_embedded_processor(tmp_path):
+    from qvl_train.infer.export import missing_chat_template, processor_files
+    from qvl_train.model import tiny_model_dir
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").symlink_to(tiny_model_dir(TINY_QWEN3_VL) / "config.json")
+    origin, files = processor_files(str(base))
+    preprocessor = json.loads(files["preprocessor_config.json"].read_text())
+    assert origin == "embedded" and preprocessor["patch_size"] == 16
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, path in files.items():
+        (out / name).write_bytes(path.read_bytes())
+    assert missing_chat_template(out) is None  # not qwen2_vl's jinja with its default system prompt
