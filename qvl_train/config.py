@@ -34,8 +34,7 @@ class TrainConfig:
     model: str = option(
         "tiny",
         common=True,
-        help="A Qwen-VL checkpoint dir (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE), a hub id, or tiny (a random "
-        "39 M-parameter Qwen2.5-VL, for CPU demos); tiny-qwen3-vl, tiny-qwen3-vl-moe: random Qwen3-VL ones.",
+        help="A Qwen-VL checkpoint dir, a hub id, or tiny, tiny-qwen3-vl, tiny-qwen3-vl-moe (random, CPU demos).",
     )
     """Base model: a local Qwen-VL checkpoint dir (the family is its config.json model_type), a hub id, or
     ``tiny`` (a random 39 M-parameter Qwen2.5-VL built and cached locally, for CPU demos and tests),
