@@ -121,3 +121,10 @@ def test_a_qwen3_vl_base_without_processor_files_exports_qwen3_vls_embedded_proc
     for name, path in files.items():
         (out / name).write_bytes(path.read_bytes())
     assert missing_chat_template(out) is None  # not qwen2_vl's jinja with its default system prompt
+
+
+def test_generation_stops_at_every_familys_stop_tokens():
+    from qvl_data.family import FAMILIES
+    from qvl_train.infer.generate import EOS_IDS
+
+    assert {f.stop_token_ids for f in FAMILIES.values()} == {EOS_IDS}
