@@ -133,10 +133,11 @@ def test_packed_rows_equal_the_rows_one_by_one(name, rows, qwen3_build):
     assert (wrong[seq, start:end] - alone[order[image]][0]).abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("name", TINIES)
-def test_training_resumes_exactly(name, qwen3_build, tmp_path):
+@pytest.mark.parametrize(("name", "packing"), [(n, p) for n in TINIES for p in (False, True)])
+def test_training_resumes_exactly(name, packing, qwen3_build, tmp_path):
     common = dict(
         model=name,
+        packing=packing,
         data=str(qwen3_build),
         max_rows=6,
         per_device_train_batch_size=2,
