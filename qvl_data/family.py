@@ -224,16 +224,97 @@ def template_for(family: Family, template: str | None = None) -> ChatTemplate:
 
 @dataclass(frozen=True)
 class ModelSide:
-    """What training, generation and export need to know about one family (filled by the model-side work
-    of issue 19)."""
+    """What training, generation and export need to know about one family: its transformers classes
+    (``transformers.models.<module>``), the language model's linears LoRA may target, the vision side
+    (frozen: no LoRA, no gradient, no backward), and its tiny random test model (qvl_train/model.py).
+
+    Rotary positions for packing come from ``<base_model_class>.get_rope_index`` (the family's own), run on
+    one row at a time (qvl_train/packing.py ``RopeIndex``). Generation stops at the data side's
+    ``Family.stop_token_ids``.
+
+    LoRA targets: the decoder layers' ``self_attn.{q,k,v,o}_proj`` and, where the MLP is dense,
+    ``mlp.{gate,up,down}_proj``, matched under ``language_model.layers`` only: Qwen2(.5)-VL's vision blocks
+    use the same MLP names. In Qwen3-VL-MoE (transformers 5) every layer's MLP is a sparse block whose experts
+    are fused 3-D parameters (``mlp.experts.gate_up_proj`` (E, 2I, H), ``mlp.experts.down_proj`` (E, H, I))
+    and whose router ``mlp.gate`` is a plain weight: none is an ``nn.Linear``, so LoRA reaches attention
+    only, as LLaMA-Factory's ``lora_target: all`` (``find_all_linear_modules``) does on the same
+    transformers. The experts and the router stay frozen: a rank-r update per expert would multiply the
+    adapter by the 128 experts (and per-expert LoRA on fused parameters is peft's experimental
+    ``target_parameters``), and training the router moves the load balance the checkpoint was tuned for.
+    A layer of ``mlp_only_layers`` (a dense MLP) is matched by the MLP names as in the dense model.
+    """
 
     family: str
+    module: str  # transformers.models.<module>.modeling_<module>
+    architecture: str  # the ...ForConditionalGeneration class (config.json architectures)
+    config_class: str
+    base_model_class: str  # the class whose get_rope_index / get_vision_position_ids the model uses
+    tiny_name: str  # --model NAME of its tiny random test model
+    #: the sub-module of the inner model that is the vision side (its blocks, merger and, in Qwen3-VL, the
+    #: deepstack mergers ``visual.deepstack_merger_list``): frozen, never given LoRA
+    vision_module: str = "visual"
+    #: the decoder-layer MLP's experts are fused 3-D parameters (LoRA reaches attention only, see above)
+    fused_experts: bool = False
 
 
 MODEL_SIDE: dict[str, ModelSide] = {
-    "qwen2_5_vl": ModelSide(family="qwen2_5_vl"),
+    "qwen2_vl": ModelSide(
+        family="qwen2_vl",
+        module="qwen2_vl",
+        architecture="Qwen2VLForConditionalGeneration",
+        config_class="Qwen2VLConfig",
+        base_model_class="Qwen2VLModel",
+        tiny_name="tiny-qwen2-vl",
+    ),
+    "qwen2_5_vl": ModelSide(
+        family="qwen2_5_vl",
+        module="qwen2_5_vl",
+        architecture="Qwen2_5_VLForConditionalGeneration",
+        config_class="Qwen2_5_VLConfig",
+        base_model_class="Qwen2_5_VLModel",
+        tiny_name="tiny",
+    ),
+    "qwen3_vl": ModelSide(
+        family="qwen3_vl",
+        module="qwen3_vl",
+        architecture="Qwen3VLForConditionalGeneration",
+        config_class="Qwen3VLConfig",
+        base_model_class="Qwen3VLModel",
+        tiny_name="tiny-qwen3-vl",
+    ),
+    "qwen3_vl_moe": ModelSide(
+        family="qwen3_vl_moe",
+        module="qwen3_vl_moe",
+        architecture="Qwen3VLMoeForConditionalGeneration",
+        config_class="Qwen3VLMoeConfig",
+        base_model_class="Qwen3VLMoeModel",
+        tiny_name="tiny-qwen3-vl-moe",
+        fused_experts=True,
+    ),
 }
 
 
-def model_side(family: Family) -> ModelSide:
-    return MODEL_SIDE[family.name]
+def model_side(family: Family | str) -> ModelSide:
+    """The model side of ``family`` (a :class:`Family` or its name)."""
+    return MODEL_SIDE[family if isinstance(family, str) else family.name]
+
+
+def model_side_for_config(config: object, name: str = "model") -> ModelSide:
+    """The model side of a checkpoint's config (its ``model_type``); one line naming the model, its
+    model_type and the supported ones when it is not a Qwen-VL family."""
+    model_type = getattr(config, "model_type", None)
+    try:
+        return model_side(family_for_model_type(str(model_type)))
+    except QvlError as e:
+        raise QvlError(f"{name}: {e}") from None
+
+
+def transformers_class(side: ModelSide, which: str) -> type:
+    """``side``'s transformers class named by its field ``which`` (``architecture``, ``config_class`` or
+    ``base_model_class``), imported from ``transformers.models.<module>``."""
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{side.module}.modeling_{side.module}")
+    if which == "config_class":
+        module = importlib.import_module(f"transformers.models.{side.module}.configuration_{side.module}")
+    return getattr(module, getattr(side, which))

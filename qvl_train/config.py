@@ -34,10 +34,12 @@ class TrainConfig:
     model: str = option(
         "tiny",
         common=True,
-        help="A Qwen2.5-VL checkpoint dir, a hub id, or tiny (a random 39 M-parameter one, for CPU demos).",
+        help="A Qwen-VL checkpoint dir, a hub id, or tiny, tiny-qwen3-vl, tiny-qwen3-vl-moe (random, CPU demos).",
     )
-    """Base model: a local Qwen2.5-VL checkpoint dir, a hub id, or ``tiny`` (a random 39 M-parameter
-    Qwen2.5-VL built and cached locally, for CPU demos and tests). With --dry-run it may also be a config.json."""
+    """Base model: a local Qwen-VL checkpoint dir (the family is its config.json model_type), a hub id, or
+    ``tiny`` (a random 39 M-parameter Qwen2.5-VL built and cached locally, for CPU demos and tests),
+    ``tiny-qwen3-vl`` / ``tiny-qwen3-vl-moe`` (the same for Qwen3-VL dense / MoE). With --dry-run it may also
+    be a config.json."""
     data: str = option("data/qvl-demo", common=True)
     """Shard directory written by ``qvl-data build`` (manifest.json + shards/)."""
     output_dir: str = option("saves/qwen2_5vl-7b/lora/sft", common=True)

@@ -47,7 +47,7 @@ from qvl_train.distributed import Dist, setup_distributed, teardown_distributed,
 from qvl_train.evaluate import eval_set_identity, evaluate, make_eval_loader
 from qvl_train.meter import Meter, position
 from qvl_train.model import (
-    TINY,
+    TINY_MODELS,
     check_compatible,
     load_model,
     meta_model,
@@ -71,7 +71,7 @@ def setup_eval(cfg: TrainConfig, console: Any = None) -> tuple[list[int] | None,
     --eval-data is a whole separate build (checked against the model's config)."""
     if cfg.eval_data:
         eval_set = ShardDataset(cfg.eval_data)
-        check_compatible(model_config(cfg.model), eval_set.processor, cfg.model)
+        check_compatible(model_config(cfg.model), eval_set.processor, cfg.model, eval_set.manifest.family)
         differences = build_differences(load_manifest(Path(cfg.data)), eval_set.manifest)
         if differences and console is not None:
             console.print(
@@ -107,7 +107,7 @@ def setup_data(
     training side of :func:`setup_eval`) and the step plan for ``world_size`` ranks. With --packing, the
     packs of those rows (:class:`qvl_train.packing.PackedDataset`), and the plan counts packed sequences."""
     dataset: ShardDataset | PackedDataset = ShardDataset(cfg.data, cfg.max_rows, rows=rows)
-    check_compatible(model_config(cfg.model), dataset.processor, cfg.model)
+    check_compatible(model_config(cfg.model), dataset.processor, cfg.model, dataset.manifest.family)
     packing_len = packed_rows = 0
     if cfg.packing:
         attention_kind(cfg.attn_implementation)  # an unsupported kernel fails here, dry run included
@@ -131,9 +131,9 @@ def setup_data(
 def setup_model(cfg: TrainConfig, dist: Dist) -> tuple[Any, torch.dtype]:
     """Seed, then load the base model with LoRA on this rank's device (the tiny model is built once per
     machine before the other ranks read it). Returns (model, base-weight dtype)."""
-    if cfg.model == TINY:
+    if cfg.model in TINY_MODELS:
         if dist.local_rank == 0:
-            tiny_model_dir()
+            tiny_model_dir(cfg.model)
         dist.barrier()
     seed_everything(cfg.seed)
     dtype = model_dtype(cfg, dist.device)

@@ -9,7 +9,7 @@ exactly as if it were alone.
   the last round with empty packs instead of repeating any (no row is trained twice in an epoch).
 * :class:`PackedCollate` lays the rows of the micro-batch's packs end to end and gives every token its
   row's own positions: the model's multimodal (t, h, w) positions for that row alone, computed with the
-  model's own ``get_rope_index`` (:class:`RopeIndex`), and text positions that restart at 0 per row.
+  model family's own ``get_rope_index`` (:class:`RopeIndex`), and text positions that restart at 0 per row.
 * :func:`packed_attention` keeps attention within rows: a block-diagonal causal 4-D mask for SDPA (boolean)
   and eager (additive) attention; nothing for flash attention, whose varlen path finds the rows from the
   restarting text positions (the collate then puts the whole micro-batch in one sequence, because
@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from qvl_data.errors import QvlError
+from qvl_data.family import model_side, model_side_for_config, transformers_class
 from qvl_data.format import Manifest, ProcessorSummary
 from qvl_data.processor import IMAGE_PAD_ID, PAD_ID
 from qvl_data.template import IGNORE_INDEX
@@ -166,8 +167,10 @@ def attention_kind(attn_implementation: str) -> str:
 
 
 class RopeIndex:
-    """One row's 3-D rotary positions, ``(3, length)``, from the model's own ``get_rope_index``
-    (``Qwen2_5_VLModel.get_rope_index``) applied to that row alone, as the model does for an unpacked row.
+    """One row's 3-D rotary positions, ``(3, length)``, from the model family's own ``get_rope_index``
+    (``Qwen2_5_VLModel.get_rope_index``, ``Qwen3VLModel.get_rope_index``, ...: qvl_data/family.py
+    ``ModelSide.base_model_class``, chosen by the config's model_type) applied to that row alone, as the
+    model does for an unpacked row.
 
     The method reads only ``self.config`` and ``self.get_vision_position_ids``, so it runs here on a small
     holder of the model config: the collate needs no model, and pickles to loader workers with the config.
@@ -175,17 +178,19 @@ class RopeIndex:
 
     def __init__(self, config: Any):
         self.config = config
+        self.family = model_side_for_config(config).family
 
     def __call__(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> torch.Tensor:
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
-
+        owner_class = transformers_class(model_side(self.family), "base_model_class")
         grids = image_grid_thw if image_grid_thw is not None and len(image_grid_thw) else None
         kwargs: dict[str, Any] = {"image_grid_thw": grids}
-        if _rope_takes_token_types():  # newer transformers; older ones find the image tokens themselves
+        if _rope_takes_token_types(
+            owner_class
+        ):  # newer transformers; older ones find the image tokens themselves
             kwargs["mm_token_type_ids"] = (input_ids == IMAGE_PAD_ID).int()[None]
         # getattr: releases whose get_rope_index computes the image positions inline have no such method
-        owner = _RopeOwner(self.config, getattr(Qwen2_5_VLModel, "get_vision_position_ids", None))
-        positions, _deltas = Qwen2_5_VLModel.get_rope_index(owner, input_ids[None], **kwargs)
+        owner = _RopeOwner(self.config, getattr(owner_class, "get_vision_position_ids", None))
+        positions, _deltas = owner_class.get_rope_index(owner, input_ids[None], **kwargs)
         return positions[:, 0]
 
 
@@ -201,10 +206,8 @@ class _RopeOwner:
 
 
 @functools.cache
-def _rope_takes_token_types() -> bool:
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
-
-    return "mm_token_type_ids" in inspect.signature(Qwen2_5_VLModel.get_rope_index).parameters
+def _rope_takes_token_types(owner_class: type) -> bool:
+    return "mm_token_type_ids" in inspect.signature(owner_class.get_rope_index).parameters
 
 
 class PackedCollate:

@@ -1,10 +1,11 @@
 """``qvl-train export``: merge a LoRA adapter into its base weights and write a Hugging Face model directory.
 
-The directory is what ``Qwen2_5_VLForConditionalGeneration.from_pretrained``, ``AutoTokenizer``,
+The directory is what the family's ``...ForConditionalGeneration.from_pretrained`` (Qwen2.5-VL's, Qwen3-VL's,
+...: qvl_data/family.py), ``AutoTokenizer``,
 ``AutoProcessor`` and serving tools (vLLM, TGI) load without peft:
 
 * ``model.safetensors`` (or ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``), in
-  the key layout of the released Qwen2.5-VL (``model.layers.*``, ``visual.*``, ``lm_head``: transformers 5
+  the key layout of the released checkpoints (``model.layers.*``, ``visual.*``, ``lm_head``: transformers 5
   converts its in-memory ``model.language_model.*`` names back when saving), ``config.json``
   (architectures, the exported dtype), ``generation_config.json`` (the base model's);
 * the processor files, copied byte for byte: the base checkpoint's when it has a complete set
@@ -43,6 +44,7 @@ from qvl_data.processor import (  # a checkpoint dir's or hub id's file, as the 
     embedded_processor_dir,
     load_image_processor,
     load_tokenizer,
+    model_family,
     resolve_processor_file,
 )
 from qvl_train.config import TrainConfig, coerce_types, parse_tool_config
@@ -59,7 +61,7 @@ RECORD = "qvl_export.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 DESCRIPTION = (
-    "Merge a LoRA adapter (a qvl-train output_dir or checkpoint-N) into its base Qwen2.5-VL and write a "
+    "Merge a LoRA adapter (a qvl-train output_dir or checkpoint-N) into its base Qwen-VL model and write a "
     "Hugging Face model directory (safetensors, config, generation config, tokenizer, image processor, chat "
     "template) that transformers and vLLM load without peft."
 )
@@ -219,7 +221,8 @@ def processor_files(model_path: str) -> tuple[str, dict[str, Path]]:
     }
     origin = "base"
     if not all(name in files for name in REQUIRED_PROCESSOR_FILES):
-        origin, embedded = "embedded", embedded_processor_dir()
+        # the embedded processor of the base's family (config.json model_type): Qwen3-VL's for a Qwen3-VL base
+        origin, embedded = "embedded", embedded_processor_dir(model_family(model_path))
         files = {name: embedded / name for name in EXPORT_PROCESSOR_FILES if (embedded / name).is_file()}
     source = str(next(iter(files.values())).parent)
     kind = json.loads(files["preprocessor_config.json"].read_text(encoding="utf-8")).get(
@@ -249,7 +252,20 @@ def missing_chat_template(out: Path) -> str | None:
     for template in (processor_template, tokenizer_template):
         if isinstance(template, str):
             return template
+    if _patch_size(out) != 14:  # Qwen3-VL: qwen2_vl's jinja (with its default system prompt) would be wrong
+        return None
     return CHAT_TEMPLATE  # neither has one: the template qvl trained with (qwen2_vl, docs/semantics.md)
+
+
+def _patch_size(out: Path) -> int:
+    """The image processor's patch size in ``out`` (14 when it says none: Qwen2-VL's default)."""
+    path = out / "preprocessor_config.json"
+    if not path.is_file():
+        return 14
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8")).get("patch_size", 14))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 14
 
 
 # ----------------------------------------------------------------------------------------------- export
