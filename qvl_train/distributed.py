@@ -41,6 +41,14 @@ class Dist:
         torch_dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(gathered, obj)
+        return gathered
+
     def sum(self, value: torch.Tensor | float) -> torch.Tensor:
         """Sum over ranks (a float64 scalar on the training device, so token counts stay exact)."""
         tensor = torch.as_tensor(value, dtype=torch.float64, device=self.device).clone()

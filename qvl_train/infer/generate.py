@@ -183,12 +183,15 @@ def decode_answer(tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def load_model_for(cfg: Any, adapter: str) -> tuple[torch.nn.Module, torch.device, torch.dtype]:
-    """The base model ``cfg.model`` with ``adapter`` (none when empty) on ``cfg.device``, for generation."""
+def load_model_for(
+    cfg: Any, adapter: str, local_rank: int = 0
+) -> tuple[torch.nn.Module, torch.device, torch.dtype]:
+    """The base model ``cfg.model`` with ``adapter`` (none when empty) on ``cfg.device`` (this rank's GPU
+    under torchrun), for generation."""
     from qvl_train.distributed import pick_device
     from qvl_train.model import load_for_inference
 
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, local_rank)
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.bf16 else torch.float32
     model = load_for_inference(cfg.model, adapter, device, dtype, cfg.attn_implementation)
     return model, device, dtype

@@ -17,6 +17,7 @@ from pathlib import Path
 from qvl_data.errors import QvlError
 from qvl_data.schema import Rejection
 from qvl_train.config import coerce_types, parse_tool_config
+from qvl_train.distributed import setup_distributed, teardown_distributed
 from qvl_train.infer.files import check_output_file, prepare_output_dir
 from qvl_train.infer.generate import Generation, GenerationOptions, check_generation, load_model_for
 from qvl_train.infer.predictions import is_predictions_file, predict
@@ -75,23 +76,30 @@ def run(argv: list[str]) -> None:
     check_output_file(cfg.output, "predictions file", is_predictions_file, cfg.overwrite, source.inputs)
     prepare_output_dir(Path(cfg.output).parent)
     check_compatible(model_config(cfg.model), source.processor, cfg.model)
-    model, device, dtype = load_model_for(cfg, cfg.adapter)
-    rejected: list[Rejection] = []
-    started = time.perf_counter()
-    results = predict(
-        model,
-        source.make(),
-        source.total,
-        source.tokenizer,
-        source.processor,
-        Generation.from_config(cfg),
-        device,
-        dtype,
-        cfg.batch_size,
-        cfg.output,
-        cfg.quiet,
-        on_rejection=rejected.append,
-    )
+    dist = setup_distributed(cfg)  # torchrun: each rank answers its share of the rows
+    try:
+        model, device, dtype = load_model_for(cfg, cfg.adapter, dist.local_rank)
+        rejected: list[Rejection] = []
+        started = time.perf_counter()
+        results = predict(
+            model,
+            source.make(),
+            source.total,
+            source.tokenizer,
+            source.processor,
+            Generation.from_config(cfg),
+            device,
+            dtype,
+            cfg.batch_size,
+            cfg.output,
+            cfg.quiet,
+            on_rejection=rejected.append,
+            dist=dist,
+        )
+    finally:
+        teardown_distributed()
+    if not dist.main:
+        return
     for rejection in rejected[:10]:
         console.print(f"skipped {rejection.message} ({rejection.reason})", soft_wrap=True)
     more = f" ({len(rejected)} rows skipped)" if rejected else ""

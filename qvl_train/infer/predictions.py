@@ -19,6 +19,7 @@ import torch
 
 from qvl_data.processor import IMAGE_PAD_TOKEN, VISION_END_TOKEN, VISION_START_TOKEN
 from qvl_data.schema import Rejection
+from qvl_train.distributed import Dist
 from qvl_train.infer.files import atomic_output
 from qvl_train.infer.generate import Generation, decode_answer, generate_batch
 
@@ -69,10 +70,8 @@ def _progress(total: int, quiet: bool, label: str):
     return rows_progress(total, label, {"tokens": "tok/s"}, quiet=quiet, decimals=2, console=console)
 
 
-def _windows(
-    items: Iterator[EncodedPrompt | Rejection], size: int
-) -> Iterator[list[EncodedPrompt | Rejection]]:
-    window: list[EncodedPrompt | Rejection] = []
+def _windows(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    window: list[Any] = []
     for item in items:
         window.append(item)
         if len(window) == size:
@@ -97,43 +96,69 @@ def predict(
     label: str = "predict",
     on_rejection: Callable[[Rejection], None] | None = None,
     references: Mapping[str, Any] | None = None,
+    dist: Dist | None = None,
 ) -> list[dict[str, Any]]:
     """Answer every prompt; returns (and writes to ``output`` as JSON Lines, in input order) one dict per
     prompt: id, source, index, prompt (text, images as ``<image>``), reference, prediction. Rejected rows
     (an unreadable image, say) go to ``on_rejection`` and get no line. ``references`` (by id) replaces the
     prompts' own reference, e.g. a benchmark's list of human answers. The caller checks that ``output``
-    may be replaced (:func:`qvl_train.infer.files.check_output_file`)."""
+    may be replaced (:func:`qvl_train.infer.files.check_output_file`).
+
+    Under torchrun (``dist`` of several ranks) rank r answers rows r, r + world, ... (each row once, no
+    padding rows); every rank gets back all lines and rejections in input order, and rank 0 alone writes
+    ``output`` and shows progress, so the file is the one a single process writes (greedy decoding)."""
+    dist = dist or Dist()
     if generation.do_sample:
         torch.manual_seed(generation.seed)
-    results: list[dict[str, Any]] = []
-    progress, task = _progress(total, quiet, label)
+    share = len(range(dist.rank, total, dist.world_size))  # this rank's rows, for its progress bar
+    progress, task = _progress(share, quiet or not dist.main, label)
+    lines: list[tuple[int, dict[str, Any]]] = []
+    rejections: list[tuple[int, Rejection]] = []
     tokens = 0  # generated, for the progress bar's rate
-    with atomic_output(output) if output is not None else contextlib.nullcontext() as out_file, progress:
-        for window in _windows(iter(prompts), batch_size * WINDOW_BATCHES):
+    writing = output is not None and dist.main
+    with atomic_output(output) if writing else contextlib.nullcontext() as out_file, progress:
+        for window in _windows(_rows_of_rank(prompts, dist), batch_size * WINDOW_BATCHES):
             ready = []
-            for item in window:
+            for position, item in window:
                 if isinstance(item, Rejection):
-                    if on_rejection is not None:
-                        on_rejection(item)
+                    rejections.append((position, item))
                     progress.advance(task)
                 else:
-                    ready.append(item)
+                    ready.append((position, item))
             answers: dict[int, str] = {}
-            order = sorted(range(len(ready)), key=lambda k: len(ready[k].input_ids))
+            order = sorted(range(len(ready)), key=lambda k: len(ready[k][1].input_ids))
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 generated = generate_batch(
-                    model, [ready[k] for k in chunk], processor, generation, device, dtype
+                    model, [ready[k][1] for k in chunk], processor, generation, device, dtype
                 )
                 for k, ids in zip(chunk, generated, strict=True):
                     answers[k] = decode_answer(tokenizer, ids)
                 tokens += sum(map(len, generated))
                 progress.update(task, advance=len(chunk), tokens=tokens)
-            for k, item in enumerate(ready):
+            for k, (position, item) in enumerate(ready):
                 reference = references[item.id] if references is not None else item.reference
                 values = (item.id, item.source, item.index, prompt_text(tokenizer, item.input_ids), reference)
-                line = dict(zip(PREDICTION_KEYS, (*values, answers[k]), strict=True))
-                results.append(line)
-                if out_file is not None:
-                    out_file.write(json.dumps(line, ensure_ascii=False) + "\n")
+                lines.append((position, dict(zip(PREDICTION_KEYS, (*values, answers[k]), strict=True))))
+        if dist.world_size > 1:
+            shares = dist.all_gather_object((lines, rejections))
+            lines = sorted((pair for share, _ in shares for pair in share), key=lambda pair: pair[0])
+            rejections = sorted((pair for _, share in shares for pair in share), key=lambda pair: pair[0])
+        for _, rejection in rejections:
+            if on_rejection is not None:
+                on_rejection(rejection)
+        results = [line for _, line in lines]
+        if out_file is not None:
+            for line in results:
+                out_file.write(json.dumps(line, ensure_ascii=False) + "\n")
     return results
+
+
+def _rows_of_rank(
+    prompts: Iterable[EncodedPrompt | Rejection], dist: Dist
+) -> Iterator[tuple[int, EncodedPrompt | Rejection]]:
+    """(input position, prompt) of this rank's rows: every world_size-th row from its rank on (strided, so
+    the ranks' shares differ by one row at most and hold similar lengths)."""
+    for position, item in enumerate(prompts):
+        if position % dist.world_size == dist.rank:
+            yield position, item

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from qvl_data.errors import QvlError
 from qvl_train.config import coerce_types, parse_tool_config
+from qvl_train.distributed import Dist, setup_distributed, teardown_distributed
 from qvl_train.infer.files import check_output_dir, check_output_file, prepare_output_dir
 from qvl_train.infer.generate import Generation, GenerationOptions, check_generation, load_model_for
 from qvl_train.infer.metrics import CaptionScorer, instruct_scores, require_instruct_packages
@@ -223,8 +224,10 @@ class Runs:
     generation: Generation | None = None  # None: the predictions were read, not generated
 
 
-def score_models(cfg: ScoreConfig, captions: CaptionScorer | None) -> Runs:
-    """Generate with the base model and each adapter, one after another, and score each."""
+def score_models(cfg: ScoreConfig, captions: CaptionScorer | None, dist: Dist | None = None) -> Runs:
+    """Generate with the base model and each adapter, one after another, and score each (under torchrun:
+    the rows split over ``dist``'s ranks, every rank holding all lines, rank 0 writing and scoring)."""
+    dist = dist or Dist()
     from qvl_train.model import check_compatible, model_config
 
     benchmark = None
@@ -246,7 +249,7 @@ def score_models(cfg: ScoreConfig, captions: CaptionScorer | None) -> Runs:
     generation = Generation.from_config(cfg)
     entries = []
     for name, adapter in zip(names, ["", *cfg.adapters], strict=True):
-        model, device, dtype = load_model_for(cfg, adapter)
+        model, device, dtype = load_model_for(cfg, adapter, dist.local_rank)
         rejected: list = []
         predictions_file = predictions_path(out, name)
         lines = predict(
@@ -264,6 +267,7 @@ def score_models(cfg: ScoreConfig, captions: CaptionScorer | None) -> Runs:
             label=name,
             on_rejection=rejected.append,
             references=benchmark.references if benchmark else None,
+            dist=dist,
         )
         del model  # before the next one loads: one model in memory at a time
         gc.collect()
@@ -282,7 +286,7 @@ def score_models(cfg: ScoreConfig, captions: CaptionScorer | None) -> Runs:
                 "predictions": str(predictions_file),
                 "rows": len(lines),
                 "skipped_rows": len(rejected),
-                "scores": task_scores(cfg.task, lines, benchmark, captions),
+                "scores": task_scores(cfg.task, lines, benchmark, captions) if dist.main else None,
             }
         )
     return Runs(entries, source.total, benchmark, generation)
@@ -324,11 +328,15 @@ def run(argv: list[str]) -> None:
     captions = CaptionScorer() if cfg.task == "coco" else None
     if cfg.task == "instruct":
         require_instruct_packages()
+    dist = setup_distributed(cfg)  # torchrun: the rows split over the ranks
     try:
-        runs = score_files(cfg, captions) if cfg.prediction_files else score_models(cfg, captions)
+        runs = score_files(cfg, captions) if cfg.prediction_files else score_models(cfg, captions, dist)
     finally:
+        teardown_distributed()
         if captions is not None:
             captions.close()
+    if not dist.main:
+        return  # rank 0 writes scores.json and the table
     notes = list(captions.notes) if captions else []
     report = {
         "task": cfg.task,
