@@ -37,6 +37,7 @@ def _run(module, tmp_path: Path, data_dir: Path | None, *extra: str) -> dict:
     return payload
 
 
+@pytest.mark.slow
 def test_build_smoke(tmp_path: Path, data_dir: Path):
     payload = _run(bench_build, tmp_path, data_dir)
     methods = {(r["method"], r["num_proc"], r["pixel_format"]) for r in payload["results"]}

@@ -404,6 +404,7 @@ def _start_pool_build(demo_dir: Path, out: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 def test_ctrl_c_and_kill_9_of_a_pool_build_are_quiet_and_it_resumes(demo_dir: Path, tmp_path: Path):
     out = tmp_path / "o"
     proc = _start_pool_build(demo_dir, out)

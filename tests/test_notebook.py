@@ -24,6 +24,7 @@ def test_notebook_is_committed_without_outputs() -> None:
     assert code and all(c.outputs == [] and c.execution_count is None for c in code)
 
 
+@pytest.mark.slow
 def test_notebook_command_runs_it_on_a_build_and_keeps_the_outputs(
     tmp_path: Path, demo_build: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:

@@ -211,6 +211,7 @@ def test_attention_kinds():
 # -------------------------------------------------------------------------------- packed = one by one
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_forward_equals_the_rows_one_by_one(rows, processor, attn):
     model = _tiny_lora(attn)
@@ -273,6 +274,7 @@ def _varlen_reference(module, query, key, value, attention_mask, scaling=None, d
     return out.transpose(1, 2).contiguous(), None
 
 
+@pytest.mark.slow
 def test_flash_varlen_layout_gives_the_rows_one_by_one(rows, processor):
     from transformers import AttentionInterface
     from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids

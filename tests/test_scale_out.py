@@ -138,6 +138,7 @@ def test_every_row_written_or_rejected_with_reason(reference: Path):
         assert (len(data), hashlib.sha256(data).hexdigest()) == (shard["bytes"], shard["sha256"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("executor", ["local-2", "ray"])
 def test_outputs_byte_identical_across_executors(
     dataset_dir: Path, reference: Path, tmp_path: Path, executor, request: pytest.FixtureRequest
@@ -179,6 +180,7 @@ def ray_executor():
 # ------------------------------------------------------------------------------------------ resuming
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_only_unfinished_partitions(demo_dir: Path, demo_build: Path, tmp_path: Path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "qvl_data.cli", "build", "--dataset-dir", str(demo_dir), "--out", str(out)]

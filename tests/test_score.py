@@ -246,6 +246,7 @@ def test_instruct_metrics_by_hand():
 # ------------------------------------------------------------------------------------------ captions
 
 
+@pytest.mark.slow
 @needs_java
 def test_caption_metrics_by_hand_and_equal_to_pycocoevalcap(captions_scorer, meteor, tmp_path):
     # one image: "a man riding a horse" (5 words) against an 8-word reference: every n-gram matches, the

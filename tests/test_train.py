@@ -123,6 +123,7 @@ def _grad_worker(rank: int, world: int, init_file: str, shards: str, out: str) -
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_loss_normalisation_1x8_equals_2_ranks_x4_and_batch_2x4(demo_build, tmp_path):
     single, single_loss, tokens = _window_grads(demo_build, list(range(8)), batch_size=1)
     torch.multiprocessing.spawn(
@@ -394,6 +395,7 @@ def test_resume_refuses_a_packing_change_even_with_equal_counts(tmp_path):
 # --------------------------------------------------------------------------------- torchrun, two ranks
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft vs transformers 5
 def test_torchrun_two_ranks_split_the_epoch_and_overfit(demo_build, tmp_path):
     out = tmp_path / "out"
