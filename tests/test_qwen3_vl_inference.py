@@ -128,3 +128,13 @@ def test_generation_stops_at_every_familys_stop_tokens():
     from qvl_train.infer.generate import EOS_IDS
 
     assert {f.stop_token_ids for f in FAMILIES.values()} == {EOS_IDS}
+
+
+def test_prompts_read_from_a_dataset_folder_use_the_processors_family_template():
+    from types import SimpleNamespace
+
+    from qvl_train.infer.prompts import encode_options
+
+    cfg = SimpleNamespace(image_max_pixels=262144, image_min_pixels=1024)
+    assert encode_options(cfg, "qwen3-vl").template == "qwen3_vl"  # no default system prompt, think blocks
+    assert encode_options(cfg, None).template == "qwen2_vl"  # the embedded Qwen2.5-VL processor

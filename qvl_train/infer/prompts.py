@@ -25,8 +25,9 @@ from qvl_data.encode import (
     prompt_and_answer,
 )
 from qvl_data.errors import QvlError
+from qvl_data.family import template_for
 from qvl_data.format import ProcessorSummary
-from qvl_data.processor import load_image_processor, load_tokenizer
+from qvl_data.processor import load_image_processor, load_tokenizer, model_family
 from qvl_data.schema import Record, Rejection
 from qvl_train.infer.files import require_regular_file
 
@@ -149,9 +150,14 @@ def dataset_records(
     return items
 
 
-def encode_options(cfg: Any) -> EncodeOptions:
-    """The build's image bounds from a predict or score config (prompts are never truncated)."""
-    return EncodeOptions(image_max_pixels=cfg.image_max_pixels, image_min_pixels=cfg.image_min_pixels)
+def encode_options(cfg: Any, processor: str | None) -> EncodeOptions:
+    """The build's image bounds from a predict or score config (prompts are never truncated), and the chat
+    template of the processor's family (a build's rows carry theirs already)."""
+    return EncodeOptions(
+        image_max_pixels=cfg.image_max_pixels,
+        image_min_pixels=cfg.image_min_pixels,
+        template=template_for(model_family(processor)).name,
+    )
 
 
 def records_source(records: list[Record | Rejection], cfg: Any, inputs: Iterable[Path] = ()) -> PromptSource:
@@ -159,7 +165,7 @@ def records_source(records: list[Record | Rejection], cfg: Any, inputs: Iterable
     ``inputs``: the files they were read from (their images are added)."""
     processor = embedded_or(cfg.processor)
     tokenizer, image_processor = load_tokenizer(processor), load_image_processor(processor)
-    options = encode_options(cfg)
+    options = encode_options(cfg, processor)
     images = {Path(path) for r in records if not isinstance(r, Rejection) for path in r["images"]}
     return PromptSource(
         tokenizer,
