@@ -40,6 +40,7 @@ import numpy as np
 
 from qvl_data.errors import QvlError
 from qvl_data.files import regular_file
+from qvl_data.readers import COLUMNAR_SUFFIXES, count_and_ids, is_columnar, read_rows
 
 BOM = b"\xef\xbb\xbf"
 AUTO_MIN_ROWS = 32
@@ -81,11 +82,19 @@ def partition_size(rows: int, partition_rows: int) -> int:
 
 def data_files(path: Path) -> list[Path]:
     """The data files of a dataset's ``file_name``: the file itself, or for a folder (as LLaMA-Factory
-    reads it) every ``.json``/``.jsonl`` file in it, in name order."""
+    reads it) every ``.json``/``.jsonl`` file in it, in name order, or its columnar files
+    (``.parquet``/``.arrow``/``.csv``; a ``datasets.save_to_disk`` folder: its ``.arrow`` files)."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl") and not p.is_dir())
+        suffixes = (".json", ".jsonl")
+        if (path / "state.json").is_file() and any(path.glob("*.arrow")):  # datasets.save_to_disk
+            suffixes = (".arrow",)
+        elif not any(p.suffix in suffixes for p in path.iterdir()):
+            suffixes = COLUMNAR_SUFFIXES
+        files = sorted(p for p in path.iterdir() if p.suffix in suffixes and not p.is_dir())
         if not files:
-            raise QvlError(f"{path}: folder holds no .json or .jsonl data files")
+            raise QvlError(
+                f"{path}: folder holds no .json or .jsonl data files (nor .parquet, .arrow or .csv)"
+            )
     else:
         files = [path]
     for file in files:  # a FIFO would block the reader (the fingerprint first) forever
@@ -131,8 +140,12 @@ def read_lines(path: str | Path, start: int, end: int) -> Iterator[bytes]:
 def partition_rows(partition: Partition) -> Iterator[tuple[int, Any]]:
     """(row index in the dataset, parsed row or JSONDecodeError) for every row of ``partition``."""
     count = 0
-    for count, line in enumerate(read_lines(partition.row_file, partition.start, partition.end), 1):
-        yield partition.first_row + count - 1, parse_row(line)
+    if is_columnar(partition.row_file):  # start/end are row numbers in the file, not bytes
+        lines: Iterator[Any] = read_rows(Path(partition.row_file), partition.start, partition.end)
+    else:
+        lines = (parse_row(line) for line in read_lines(partition.row_file, partition.start, partition.end))
+    for count, row in enumerate(lines, 1):
+        yield partition.first_row + count - 1, row
     if count != partition.rows:
         raise QvlError(
             f"{partition.file}: changed while building (partition {partition.index} expected "
@@ -264,6 +277,13 @@ def index_dataset(source: str, path: str, partition_rows: int, stage_dir: str) -
 
     first = 0
     for n_file, file in enumerate(data_files(Path(path))):
+        if is_columnar(file):
+            n_rows, ids = count_and_ids(file)
+            for k in range(n_rows):
+                claim(first + k, {"id": ids[k]} if ids is not None else {})
+            per_file.append((file, file, np.arange(n_rows, dtype=np.int64), n_rows))
+            first += n_rows
+            continue
         if not _first_content(file):
             raise QvlError(f"{file}: the file is empty (a dataset with no rows is written `[]`)")
         if _is_json_lines(file):
