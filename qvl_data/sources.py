@@ -158,6 +158,11 @@ def _check_text(text: str, where: str, role: str) -> None:
             "control_token", f"{where} contains the model's control token {token.group()} (remove it)"
         )
     if role == "system":
+        if IMAGE_PLACEHOLDER in text:  # LLaMA-Factory would keep it as words next to no image span
+            raise _Reject(
+                "image_in_system",
+                f"{where} (the system prompt) contains {IMAGE_PLACEHOLDER}; images belong in user turns",
+            )
         return
     if role == "assistant" and IMAGE_PLACEHOLDER in text:
         raise _Reject("image_in_answer", f"{where} (an answer) contains {IMAGE_PLACEHOLDER}")

@@ -77,3 +77,13 @@ def test_parquet_task_reads_only_its_row_groups(tmp_path, monkeypatch):
     assert read_groups == [2]
     assert [i for i, _ in got] == list(range(200, 300))
     assert got[0][1]["output"] == "a200"
+
+
+def test_image_placeholder_in_system_prompt_is_rejected_naming_the_field(tmp_path):
+    rows = [{"instruction": "hi", "output": "ok", "system": "Look at <image> please"}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    info = {"d": {"file_name": "d.json", "columns": {"system": "system"}}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    (item,) = iter_records(resolve_datasets(tmp_path, ["d"]), ReadOptions(dataset_dir=tmp_path))
+    assert item.reason == "image_in_system"
+    assert "field system (the system prompt) contains <image>" in item.message
