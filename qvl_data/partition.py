@@ -32,7 +32,7 @@ import sys
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +40,12 @@ import numpy as np
 
 from qvl_data.errors import QvlError
 from qvl_data.files import regular_file
-from qvl_data.readers import COLUMNAR_SUFFIXES, count_and_ids, is_columnar, read_rows
+from qvl_data.readers import COLUMNAR_SUFFIXES, column_names, count_and_ids, is_columnar, read_rows
 
 BOM = b"\xef\xbb\xbf"
 AUTO_MIN_ROWS = 32
 AUTO_MAX_PARTITIONS = 1024
+MAX_COLUMNS = 256  # of DatasetIndex.columns: enough to tell a dataset's shape, bounded for odd rows
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class DatasetIndex:
     rows: int
     partition_rows: int
     partitions: list[dict[str, Any]]  # Partition fields without the global index
+    columns: list[str] = field(default_factory=list)  # top-level fields seen in any row (at most MAX_COLUMNS)
 
 
 def partition_size(rows: int, partition_rows: int) -> int:
@@ -268,8 +270,11 @@ def index_dataset(source: str, path: str, partition_rows: int, stage_dir: str) -
     per_file: list[tuple[Path, Path, np.ndarray, int]] = []  # (file, row file, offsets, size)
     id_rows = array("q")  # 8 bytes per row, not a Python int each
     digests = bytearray()
+    columns: set[str] = set()
 
     def claim(row_index: int, row: Any) -> None:
+        if isinstance(row, dict) and len(columns) < MAX_COLUMNS:
+            columns.update(k for k in row if isinstance(k, str))
         row_id = record_id(source, row_index, row)
         if row_id is not None:
             id_rows.append(row_index)
@@ -279,6 +284,7 @@ def index_dataset(source: str, path: str, partition_rows: int, stage_dir: str) -
     for n_file, file in enumerate(data_files(Path(path))):
         if is_columnar(file):
             n_rows, ids = count_and_ids(file)
+            columns.update(column_names(file))
             for k in range(n_rows):
                 claim(first + k, {"id": ids[k]} if ids is not None else {})
             per_file.append((file, file, np.arange(n_rows, dtype=np.int64), n_rows))
@@ -323,7 +329,9 @@ def index_dataset(source: str, path: str, partition_rows: int, stage_dir: str) -
                 }
             )
         first += len(offsets)
-    return DatasetIndex(source=source, rows=first, partition_rows=size_rows, partitions=partitions)
+    return DatasetIndex(
+        source=source, rows=first, partition_rows=size_rows, partitions=partitions, columns=sorted(columns)
+    )
 
 
 def make_plan(indexes: list[DatasetIndex]) -> list[Partition]:

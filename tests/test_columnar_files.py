@@ -87,3 +87,24 @@ def test_image_placeholder_in_system_prompt_is_rejected_naming_the_field(tmp_pat
     (item,) = iter_records(resolve_datasets(tmp_path, ["d"]), ReadOptions(dataset_dir=tmp_path))
     assert item.reason == "image_in_system"
     assert "field system (the system prompt) contains <image>" in item.message
+
+
+def test_alpaca_file_declared_sharegpt_fails_the_run_naming_the_fitting_formatting(tmp_path):
+    from helpers import write_dataset
+
+    from qvl_data.build import build
+    from qvl_data.config import BuildConfig
+    from qvl_data.errors import QvlError
+
+    write_dataset(tmp_path, "d", [{"instruction": "hi", "output": "ok"}] * 3, formatting="sharegpt")
+    config = BuildConfig(
+        dataset_dir=str(tmp_path), dataset="d", out=str(tmp_path / "out"), num_proc=1, quiet=True
+    )
+    try:
+        build(config)
+    except QvlError as e:
+        message = str(e)
+    else:
+        raise AssertionError("the build did not fail")
+    assert "declared sharegpt but no row has the column 'messages'" in message
+    assert '"formatting": "alpaca"' in message and "\n" not in message
