@@ -49,7 +49,7 @@ from qvl_data.options import output_options
 from qvl_data.partition import DatasetIndex, Partition, data_files, make_plan
 from qvl_data.progress import rows_progress
 from qvl_data.schema import Rejection
-from qvl_data.sources import DatasetSpec, ReadOptions, resolve_datasets
+from qvl_data.sources import DatasetSpec, ReadOptions, check_dataset_shape, resolve_datasets
 from qvl_data.task import (
     PARTS_DIR,
     BuildContext,
@@ -412,6 +412,8 @@ def _run(
     known = existing.partitions if existing is not None else []
     with open_executor(config.executor, config.workers, config.ray_address) as executor:
         indexes, summary = _index(ctx, executor, specs, config, need_processor=existing is None)
+        for spec, index in zip(specs, indexes, strict=True):
+            check_dataset_shape(spec, index)
         plan = make_plan(indexes)
         known_by_index = {entry.index: entry for entry in known}
         if existing is not None and _all_reusable(executor, ctx, plan, known_by_index):

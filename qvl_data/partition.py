@@ -32,7 +32,7 @@ import sys
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,12 @@ import numpy as np
 
 from qvl_data.errors import QvlError
 from qvl_data.files import regular_file
+from qvl_data.readers import COLUMNAR_SUFFIXES, column_names, count_and_ids, is_columnar, read_rows
 
 BOM = b"\xef\xbb\xbf"
 AUTO_MIN_ROWS = 32
 AUTO_MAX_PARTITIONS = 1024
+MAX_COLUMNS = 256  # of DatasetIndex.columns: enough to tell a dataset's shape, bounded for odd rows
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class DatasetIndex:
     rows: int
     partition_rows: int
     partitions: list[dict[str, Any]]  # Partition fields without the global index
+    columns: list[str] = field(default_factory=list)  # top-level fields seen in any row (at most MAX_COLUMNS)
 
 
 def partition_size(rows: int, partition_rows: int) -> int:
@@ -81,11 +84,19 @@ def partition_size(rows: int, partition_rows: int) -> int:
 
 def data_files(path: Path) -> list[Path]:
     """The data files of a dataset's ``file_name``: the file itself, or for a folder (as LLaMA-Factory
-    reads it) every ``.json``/``.jsonl`` file in it, in name order."""
+    reads it) every ``.json``/``.jsonl`` file in it, in name order, or its columnar files
+    (``.parquet``/``.arrow``/``.csv``; a ``datasets.save_to_disk`` folder: its ``.arrow`` files)."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl") and not p.is_dir())
+        suffixes = (".json", ".jsonl")
+        if (path / "state.json").is_file() and any(path.glob("*.arrow")):  # datasets.save_to_disk
+            suffixes = (".arrow",)
+        elif not any(p.suffix in suffixes for p in path.iterdir()):
+            suffixes = COLUMNAR_SUFFIXES
+        files = sorted(p for p in path.iterdir() if p.suffix in suffixes and not p.is_dir())
         if not files:
-            raise QvlError(f"{path}: folder holds no .json or .jsonl data files")
+            raise QvlError(
+                f"{path}: folder holds no .json or .jsonl data files (nor .parquet, .arrow or .csv)"
+            )
     else:
         files = [path]
     for file in files:  # a FIFO would block the reader (the fingerprint first) forever
@@ -131,8 +142,12 @@ def read_lines(path: str | Path, start: int, end: int) -> Iterator[bytes]:
 def partition_rows(partition: Partition) -> Iterator[tuple[int, Any]]:
     """(row index in the dataset, parsed row or JSONDecodeError) for every row of ``partition``."""
     count = 0
-    for count, line in enumerate(read_lines(partition.row_file, partition.start, partition.end), 1):
-        yield partition.first_row + count - 1, parse_row(line)
+    if is_columnar(partition.row_file):  # start/end are row numbers in the file, not bytes
+        lines: Iterator[Any] = read_rows(Path(partition.row_file), partition.start, partition.end)
+    else:
+        lines = (parse_row(line) for line in read_lines(partition.row_file, partition.start, partition.end))
+    for count, row in enumerate(lines, 1):
+        yield partition.first_row + count - 1, row
     if count != partition.rows:
         raise QvlError(
             f"{partition.file}: changed while building (partition {partition.index} expected "
@@ -255,8 +270,11 @@ def index_dataset(source: str, path: str, partition_rows: int, stage_dir: str) -
     per_file: list[tuple[Path, Path, np.ndarray, int]] = []  # (file, row file, offsets, size)
     id_rows = array("q")  # 8 bytes per row, not a Python int each
     digests = bytearray()
+    columns: set[str] = set()
 
     def claim(row_index: int, row: Any) -> None:
+        if isinstance(row, dict) and len(columns) < MAX_COLUMNS:
+            columns.update(k for k in row if isinstance(k, str))
         row_id = record_id(source, row_index, row)
         if row_id is not None:
             id_rows.append(row_index)
@@ -264,6 +282,14 @@ def index_dataset(source: str, path: str, partition_rows: int, stage_dir: str) -
 
     first = 0
     for n_file, file in enumerate(data_files(Path(path))):
+        if is_columnar(file):
+            n_rows, ids = count_and_ids(file)
+            columns.update(column_names(file))
+            for k in range(n_rows):
+                claim(first + k, {"id": ids[k]} if ids is not None else {})
+            per_file.append((file, file, np.arange(n_rows, dtype=np.int64), n_rows))
+            first += n_rows
+            continue
         if not _first_content(file):
             raise QvlError(f"{file}: the file is empty (a dataset with no rows is written `[]`)")
         if _is_json_lines(file):
@@ -303,7 +329,9 @@ def index_dataset(source: str, path: str, partition_rows: int, stage_dir: str) -
                 }
             )
         first += len(offsets)
-    return DatasetIndex(source=source, rows=first, partition_rows=size_rows, partitions=partitions)
+    return DatasetIndex(
+        source=source, rows=first, partition_rows=size_rows, partitions=partitions, columns=sorted(columns)
+    )
 
 
 def make_plan(indexes: list[DatasetIndex]) -> list[Partition]:

@@ -69,6 +69,7 @@ REASONS: dict[str, str] = {
     "unsupported_media": "the row uses <video>/<audio> placeholders or video/audio columns",
     "image_count_mismatch": "the number of <image> placeholders differs from the number of images",
     "image_in_answer": "an <image> placeholder sits in an assistant message (images are inputs only)",
+    "image_in_system": "an <image> placeholder sits in the system prompt (LLaMA-Factory leaves it as words)",
     "image_outside_dataset": "an image path leaves the dataset directory (use --allow-outside-images)",
     "image_missing": "an image file does not exist",
     "image_unreadable": "an image file cannot be decoded",

@@ -20,7 +20,15 @@ from typing import Any
 
 from qvl_data.errors import QvlError
 from qvl_data.files import file_kind, regular_file
-from qvl_data.partition import Partition, data_files, index_dataset, make_plan, partition_rows, record_id
+from qvl_data.partition import (
+    DatasetIndex,
+    Partition,
+    data_files,
+    index_dataset,
+    make_plan,
+    partition_rows,
+    record_id,
+)
 from qvl_data.processor import CONTROL_TOKENS
 from qvl_data.schema import (
     IMAGE_PLACEHOLDER,
@@ -130,6 +138,28 @@ def unknown_dataset(name: str, known: list[str], shown: int = 20) -> str:
     return f"unknown dataset {name!r}{hint} (known: {', '.join(names[:shown])}{more})"
 
 
+def check_dataset_shape(spec: DatasetSpec, index: DatasetIndex) -> None:
+    """Fail the run when no row has the column the declared formatting reads (e.g. an alpaca file declared
+    sharegpt): every row would be rejected the same way. Names the formatting the file's columns fit."""
+    if not index.rows or not index.columns:
+        return
+    present = set(index.columns)
+    needed = spec.columns["messages"] if spec.formatting == "sharegpt" else spec.columns["response"]
+    if needed in present:
+        return
+    fits = ""
+    if {ALPACA_COLUMNS["prompt"], ALPACA_COLUMNS["response"]} <= present:
+        fits = '; its columns fit "formatting": "alpaca"'
+    elif present & {SHAREGPT_COLUMNS["messages"], "messages"}:
+        column = sorted(present & {SHAREGPT_COLUMNS["messages"], "messages"})[0]
+        fits = f'; its columns fit "formatting": "sharegpt" with "columns": {{"messages": "{column}"}}'
+    shown = ", ".join(sorted(present)[:12])
+    raise QvlError(
+        f"{spec.path}: dataset {spec.name!r} is declared {spec.formatting} but no row has the column "
+        f"{needed!r} (its columns: {shown}){fits}; fix its entry in dataset_info.json"
+    )
+
+
 class _Reject(Exception):
     """Raised inside row conversion; carries the reason code and the field it concerns."""
 
@@ -159,6 +189,11 @@ def _check_text(text: str, where: str, role: str) -> None:
             "control_token", f"{where} contains the model's control token {token.group()} (remove it)"
         )
     if role == "system":
+        if IMAGE_PLACEHOLDER in text:  # LLaMA-Factory would keep it as words next to no image span
+            raise _Reject(
+                "image_in_system",
+                f"{where} (the system prompt) contains {IMAGE_PLACEHOLDER}; images belong in user turns",
+            )
         return
     if role == "assistant" and IMAGE_PLACEHOLDER in text:
         raise _Reject("image_in_answer", f"{where} (an answer) contains {IMAGE_PLACEHOLDER}")
@@ -370,5 +405,6 @@ def iter_records(specs: list[DatasetSpec], options: ReadOptions) -> Iterator[Rec
     with tempfile.TemporaryDirectory(prefix="qvl-stage-") as stage_dir:
         for spec in specs:
             index = index_dataset(spec.name, str(spec.path), 0, stage_dir)
+            check_dataset_shape(spec, index)
             for partition in make_plan([index]):
                 yield from convert_partition(spec, partition, options)

@@ -73,6 +73,7 @@ SHAREGPT_CASES = [
     ({"messages": [{"role": "system", "content": "Be brief."}, *chat("hi", "hey")]}, None),
     ({"messages": chat("see <|image_pad|> here", "ok")}, "control_token"),
     ({"messages": chat("lone \ud800 surrogate", "ok")}, "invalid_text"),
+    ({"messages": [{"role": "system", "content": "See <image>."}, *chat("hi", "hey")]}, "image_in_system"),
 ]
 
 ALPACA_CASES = [
