@@ -4,8 +4,9 @@ The committed LF runs (tests/fixtures/lf095/expected, README there) are rebuilt 
 fixture datasets, with the run's settings as command-line options: ``--model qwen3-vl`` (the offline
 Qwen3-VL processor) for the ``qwen3_vl`` / ``qwen3_vl_nothink`` runs, the default processor for ``qwen2_vl``;
 ``qwen3_vl`` is the Qwen3-VL family's default template and ``--template`` selects the others. The one row
-qvl builds differently is qvl's own rule: a row whose truncation would cut an image span is rejected
-(``image_truncated``) where LF cuts through it.
+qvl builds differently follow qvl's own rules: a row whose truncation would cut an image span is rejected
+(``image_truncated``) where LF cuts through it, and a literal ``<image>`` in a system prompt, which LF leaves
+as words beside no image span, is rejected (``image_in_system``).
 """
 
 from __future__ import annotations
@@ -108,8 +109,10 @@ def test_build_equals_llamafactory(tmp_path: Path, name: str) -> None:
     for lf in run["rows"]:
         key = (lf["dataset"], lf["index"])
         if key in rejected:
-            # qvl's rule: a cut image span is rejected; LF cut it (fewer pads than its grids give)
-            assert rejected[key] == "image_truncated", (key, rejected[key])
+            # qvl's rules: a cut image span is rejected (LF cut it: fewer pads than its grids give), and so
+            # is the word <image> in a system prompt
+            expected = "image_in_system" if key in IMAGE_IN_SYSTEM else "image_truncated"
+            assert rejected[key] == expected, (key, rejected[key])
             continue
         row = built[key]
         assert row["input_ids"] == lf["input_ids"], key
@@ -119,8 +122,23 @@ def test_build_equals_llamafactory(tmp_path: Path, name: str) -> None:
     # rejected are exactly the rows where LF cut through an image span (long_with_image at cutoff 512, or
     # at 2048 once its image is larger)
     cut = {(lf["dataset"], lf["index"]) for lf in run["rows"] if _cuts_an_image(lf)}
-    assert set(rejected) == cut and checked == len(run["rows"]) - len(cut)
+    in_system = {(lf["dataset"], lf["index"]) for lf in run["rows"]} & IMAGE_IN_SYSTEM
+    assert set(rejected) == cut | in_system and checked == len(run["rows"]) - len(cut | in_system)
     assert len(cut) == (1 if name.endswith(("cutoff512", "image_max_pixels_589824")) else 0)
+    assert len(in_system) == (1 if ".cases" in name else 0)
+
+
+def _image_in_system() -> set[tuple[str, int]]:
+    """The fixture rows whose system prompt holds the word ``<image>`` (qvl rejects them)."""
+    rows = json.loads((DATA / "cases.json").read_text(encoding="utf-8"))
+    return {
+        ("cases.json", i)
+        for i, row in enumerate(rows)
+        if any(m["role"] == "system" and "<image>" in m["content"] for m in row["messages"])
+    }
+
+
+IMAGE_IN_SYSTEM = _image_in_system()
 
 
 def _cuts_an_image(lf: dict) -> bool:
@@ -143,6 +161,7 @@ def test_generation_prompts_equal_llamafactory(name: str) -> None:
     truncates prompts longer than cutoff_len; qvl never does, so those rows are left out."""
     from qvl_data.encode import EncodeOptions, encode_prompt_record
     from qvl_data.processor import load_image_processor, load_tokenizer
+    from qvl_data.schema import Rejection
     from qvl_data.sources import ReadOptions, iter_records, resolve_datasets
 
     model, enable_thinking = PREDICT_RUNS[name]
@@ -157,11 +176,16 @@ def test_generation_prompts_equal_llamafactory(name: str) -> None:
     lf_rows = {(row["dataset"], row["index"]): row for row in run["rows"]}
     file_of = {spec.name: spec.path.name for spec in specs}
     equal = 0
+    rejected = 0
     for record in iter_records(specs, ReadOptions(dataset_dir=DATA)):
+        if isinstance(record, Rejection):  # the word <image> in a system prompt (qvl rejects the row)
+            assert record.reason == "image_in_system" and ("cases.json", record.index) in IMAGE_IN_SYSTEM
+            rejected += 1
+            continue
         lf = lf_rows[(file_of[record["source"]], record["index"])]
         if len(lf["input_ids"]) + len(lf["response_ids"]) >= run["settings"]["cutoff_len"]:
             continue  # LF truncated this prompt (long_answer, long_multi_turn)
         prompt = encode_prompt_record(record, tokenizer, image_processor, options)
         assert prompt.input_ids == lf["input_ids"], record["id"]
         equal += 1
-    assert equal == len(run["rows"]) - 2
+    assert rejected == 1 and equal == len(run["rows"]) - 2 - rejected
