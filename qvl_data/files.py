@@ -16,13 +16,15 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import stat
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,6 +33,7 @@ from qvl_data.errors import QvlError
 __all__ = [
     "BUILD_MARKER",
     "append_jsonl",
+    "atomic_file",
     "cache_dir",
     "environment_error",
     "file_kind",
@@ -265,25 +268,37 @@ def write_json_atomic(path: Path, obj: Any, ensure_ascii: bool = False) -> None:
 
 
 def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    """Append one JSON line per record to ``path`` (created if missing)."""
+    """Append one JSON line per record to ``path`` (created if missing). A non-finite float (a NaN loss, an
+    evaluation set without trained tokens) is written as null, so every line stays valid JSON."""
     with open(path, "a", encoding="utf-8") as f:
         for record in records:
-            f.write(json.dumps(record) + "\n")
+            finite = {
+                k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+            }
+            f.write(json.dumps(finite, allow_nan=False) + "\n")
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """``write(file)`` into ``<path>.tmp``, made durable, then renamed over ``path``: readers see the old
-    file or the new one, never half of one, and a failure leaves the old one."""
+@contextmanager
+def atomic_file(path: Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
+    """A file to write ``path``'s new content into: a hidden ``.<name>.tmp-<pid>`` sibling (two processes
+    never share one), made durable and renamed over ``path`` when the block ends without an error, removed
+    otherwise. Readers see the old file or the new one, never half of one, and a failure leaves the old one."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
+        with open(tmp, mode, encoding=encoding) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """``write(file)`` into an :func:`atomic_file` for ``path``."""
+    with atomic_file(path) as f:
+        write(f)
 
 
 def refuse_foreign(path: Path, ours: Callable[[Path], bool], option: str) -> None:

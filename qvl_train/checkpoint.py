@@ -8,7 +8,6 @@ identically on every rank and before anything is written, whether a run starts a
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import secrets
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from qvl_data.errors import QvlError
+from qvl_data.files import write_json_atomic
 from qvl_data.lock import exclusive_lock
 from qvl_train.config import TrainConfig
 from qvl_train.distributed import Dist
@@ -557,18 +557,5 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    """One JSON line per record; a non-finite float (an evaluation set without trained tokens) is written
-    as null, so every line stays valid JSON."""
-    with open(path, "a", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(_finite(record), allow_nan=False) + "\n")
-
-
-def _finite(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    """``obj`` as indented ASCII JSON, written atomically (:func:`qvl_data.files.write_json_atomic`)."""
+    write_json_atomic(path, obj, ensure_ascii=True)

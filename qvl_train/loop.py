@@ -26,13 +26,13 @@ from typing import Any
 import torch
 
 from qvl_data.errors import QvlError
+from qvl_data.files import append_jsonl
 from qvl_data.format import Manifest
 from qvl_data.shards import load_manifest
 from qvl_train.checkpoint import (
     LOG_FILE,
     PLAN_FILE,
     TrainState,
-    append_jsonl,
     checkpoints,
     load_checkpoint,
     prepare_output_dir,

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from qvl_data.files import append_jsonl
 from qvl_data.lock import exclusive_lock
 from qvl_train.__main__ import main
-from qvl_train.checkpoint import append_jsonl, checkpoint_damage, checkpoints
+from qvl_train.checkpoint import checkpoint_damage, checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO
 
 from qvl_data.errors import QvlError
-from qvl_data.files import file_kind, regular_file
+from qvl_data.files import atomic_file, file_kind, regular_file
 
 
 def require_regular_file(path: str | Path, what: str) -> Path:
@@ -90,24 +90,18 @@ def prepare_output_dir(path: str | Path) -> None:
 
 @contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[IO[str]]:
-    """A text file to write ``path``'s new content into; renamed over ``path`` only when the block ends
-    without an error (the temporary file is removed otherwise)."""
+    """A text file to write ``path``'s new content into (:func:`qvl_data.files.atomic_file`): renamed over
+    ``path`` only when the block ends without an error; a failure is one line."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    opened = False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        file = open(tmp, "w", encoding="utf-8")  # closed below
-    except OSError as e:
-        raise QvlError(
-            f"{path}: cannot write it ({e.strerror}); check the folder and its permissions"
-        ) from None
-    try:
-        with file:
+        with atomic_file(path, "w", encoding="utf-8") as file:
+            opened = True
             yield file
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
     except OSError as e:
+        if not opened:
+            raise QvlError(
+                f"{path}: cannot write it ({e.strerror}); check the folder and its permissions"
+            ) from None
         raise QvlError(f"{path}: not written ({e.strerror or e}); the previous file is unchanged") from None
-    finally:
-        tmp.unlink(missing_ok=True)
