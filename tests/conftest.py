@@ -59,3 +59,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def qwen3_build(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Path:
+    """The mllm_demo and identity demo sets built with the offline Qwen3-VL processor (16-px patches).
+
+    Treat as read-only: the Qwen3-VL training and inference tests share it.
+    """
+    out = tmp_path_factory.mktemp("qwen3-build") / "shards"
+    args = ["build", "--dataset-dir", str(demo_dir), "--dataset", "mllm_demo,identity", "--model", "qwen3-vl"]
+    result = CliRunner().invoke(main, [*args, "--out", str(out), "--num-proc", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out

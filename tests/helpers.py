@@ -65,3 +65,22 @@ def processor_summary(**overrides) -> ProcessorSummary:
         "max_pixels": 12845056,
     }
     return ProcessorSummary(**{**base, **overrides})
+
+
+def tiny_lora(model: str = "tiny", **options):
+    """A tiny model with LoRA (no dropout, the given TrainConfig ``options``) and a non-zero, seeded B, so
+    every LoRA weight gets a gradient; fp32 on the CPU."""
+    import torch
+
+    from qvl_train.config import TrainConfig
+    from qvl_train.model import load_model
+
+    torch.manual_seed(0)
+    lora = load_model(
+        TrainConfig(model=model, lora_dropout=0.0, **options), torch.device("cpu"), torch.float32
+    )
+    generator = torch.Generator().manual_seed(1)
+    for name, param in lora.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.05
+    return lora

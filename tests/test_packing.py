@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_lora
 from safetensors.torch import load_file
 
 from qvl_data.errors import QvlError
@@ -22,7 +23,7 @@ from qvl_train.config import TrainConfig
 from qvl_train.data import ShardDataset, collate
 from qvl_train.distributed import Dist
 from qvl_train.loop import train
-from qvl_train.model import load_model, tiny_config
+from qvl_train.model import tiny_config
 from qvl_train.packing import (
     EMPTY,
     VARLEN,
@@ -55,20 +56,6 @@ def rows(demo_build) -> list[dict]:
 @pytest.fixture(scope="module")
 def processor(demo_build):
     return ShardDataset(demo_build).processor
-
-
-def _tiny_lora(attn: str, checkpointing: bool = False):
-    """The tiny model with LoRA (no dropout) and non-zero B, so every LoRA weight gets a gradient."""
-    torch.manual_seed(0)
-    cfg = TrainConfig(
-        model="tiny", lora_dropout=0.0, gradient_checkpointing=checkpointing, attn_implementation=attn
-    )
-    model = load_model(cfg, CPU, torch.float32)
-    generator = torch.Generator().manual_seed(1)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data = torch.randn(param.shape, generator=generator) * 0.05
-    return model
 
 
 def _row_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -214,7 +201,7 @@ def test_attention_kinds():
 @pytest.mark.slow
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_forward_equals_the_rows_one_by_one(rows, processor, attn):
-    model = _tiny_lora(attn)
+    model = tiny_lora(attn_implementation=attn, gradient_checkpointing=False)
     model.eval()
     alone = _alone(model, rows, processor)
     # two sequences of different lengths (the shorter one padded), rows in a shuffled order
@@ -280,7 +267,7 @@ def test_flash_varlen_layout_gives_the_rows_one_by_one(rows, processor):
     from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
     AttentionInterface.register("qvl_varlen_reference", _varlen_reference)
-    model = _tiny_lora("qvl_varlen_reference")
+    model = tiny_lora(attn_implementation="qvl_varlen_reference", gradient_checkpointing=False)
     model.eval()
     alone = _alone(model, rows, processor)
     batch = PackedCollate(tiny_config(), "flash_attention_2")([rows[:4], rows[4:]])
@@ -298,7 +285,9 @@ def test_flash_varlen_layout_gives_the_rows_one_by_one(rows, processor):
 
 
 def test_packed_lora_gradients_equal_unpacked(rows, processor):
-    model = _tiny_lora("sdpa", checkpointing=True)  # the trainer's defaults: SDPA, checkpointing
+    model = tiny_lora(
+        attn_implementation="sdpa", gradient_checkpointing=True
+    )  # the trainer's defaults: SDPA, checkpointing
     model.train()
 
     def window_grads(window: list[dict]) -> tuple[float, int, dict]:

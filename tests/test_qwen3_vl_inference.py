@@ -5,13 +5,10 @@ prompts from real ``qvl-data build --model qwen3-vl`` shards)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from qvl_data.cli import main as data_main
 from qvl_data.family import model_side, transformers_class
 from qvl_data.processor import IM_END_ID, PAD_ID, load_tokenizer
 from qvl_data.shards import load_manifest
@@ -26,15 +23,6 @@ CPU = torch.device("cpu")
 TINIES = [TINY_QWEN3_VL, TINY_QWEN3_VL_MOE]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def qwen3_build(tmp_path_factory, demo_dir) -> Path:
-    out = tmp_path_factory.mktemp("qwen3-build") / "shards"
-    args = ["build", "--dataset-dir", str(demo_dir), "--dataset", "mllm_demo,identity", "--model", "qwen3-vl"]
-    result = CliRunner().invoke(data_main, [*args, "--out", str(out), "--num-proc", "1", "--quiet"])
-    assert result.exit_code == 0, result.output
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
+from helpers import tiny_lora
 from safetensors.torch import load_file
 
-from qvl_data.cli import main
 from qvl_data.errors import QvlError
 from qvl_data.template import IGNORE_INDEX
 from qvl_train.config import TrainConfig
@@ -24,7 +23,6 @@ from qvl_train.model import (
     TINY_QWEN3_VL,
     TINY_QWEN3_VL_MOE,
     check_compatible,
-    load_model,
     meta_model,
     model_config,
     param_report,
@@ -41,32 +39,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def qwen3_build(tmp_path_factory, demo_dir) -> Path:
-    """The mllm_demo and identity demo sets built with the offline Qwen3-VL processor (16-px patches)."""
-    out = tmp_path_factory.mktemp("qwen3-build") / "shards"
-    args = ["build", "--dataset-dir", str(demo_dir), "--dataset", "mllm_demo,identity", "--model", "qwen3-vl"]
-    result = CliRunner().invoke(main, [*args, "--out", str(out), "--num-proc", "1", "--quiet"])
-    assert result.exit_code == 0, result.output
-    return out
-
-
-@pytest.fixture(scope="module")
 def rows(qwen3_build) -> list[dict]:
     ds = ShardDataset(qwen3_build, max_rows=8)
     assert ds.manifest.family == "qwen3_vl" and ds.processor.patch_size == 16
     items = [ds[i] for i in range(len(ds))]
     assert any(len(r["image_grid_thw"]) for r in items) and any(not len(r["image_grid_thw"]) for r in items)
     return items
-
-
-def _lora(name: str):
-    torch.manual_seed(0)
-    model = load_model(TrainConfig(model=name, lora_dropout=0.0), CPU, torch.float32)
-    generator = torch.Generator().manual_seed(1)
-    for key, param in model.named_parameters():
-        if "lora_B" in key:
-            param.data = torch.randn(param.shape, generator=generator) * 0.05
-    return model
 
 
 def _row_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -77,7 +55,7 @@ def _row_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name", TINIES)
 def test_lora_targets_the_language_model_only_and_the_vision_side_runs_no_backward(name, rows, qwen3_build):
-    model = _lora(name)
+    model = tiny_lora(name)
     lora = [k for k, p in model.named_parameters() if p.requires_grad]
     assert lora and all(".language_model.layers." in k and "lora_" in k for k in lora)
     assert not any("visual" in k or "deepstack" in k or "experts" in k for k in lora)
@@ -104,7 +82,7 @@ def test_lora_targets_the_language_model_only_and_the_vision_side_runs_no_backwa
 
 @pytest.mark.parametrize("name", TINIES)
 def test_packed_rows_equal_the_rows_one_by_one(name, rows, qwen3_build):
-    model = _lora(name).eval()
+    model = tiny_lora(name).eval()
     processor = ShardDataset(qwen3_build).processor
     alone = []
     for row in rows:

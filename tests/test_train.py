@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_lora
 from safetensors.torch import load_file
 
 from qvl_train.__main__ import main
@@ -143,20 +144,6 @@ def test_loss_normalisation_1x8_equals_2_ranks_x4_and_batch_2x4(demo_build, tmp_
     assert 10 < single_loss < 13  # mean token loss of a random model over a ~152k vocabulary (ln = 11.9)
 
 
-def _tiny_lora(gradient_checkpointing: bool = False):
-    """The tiny model with LoRA (no dropout) and non-zero B, so every LoRA weight gets a gradient."""
-    from qvl_train.model import load_model
-
-    torch.manual_seed(0)
-    cfg = TrainConfig(model="tiny", lora_dropout=0.0, gradient_checkpointing=gradient_checkpointing)
-    model = load_model(cfg, CPU, torch.float32)
-    generator = torch.Generator().manual_seed(1)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data = torch.randn(param.shape, generator=generator) * 0.05
-    return model
-
-
 def _image_and_text_rows(shards: Path) -> tuple[dict, dict]:
     ds = ShardDataset(shards, max_rows=8)
     rows = [ds[i] for i in range(8)]
@@ -166,7 +153,7 @@ def _image_and_text_rows(shards: Path) -> tuple[dict, dict]:
 def test_token_loss_sum_equals_the_models_own_loss_from_full_logits(demo_build):
     # An independent reference: transformers' own shifted cross-entropy over the full logits (labels=),
     # which is a mean over the trained tokens. Catches an off-by-one in logits_to_keep or in the targets.
-    model = _tiny_lora()
+    model = tiny_lora(gradient_checkpointing=False)
     model.eval()
     image_row, text_row = _image_and_text_rows(demo_build)
     processor = ShardDataset(demo_build).processor
@@ -190,7 +177,7 @@ def test_a_long_micro_batch_computes_its_loss_in_chunks_with_the_same_loss_and_g
     # positions the loss runs LOSS_CHUNK positions at a time. Forced here on a small batch.
     import qvl_train.steps as steps
 
-    model = _tiny_lora(gradient_checkpointing=True)
+    model = tiny_lora(gradient_checkpointing=True)
     model.train()
     image_row, text_row = _image_and_text_rows(demo_build)
     batch = collate([image_row, text_row])
@@ -219,7 +206,7 @@ def test_a_long_micro_batch_computes_its_loss_in_chunks_with_the_same_loss_and_g
 
 def test_right_padded_batches_train_without_a_mask_with_identical_loss_and_grads(demo_build):
     # The mask made transformers build a 4-D mask (no flash SDPA kernel); for right padding it changes nothing.
-    model = _tiny_lora(gradient_checkpointing=True)
+    model = tiny_lora(gradient_checkpointing=True)
     model.train()
     image_row, text_row = _image_and_text_rows(demo_build)
     batch = collate([image_row, text_row])
@@ -268,7 +255,7 @@ def test_ddp_broadcasts_only_the_trainable_weights(tmp_path, monkeypatch):
     import torch.distributed as torch_dist
     import torch.distributed.utils as dist_utils
 
-    model = _tiny_lora()
+    model = tiny_lora(gradient_checkpointing=False)
     broadcast: list[torch.Tensor] = []
     real = dist_utils._sync_params_and_buffers
     monkeypatch.setattr(
