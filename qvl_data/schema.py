@@ -24,13 +24,26 @@ class Message(TypedDict):
     content: str
 
 
+@dataclass(frozen=True)
+class EmbeddedImage:
+    """An image whose bytes came inside the dataset row (raw bytes, or the ``bytes`` of a
+    ``{"bytes": ..., "path": ...}`` struct, the Hugging Face ``Image`` feature), not from a file."""
+
+    name: str  # how shards, rejections and inspect name it (stable: the same row gives the same name)
+    data: bytes
+
+
+#: An image of a record: a resolved file path, or bytes embedded in the row.
+ImageSource = str | EmbeddedImage
+
+
 class Record(TypedDict):
     id: str
     source: str
     index: int
     system: str | None
     messages: list[Message]
-    images: list[str]
+    images: list[ImageSource]
 
 
 UNIFIED_ARROW_SCHEMA = pa.schema(
