@@ -104,6 +104,7 @@ def _record(task: str, key: Any, index: int, prompt: str, image: Path) -> Record
         source=task,
         index=index,
         system=None,
+        tools=None,
         messages=[{"role": "user", "content": prompt}],
         images=[str(image)],
     )
