@@ -119,13 +119,8 @@ def format_tools(template: ChatTemplate | str, tools: str | None) -> str:
     schemas = parse_tools(tools) if tools else []
     if not schemas:
         return ""
-    lines = "".join(
-        "\n"
-        + json.dumps(
-            t if t.get("type") == "function" else {"type": "function", "function": t}, ensure_ascii=False
-        )
-        for t in schemas
-    )
+    wrapped = [t if t.get("type") == "function" else {"type": "function", "function": t} for t in schemas]
+    lines = "".join("\n" + json.dumps(t, ensure_ascii=False) for t in wrapped)
     return template.tools_format.replace("{tools}", lines)
 
 
