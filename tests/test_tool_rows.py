@@ -306,3 +306,13 @@ def test_empty_tools_list_gives_a_system_segment_as_in_llamafactory(tmp_path: Pa
         tokenizer, record["messages"], None, template="qwen3_vl_nothink", tools=record["tools"]
     )
     assert tokenizer.decode(ids).startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi")
+
+
+def test_the_readme_tool_row_is_a_record(tmp_path: Path) -> None:
+    import re
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    example = re.search(r"### Tool-calling rows.*?```json\n(.*?)```", readme, flags=re.DOTALL).group(1)
+    record = convert_row(_spec(tmp_path), 0, json.loads(example), ReadOptions(dataset_dir=tmp_path))
+    assert [m["role"] for m in record["messages"]] == ["user", "function_call", "observation", "assistant"]
+    assert json.loads(record["tools"])[0]["name"] == "get_weather"
