@@ -200,7 +200,7 @@ def encode_record(
         options.template,
         options.enable_thinking,
         options.preserve_thinking,
-        record["tools"],
+        record.get("tools"),
     )
     if grids and not _image_spans_intact(input_ids, len(grids), sum(token_counts)):
         return reject(
@@ -274,7 +274,7 @@ def encode_prompt_record(
         options.template,
         options.enable_thinking,
         options.preserve_thinking,
-        record["tools"],
+        record.get("tools"),
     )
     return EncodedPrompt(
         id=record["id"],

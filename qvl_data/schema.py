@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import PurePath
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 import pyarrow as pa
 
@@ -47,7 +47,9 @@ class Record(TypedDict):
     source: str
     index: int
     system: str | None
-    tools: str | None  # the row's tools: a JSON list of function schemas, as written in the row
+    # the row's tools: a JSON list of function schemas, as written in the row; None (or absent, in a record
+    # made by hand) for none
+    tools: NotRequired[str | None]
     messages: list[Message]
     images: list[ImageSource]
 

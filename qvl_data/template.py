@@ -340,7 +340,7 @@ def format_prompt(
     template = _template(template)
     roles = [m["role"] for m in messages]
     if not (len(roles) % 2 and roles[-1] in SOURCE_ROLES):
-        raise ValueError("a prompt's messages are turn pairs followed by the user message to answer")
+        raise ValueError("a prompt's messages are turn pairs and end with a user message (or an observation)")
     messages = [dict(m) for m in messages]
     if template.reasoning and not preserve_thinking:
         for i in range(1, len(messages), 2):

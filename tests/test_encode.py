@@ -40,7 +40,6 @@ def record(tmp_path_factory):
         "source": "t",
         "index": 0,
         "system": None,
-        "tools": None,
         "messages": messages,
         "images": [str(path)],
     }

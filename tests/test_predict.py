@@ -85,7 +85,6 @@ def test_a_record_ending_with_a_question_is_all_prompt(tokenizer, image_processo
         "source": "mine",
         "index": 0,
         "system": "Be brief.",
-        "tools": None,
         "messages": [{"role": "user", "content": "<image>What is it?"}],
         "images": [str(tmp_path / "img.png")],
     }
@@ -247,8 +246,7 @@ def test_the_readme_snippet_answers_one_question(tmp_path, demo_dir, capsys):
 
     tokenizer, image_processor = load_tokenizer(), load_image_processor()
     model = load_for_inference("tiny", adapter=str(adapter))
-    record = {"id": "q0", "source": "mine", "index": 0, "system": None, "tools": None,
-              "images": [str(image)],
+    record = {"id": "q0", "source": "mine", "index": 0, "system": None, "images": [str(image)],
               "messages": [{"role": "user", "content": "<image>Who are they?"}]}  # fmt: skip
     prompt = encode_prompt_record(record, tokenizer, image_processor)
     ids = generate_batch(model, [prompt], processor_summary(None), Generation(max_new_tokens=16))

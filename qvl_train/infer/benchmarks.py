@@ -104,7 +104,6 @@ def _record(task: str, key: Any, index: int, prompt: str, image: Path) -> Record
         source=task,
         index=index,
         system=None,
-        tools=None,
         messages=[{"role": "user", "content": prompt}],
         images=[str(image)],
     )
