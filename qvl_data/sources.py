@@ -274,10 +274,7 @@ def _check_order(role: str, i: int, before: list[Message], where: str, tag: str)
 
 def _check_function_call(content: str, where: str) -> None:
     """The calls must be what the tool format writes; every template shares its tool-call and think words
-    (qvl_data/family.py), so the default template's reading is every template's. Empty content is left to
-    the empty_content check."""
-    if not content.strip():
-        return
+    (qvl_data/family.py), so the default template's reading is every template's."""
     try:
         format_function_call(DEFAULT_TEMPLATE, content)
     except ToolFormatError as e:
@@ -346,8 +343,6 @@ def _sharegpt_messages(row: dict, cols: dict[str, str | None], tags: dict[str, s
         _check_order(role, i, messages, where, tag)
         fields.append(f"field {col}[{i + offset}].{content_tag}")
         _check_text(m[content_tag], fields[-1], "assistant" if role in TARGET_ROLES else "user")
-        if role == "function_call":
-            _check_function_call(m[content_tag], fields[-1])
         messages.append({"role": role, "content": m[content_tag]})
     if len(messages) < 2 or len(messages) % 2:
         raise _Reject(
@@ -430,6 +425,9 @@ def convert_row(spec: DatasetSpec, index: int, row: Any, options: ReadOptions) -
             messages = [
                 {"role": m["role"], "content": _substitute(m["content"], options.set_vars)} for m in messages
             ]
+        for m, at in zip(messages, fields, strict=True):  # after --set-var: the calls as they will be written
+            if m["role"] == "function_call":
+                _check_function_call(m["content"], at)
         image_col = cols.get("images") or "images"
         paths = _image_list(row, cols.get("images"))
         placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)

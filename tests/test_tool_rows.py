@@ -316,3 +316,16 @@ def test_the_readme_tool_row_is_a_record(tmp_path: Path) -> None:
     record = convert_row(_spec(tmp_path), 0, json.loads(example), ReadOptions(dataset_dir=tmp_path))
     assert [m["role"] for m in record["messages"]] == ["user", "function_call", "observation", "assistant"]
     assert json.loads(record["tools"])[0]["name"] == "get_weather"
+
+
+def test_function_calls_are_checked_after_set_var(tmp_path: Path) -> None:
+    """``--set-var`` runs before the call is read: a value that breaks the JSON rejects the row instead of
+    failing the build's encoder."""
+    row = _row(("human", "Hi"), ("function_call", '{"name": "f", "arguments": {"city": "{{city}}"}}'))
+    fine = convert_row(
+        _spec(tmp_path), 0, row, ReadOptions(dataset_dir=tmp_path, set_vars=(("city", "Oslo"),))
+    )
+    assert fine["messages"][1]["content"] == '{"name": "f", "arguments": {"city": "Oslo"}}'
+    quoted = ReadOptions(dataset_dir=tmp_path, set_vars=(("city", 'the "big" one'),))
+    item = convert_row(_spec(tmp_path), 0, row, quoted)
+    assert isinstance(item, Rejection) and item.reason == "invalid_function_call", item
