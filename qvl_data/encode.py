@@ -248,11 +248,12 @@ def encode_prompt_record(
     A record that ends with an answer (every record ``qvl_data.sources`` reads) gives that answer as the
     ``reference`` and the conversation before it as the prompt; one that ends with a user message (a
     benchmark question) is all prompt. A last function call's reference is the calls as the template
-    writes them (``<tool_call>...</tool_call>``, what the model was trained to write). The images go through the same pre-resize and processor as
-    :func:`encode_record`, and the prompt ids are :func:`qvl_data.template.encode_prompt`, so for a row the
-    build did not truncate they equal the shard row's ids before its last answer. ``options`` supplies the
-    image bounds; the prompt is never truncated (``cutoff_len`` bounds training rows, not generation), and
-    pixels are uint8 patches unless ``pixel_format`` is ``"float32"``.
+    writes them (``<tool_call>...</tool_call>``, what the model was trained to write). The images go
+    through the same pre-resize and processor as :func:`encode_record`, and the prompt ids are
+    :func:`qvl_data.template.encode_prompt`, so for a row the build did not truncate they equal the shard
+    row's ids before its last answer. ``options`` supplies the image bounds; the prompt is never truncated
+    (``cutoff_len`` bounds training rows, not generation), and pixels are uint8 patches unless
+    ``pixel_format`` is ``"float32"``.
     """
     options = options or EncodeOptions()
     reject = _rejecter(record, file)
