@@ -30,6 +30,7 @@ from qvl_data.template import (
     IGNORE_INDEX,
     encode_conversation,
     encode_prompt,
+    format_function_call,
     last_answer_start,
 )
 
@@ -199,6 +200,7 @@ def encode_record(
         options.template,
         options.enable_thinking,
         options.preserve_thinking,
+        record.get("tools"),
     )
     if grids and not _image_spans_intact(input_ids, len(grids), sum(token_counts)):
         return reject(
@@ -245,17 +247,21 @@ def encode_prompt_record(
 
     A record that ends with an answer (every record ``qvl_data.sources`` reads) gives that answer as the
     ``reference`` and the conversation before it as the prompt; one that ends with a user message (a
-    benchmark question) is all prompt. The images go through the same pre-resize and processor as
-    :func:`encode_record`, and the prompt ids are :func:`qvl_data.template.encode_prompt`, so for a row the
-    build did not truncate they equal the shard row's ids before its last answer. ``options`` supplies the
-    image bounds; the prompt is never truncated (``cutoff_len`` bounds training rows, not generation), and
-    pixels are uint8 patches unless ``pixel_format`` is ``"float32"``.
+    benchmark question) is all prompt. A last function call's reference is the calls as the template
+    writes them (``<tool_call>...</tool_call>``, what the model was trained to write). The images go
+    through the same pre-resize and processor as :func:`encode_record`, and the prompt ids are
+    :func:`qvl_data.template.encode_prompt`, so for a row the build did not truncate they equal the shard
+    row's ids before its last answer. ``options`` supplies the image bounds; the prompt is never truncated
+    (``cutoff_len`` bounds training rows, not generation), and pixels are uint8 patches unless
+    ``pixel_format`` is ``"float32"``.
     """
     options = options or EncodeOptions()
     reject = _rejecter(record, file)
     messages, reference = list(record["messages"]), None
     if messages and messages[-1]["role"] == "assistant":
         reference = messages.pop()["content"]
+    elif messages and messages[-1]["role"] == "function_call":
+        reference = format_function_call(options.template, messages.pop()["content"])
     try:
         processed = _process_images(record["images"], image_processor, options)
     except _ImageFailure as failure:
@@ -269,6 +275,7 @@ def encode_prompt_record(
         options.template,
         options.enable_thinking,
         options.preserve_thinking,
+        record.get("tools"),
     )
     return EncodedPrompt(
         id=record["id"],

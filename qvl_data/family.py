@@ -29,17 +29,38 @@ IM_END_ID = 151645  # <|im_end|>: the templates' stop word and the tokenizer's e
 #: ``THOUGHT_WORDS[0] + THOUGHT_WORDS[1]`` = ``<think>\n\n</think>\n\n``.
 THOUGHT_WORDS = ("<think>\n", "\n</think>\n\n")
 
+#: LF's ``qwen`` tool format (``QwenToolUtils`` in its ``data/tool_utils.py``): the tools block appended to
+#: the system prompt, ``{tools}`` being one line per tool (qvl_data/template.py ``format_tools``).
+QWEN_TOOLS_FORMAT = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>{tools}"
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, '
+    '"arguments": <args-json-object>}\n</tool_call>'
+)
+
 
 @dataclass(frozen=True)
 class ChatTemplate:
     """One LLaMA-Factory 0.9.5 chat template (``register_template`` in its ``data/template.py``): the slot
     strings (``{content}`` is the text), the default system prompt ("" for none) and whether it is a
-    ``ReasoningTemplate`` (think blocks, see qvl_data/template.py and docs/semantics.md "Model families")."""
+    ``ReasoningTemplate`` (think blocks, see qvl_data/template.py and docs/semantics.md "Model families").
+
+    Tool-calling turns (docs/semantics.md "Tool-calling rows"): a ``function_call`` turn is an answer whose
+    content (the calls, as JSON) is written in the tool format, each call between the ``tool_call_words``,
+    then closed by ``function_format``; an ``observation`` turn (a tool's result) takes the user's place in
+    ``observation_format``; the row's tools go into ``tools_format``, appended to the system prompt."""
 
     name: str
     system_format: str = "<|im_start|>system\n{content}<|im_end|>\n"
     user_format: str = "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
     assistant_format: str = "{content}<|im_end|>\n"
+    function_format: str = "{content}<|im_end|>\n"
+    observation_format: str = (
+        "<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    )
+    tools_format: str = QWEN_TOOLS_FORMAT
+    tool_call_words: tuple[str, str] = ("<tool_call>", "</tool_call>")
     default_system: str = ""
     reasoning: bool = False
     thought_words: tuple[str, str] = THOUGHT_WORDS

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import PurePath
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 import pyarrow as pa
 
@@ -19,8 +19,13 @@ IMAGE_PLACEHOLDER = "<image>"
 UNSUPPORTED_PLACEHOLDERS = ("<video>", "<audio>")
 
 
+#: The roles of a record's messages: a user message or an observation (a tool's result) is read, an
+#: answer or a function call (the calls as JSON) is trained (qvl_data/template.py, docs/semantics.md).
+ROLES = ("user", "assistant", "function_call", "observation")
+
+
 class Message(TypedDict):
-    role: str  # "user" | "assistant"
+    role: str  # one of ROLES
     content: str
 
 
@@ -42,6 +47,9 @@ class Record(TypedDict):
     source: str
     index: int
     system: str | None
+    # the row's tools: a JSON list of function schemas, as written in the row; None (or absent, in a record
+    # made by hand) for none
+    tools: NotRequired[str | None]
     messages: list[Message]
     images: list[ImageSource]
 
@@ -52,6 +60,7 @@ UNIFIED_ARROW_SCHEMA = pa.schema(
         pa.field("source", pa.string(), nullable=False),
         pa.field("index", pa.int64(), nullable=False),
         pa.field("system", pa.string(), nullable=True),
+        pa.field("tools", pa.string(), nullable=True),
         pa.field(
             "messages",
             pa.list_(
@@ -77,8 +86,14 @@ REASONS: dict[str, str] = {
     "invalid_text": "a text field is not valid Unicode (e.g. a lone surrogate such as the JSON escape \\ud800)",
     "control_token": "a text field contains one of the model's control tokens (e.g. <|im_start|>, <|image_pad|>)",
     "invalid_role": "a message has a role tag the dataset's tags do not define",
-    "unsupported_role": "tool-use roles (observation / function_call) are not supported yet",
-    "role_order": "turns do not alternate user, assistant, ... or the conversation does not end with an answer",
+    "role_order": (
+        "turns are out of order: a user message or an observation (right after a function call) at even "
+        "turns, an answer or a function call at odd turns, ending with an answer or a function call"
+    ),
+    "invalid_function_call": (
+        "a function_call turn is not a JSON object (or list of them) with a name and an arguments object"
+    ),
+    "invalid_tools": "the tools column is not a JSON string of a list of function schemas",
     "unsupported_media": "the row uses <video>/<audio> placeholders or video/audio columns",
     "image_count_mismatch": "the number of <image> placeholders differs from the number of images",
     "image_in_answer": "an <image> placeholder sits in an assistant message (images are inputs only)",

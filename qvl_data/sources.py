@@ -38,6 +38,14 @@ from qvl_data.schema import (
     Rejection,
     row_location,
 )
+from qvl_data.template import (
+    DEFAULT_TEMPLATE,
+    SOURCE_ROLES,
+    TARGET_ROLES,
+    ToolFormatError,
+    format_function_call,
+    parse_tools,
+)
 
 # LLaMA-Factory's defaults for columns and sharegpt tags (DatasetAttr in its data/parser.py).
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None}
@@ -248,6 +256,51 @@ def _alpaca_messages(row: dict, cols: dict[str, str | None]) -> tuple[list[Messa
     return messages, fields
 
 
+def _check_order(role: str, i: int, before: list[Message], where: str, tag: str) -> None:
+    """LF's sharegpt order (a user message or an observation at even turns, an answer or a function call
+    at odd ones), and qvl's: an observation answers the function call right before it."""
+    if i % 2 == 0 and role not in SOURCE_ROLES:
+        raise _Reject("role_order", f"{where} is {tag!r} but turn {i} must be the user (or an observation)")
+    if i % 2 == 1 and role not in TARGET_ROLES:
+        raise _Reject(
+            "role_order",
+            f"{where} is {tag!r} but turn {i} must be the assistant (an answer or a function call)",
+        )
+    if role == "observation" and (not before or before[-1]["role"] != "function_call"):
+        raise _Reject(
+            "role_order", f"{where} is {tag!r} (a tool's result) but does not follow a function call"
+        )
+
+
+def _check_function_call(content: str, where: str) -> None:
+    """The calls must be what the tool format writes; every template shares its tool-call and think words
+    (qvl_data/family.py), so the default template's reading is every template's."""
+    try:
+        format_function_call(DEFAULT_TEMPLATE, content)
+    except ToolFormatError as e:
+        raise _Reject("invalid_function_call", f"{where} (a function call) {e}") from None
+
+
+def _tools(row: dict, column: str | None) -> str | None:
+    """The row's tools: a JSON string of a list of function schemas, as LF reads it; absent, null or ""
+    mean none."""
+    if not column or row.get(column) is None or row[column] == "":
+        return None
+    value = row[column]
+    if not isinstance(value, str):
+        raise _Reject(
+            "invalid_tools",
+            f"field {column} must be a JSON string of a list of function schemas, got a "
+            f"{type(value).__name__} (write it as a string, e.g. with json.dumps)",
+        )
+    _check_text(value, f"field {column}", "system")  # the tools are written into the system prompt
+    try:
+        parse_tools(value)
+    except ToolFormatError as e:
+        raise _Reject("invalid_tools", f"field {column} {e}") from None
+    return value
+
+
 def _sharegpt_messages(row: dict, cols: dict[str, str | None], tags: dict[str, str | None]) -> tuple:
     """(system, messages, the field path of each message)."""
     col = cols["messages"]
@@ -271,28 +324,30 @@ def _sharegpt_messages(row: dict, cols: dict[str, str | None], tags: dict[str, s
         _check_text(system, f"field {col}[0].{content_tag}", "system")
     else:
         system, offset = _string_or_none(row, cols.get("system"), "system prompt", "system"), 0
-    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant"}
-    unsupported = {tags.get("observation_tag"), tags.get("function_tag")} - {None}
+    roles = {
+        tags["user_tag"]: "user",
+        tags["assistant_tag"]: "assistant",
+        tags.get("function_tag"): "function_call",
+        tags.get("observation_tag"): "observation",
+    }
+    roles.pop(None, None)
     messages: list[Message] = []
     fields: list[str] = []
     for i, m in enumerate(raw):
         tag = m[role_tag]
         where = f"field {col}[{i + offset}].{role_tag}"
-        if tag in unsupported:
-            raise _Reject("unsupported_role", f"{where} is {tag!r}: tool-use turns are not supported yet")
         if tag not in roles:
-            raise _Reject(
-                "invalid_role",
-                f"{where} is {tag!r}, expected {tags['user_tag']!r} or {tags['assistant_tag']!r}",
-            )
-        expected = "user" if i % 2 == 0 else "assistant"
-        if roles[tag] != expected:
-            raise _Reject("role_order", f"{where} is {tag!r} but turn {i} must be the {expected}")
+            known = ", ".join(repr(t) for t in roles)
+            raise _Reject("invalid_role", f"{where} is {tag!r}, expected one of {known}")
+        role = roles[tag]
+        _check_order(role, i, messages, where, tag)
         fields.append(f"field {col}[{i + offset}].{content_tag}")
-        _check_text(m[content_tag], fields[-1], roles[tag])
-        messages.append({"role": roles[tag], "content": m[content_tag]})
+        _check_text(m[content_tag], fields[-1], "assistant" if role in TARGET_ROLES else "user")
+        messages.append({"role": role, "content": m[content_tag]})
     if len(messages) < 2 or len(messages) % 2:
-        raise _Reject("role_order", f"field {col} must end with an assistant answer ({len(messages)} turns)")
+        raise _Reject(
+            "role_order", f"field {col} must end with an answer or a function call ({len(messages)} turns)"
+        )
     return system, messages, fields
 
 
@@ -364,11 +419,15 @@ def convert_row(spec: DatasetSpec, index: int, row: Any, options: ReadOptions) -
         else:
             system, messages, fields = _sharegpt_messages(row, cols, spec.tags)
         _check_contents(messages, fields)
+        tools = _tools(row, cols.get("tools"))
         if options.set_vars:
             system = _substitute(system, options.set_vars)
             messages = [
                 {"role": m["role"], "content": _substitute(m["content"], options.set_vars)} for m in messages
             ]
+        for m, at in zip(messages, fields, strict=True):  # after --set-var: the calls as they will be written
+            if m["role"] == "function_call":
+                _check_function_call(m["content"], at)
         image_col = cols.get("images") or "images"
         paths = _image_list(row, cols.get("images"))
         placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
@@ -381,7 +440,9 @@ def convert_row(spec: DatasetSpec, index: int, row: Any, options: ReadOptions) -
     except _Reject as r:
         return Rejection(source=spec.name, index=index, reason=r.reason, message=f"{where}: {r}", file=file)
     row_id = record_id(spec.name, index, row)
-    return Record(id=row_id, source=spec.name, index=index, system=system, messages=messages, images=images)
+    return Record(
+        id=row_id, source=spec.name, index=index, system=system, tools=tools, messages=messages, images=images
+    )
 
 
 def convert_partition(

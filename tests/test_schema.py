@@ -10,7 +10,7 @@ import pyarrow as pa
 from click.testing import CliRunner
 
 from qvl_data.cli import main
-from qvl_data.schema import UNIFIED_ARROW_SCHEMA
+from qvl_data.schema import ROLES, UNIFIED_ARROW_SCHEMA
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "unified_record.schema.json"
 JSON_TO_ARROW = {"string": pa.string(), "integer": pa.int64()}
@@ -36,6 +36,7 @@ def test_arrow_schema_matches_json_schema():
         field = UNIFIED_ARROW_SCHEMA.field(name)
         assert field.type.equals(_arrow_type(prop)), name
         assert field.nullable == (isinstance(prop["type"], list) and "null" in prop["type"]), name
+    assert tuple(schema["properties"]["messages"]["items"]["properties"]["role"]["enum"]) == ROLES
 
 
 def test_convert_writes_valid_unified_parquet(tmp_path: Path, demo_dir: Path):

@@ -26,7 +26,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "lf095"
 DATA = FIXTURES / "data"
 IMAGE_PAD_ID = 151655
 
-# the LF runs a build reproduces (the tools runs are another issue's)
+# the LF runs a build reproduces (the malformed tool rows and the predict runs: tests/test_tool_rows.py)
 RUNS = (
     "qwen2_vl.demo",
     "qwen2_vl.cases",
@@ -44,6 +44,10 @@ RUNS = (
     "qwen3_vl_nothink.cases",
     "qwen3_vl_nothink.cases.mask_history",
     "qwen3_vl_nothink.cases.cutoff512",
+    "qwen2_vl.tools",
+    "qwen3_vl.tools",
+    "qwen3_vl.tools.enable_thinking_false",
+    "qwen3_vl_nothink.tools",
 )
 
 

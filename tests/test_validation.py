@@ -46,9 +46,9 @@ SHAREGPT_CASES = [
         {"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]},
         "invalid_role",
     ),
-    (
+    (  # a tool's result with no call before it
         {"messages": [{"role": "observation", "content": "{}"}, {"role": "assistant", "content": "x"}]},
-        "unsupported_role",
+        "role_order",
     ),
     ({"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "hi"}]}, "role_order"),
     ({"messages": chat("hi", "hello", "and?")}, "role_order"),
@@ -74,6 +74,11 @@ SHAREGPT_CASES = [
     ({"messages": chat("see <|image_pad|> here", "ok")}, "control_token"),
     ({"messages": chat("lone \ud800 surrogate", "ok")}, "invalid_text"),
     ({"messages": [{"role": "system", "content": "See <image>."}, *chat("hi", "hey")]}, "image_in_system"),
+    (
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "function_call", "content": "f(x)"}]},
+        "invalid_function_call",
+    ),
+    ({"messages": chat("hi", "hello"), "tools": '{"name": "f"}'}, "invalid_tools"),
 ]
 
 ALPACA_CASES = [
@@ -95,7 +100,8 @@ def bad_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_image(root / "outside.png", (56, 56))
     (data / "garbage.jpg").write_bytes(b"this is not a jpeg" * 10)
     _png_header_only(data / "bomb.png", 12000, 12000)  # under PIL's own hard limit: ours must catch it
-    write_dataset(data, "bad_sharegpt", [row for row, _ in SHAREGPT_CASES])
+    columns = {"messages": "messages", "images": "images", "tools": "tools"}
+    write_dataset(data, "bad_sharegpt", [row for row, _ in SHAREGPT_CASES], columns=columns)
     write_dataset(
         data,
         "bad_alpaca",
