@@ -160,6 +160,52 @@ def test_a_damaged_record_without_a_manifest_redoes_that_partition(dataset: Path
     assert _outputs(out) == clean
 
 
+def _build_outputs(out: Path) -> dict[str, bytes]:
+    """manifest.json, rejected.jsonl and the shards the manifest lists: the complete build a reader sees."""
+    names = [shards.MANIFEST, shards.REJECTED, *(s.file for s in load_manifest(out).shards)]
+    return {name: (out / name).read_bytes() for name in names}
+
+
+def _fail_in_the_third_partition(monkeypatch) -> None:
+    real = task.encode_record
+
+    def failing(item, *args, **kwargs):
+        if item["index"] == 2 * PARTITION_ROWS:
+            raise RuntimeError("injected failure")
+        return real(item, *args, **kwargs)
+
+    monkeypatch.setattr(task, "encode_record", failing)
+
+
+def test_a_rebuild_that_fails_part_way_keeps_the_previous_build(
+    dataset: Path, tmp_path: Path, clean, monkeypatch
+):
+    out, clean_b = tmp_path / "o", tmp_path / "clean-b"
+    build(_config(dataset, clean_b, cutoff_len=64))
+    build(_config(dataset, out))  # build A
+    with monkeypatch.context() as patch:
+        _fail_in_the_third_partition(patch)
+        with pytest.raises(RuntimeError, match="injected"):  # build B: two partitions written, then a failure
+            build(_config(dataset, out, cutoff_len=64))
+    assert _build_outputs(out) == clean  # A's manifest, rejected rows and shards, as they were
+    assert (
+        len(ShardSet(out)) == load_manifest(out).totals.rows and load_manifest(out).options.cutoff_len != 64
+    )
+    result = build(_config(dataset, out, cutoff_len=64))  # the same command resumes B, then replaces A
+    assert result.reused == 2
+    assert _outputs(out) == _outputs(clean_b)  # byte-identical to a clean B, and no file of A left
+
+    with monkeypatch.context() as patch:  # back to A's options: B's unfinished shards go, not A's
+        _fail_in_the_third_partition(patch)
+        with pytest.raises(RuntimeError, match="injected"):
+            build(_config(dataset, out))
+    assert _build_outputs(out) == _outputs(clean_b)
+    build(_config(dataset, out, cutoff_len=64, force=True))  # --force of B: B's own names
+    assert _outputs(out) == _outputs(clean_b)
+    build(_config(dataset, out))
+    assert _outputs(out) == clean
+
+
 # ---------------------------------------------------------------------------------------- silently wrong
 
 
