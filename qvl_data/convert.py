@@ -52,8 +52,8 @@ def convert_to_parquet(config: BuildConfig, out: Path, batch_rows: int = 1024) -
     """
     out = Path(out)
     rejected_path = rejected_path_for(out)
-    refuse_foreign(out, is_unified_parquet, "--out")
-    refuse_foreign(rejected_path, is_rejection_list, "--out's rejected list")
+    refuse_foreign(out, is_unified_parquet, "unified-schema Parquet file", "--out")
+    refuse_foreign(rejected_path, is_rejection_list, "rejected-rows list", "--out")
     dataset_dir = resolve_dataset_dir(config)
     specs = resolve_datasets(dataset_dir, config.dataset_names)
     options = read_options(config, dataset_dir)
