@@ -342,6 +342,29 @@ def test_the_lock_of_a_killed_build_is_taken_once_its_workers_exit(tmp_path: Pat
     proc.wait()
 
 
+def test_a_lock_file_removed_by_its_holder_is_never_held_by_two_runs(tmp_path: Path, monkeypatch):
+    lock = tmp_path / ".qvl-score.lock"
+    with exclusive_lock(lock, tmp_path, remove=True):
+        assert lock.is_file()
+    assert not lock.exists()  # removed on release
+
+    real_open, opened = os.open, []
+
+    def removed_right_after_opening(path, flags, mode=0o777):
+        fd = real_open(path, flags, mode)
+        if not opened:  # the holder ends (removing the file) between this run's open and its flock
+            opened.append(path)
+            os.unlink(path)
+        return fd
+
+    monkeypatch.setattr(os, "open", removed_right_after_opening)
+    with exclusive_lock(lock, tmp_path, "qvl-train score", remove=True):
+        assert opened and lock.is_file()
+        with pytest.raises(QvlError, match="another qvl-train score is writing here"):  # a third run
+            with exclusive_lock(lock, tmp_path, "qvl-train score", remove=True):
+                pass
+
+
 def test_a_row_nested_10000_levels_deep_is_one_rejected_row(tmp_path: Path):
     data = tmp_path / "data"
     write_dataset(data, "deep", [])
