@@ -133,3 +133,18 @@ def test_the_one_replace_rule_refuses_inputs_links_folders_and_foreign_files(tmp
         with pytest.raises(QvlError, match=re.escape(message)):
             refuse_foreign(tmp_path / name.strip(), ours, "list", "--out", **options)
     assert (tmp_path / "mine.txt").read_bytes() == FOREIGN
+
+
+def test_a_second_convert_into_the_same_file_says_who_holds_it(data: Path, tmp_path: Path):
+    from qvl_data.convert import lock_path
+    from qvl_data.lock import exclusive_lock
+
+    out = tmp_path / "unified.parquet"
+    with exclusive_lock(lock_path(out), out, "qvl-data convert"):  # a first convert, still running
+        result = _convert(data, out)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert f"another qvl-data convert is writing here (pid {os.getpid()} on " in result.output
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+    lock_path(out).unlink()
+    assert _convert(data, out).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "unified.parquet", "unified.rejected.jsonl"]
