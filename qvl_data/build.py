@@ -61,6 +61,7 @@ from qvl_data.task import (
     processor,
     processor_task,
     record_path,
+    rejected_file,
     rejected_path,
 )
 
@@ -194,7 +195,9 @@ def _progress(total: int, quiet: bool, label: str, get_time: Callable[[], float]
 # removes only the work directory (but its lock) and the shards of the unfinished build the work
 # directory was for (those its completion records list or that carry its fingerprint); after its commit,
 # the shards the previous manifest listed. Only ``--force`` of the same build (same names) removes the
-# previous build at the start, the manifest first. Any other file stays.
+# previous build at the start, the manifest first. Any other file stays. Back to the previous build's
+# inputs and options after a killed rebuild, its per-partition files are restored from its manifest and
+# rejected.jsonl (:func:`_restore_rejected_parts`): it is up to date at once.
 
 REPLACED = "replaced.json"  # in the work directory: the previous build's shards, while a commit removes them
 
@@ -317,6 +320,28 @@ def _finish_replace(out_dir: Path) -> None:
     path.unlink()
 
 
+def _restore_rejected_parts(out_dir: Path) -> None:
+    """The complete build's per-partition rejected rows, split back out of rejected.jsonl (their files
+    concatenated in partition order, one line per rejected row, as many as each manifest entry counts),
+    so that its manifest's entries stand in for the records a killed rebuild removed and nothing is redone.
+    If they do not add up, nothing is written: then every partition is redone."""
+    manifest = _read_qvl_manifest(out_dir / shards.MANIFEST) or {}
+    try:
+        data = (out_dir / shards.REJECTED).read_bytes()
+        counts = [(int(p["index"]), int(p["totals"]["rejected"])) for p in manifest["partitions"]]
+    except (OSError, KeyError, TypeError, ValueError):
+        return
+    lines = [line + b"\n" for line in data.split(b"\n")[:-1]]
+    if (data and not data.endswith(b"\n")) or sum(n for _, n in counts) != len(lines):
+        return
+    start = 0
+    for index, n in counts:
+        path = rejected_file(out_dir / WORK_DIR, index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"".join(lines[start : start + n]))
+        start += n
+
+
 def _prepare_out_dir(out_dir: Path, fp: str, force: bool, complete: bool) -> None:
     """Keep what an earlier run of the same build left (to resume it), and the previous complete build
     until this one commits; the rest of qvl's outputs go. ``complete``: the folder holds a complete build
@@ -334,6 +359,7 @@ def _prepare_out_dir(out_dir: Path, fp: str, force: bool, complete: bool) -> Non
         # stand in for damaged ones) unless they are another build's unfinished ones (a killed rebuild).
         if work_fp is not None:
             _wipe(out_dir, keep_build=True)
+            _restore_rejected_parts(out_dir)
     else:
         manifest_fp = (_read_qvl_manifest(out_dir / shards.MANIFEST) or {}).get("fingerprint")
         # --force of the same build writes the same names: the previous build cannot stay

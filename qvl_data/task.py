@@ -102,7 +102,12 @@ def record_path(ctx: BuildContext, index: int) -> Path:
 
 
 def rejected_path(ctx: BuildContext, index: int) -> Path:
-    return Path(ctx.work_dir) / PARTS_DIR / f"{index:05d}.rejected.jsonl"
+    return rejected_file(ctx.work_dir, index)
+
+
+def rejected_file(work_dir: str | Path, index: int) -> Path:
+    """Partition ``index``'s rejected rows in the work directory ``work_dir``."""
+    return Path(work_dir) / PARTS_DIR / f"{index:05d}.rejected.jsonl"
 
 
 def _convert(ctx: BuildContext, partition: Partition) -> tuple[list, str]:

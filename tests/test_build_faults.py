@@ -177,11 +177,17 @@ def _fail_in_the_third_partition(monkeypatch) -> None:
     monkeypatch.setattr(task, "encode_record", failing)
 
 
-def test_a_rebuild_that_fails_part_way_keeps_the_previous_build(
-    dataset: Path, tmp_path: Path, clean, monkeypatch
-):
-    out, clean_b = tmp_path / "o", tmp_path / "clean-b"
+def test_a_rebuild_that_fails_part_way_keeps_the_previous_build(tmp_path: Path, monkeypatch):
+    # rows 1 and 7 rejected (partitions 0 and 3): rejected.jsonl is the partitions' files in order
+    rows = [
+        {"messages": "x"} if i in (1, 7) else {"messages": chat(f"say {i}", f"{i} " * (i + 1))}
+        for i in range(ROWS)
+    ]
+    dataset = write_dataset(tmp_path / "data", "mine", rows)
+    out, clean_a, clean_b = tmp_path / "o", tmp_path / "clean-a", tmp_path / "clean-b"
+    assert build(_config(dataset, clean_a)).manifest.rejected.total == 2
     build(_config(dataset, clean_b, cutoff_len=64))
+    clean = _outputs(clean_a)
     build(_config(dataset, out))  # build A
     with monkeypatch.context() as patch:
         _fail_in_the_third_partition(patch)
@@ -204,6 +210,15 @@ def test_a_rebuild_that_fails_part_way_keeps_the_previous_build(
     assert _outputs(out) == _outputs(clean_b)
     build(_config(dataset, out))
     assert _outputs(out) == clean
+
+    with monkeypatch.context() as patch:  # build B fails again; back to A's options
+        _fail_in_the_third_partition(patch)
+        with pytest.raises(RuntimeError, match="injected"):
+            build(_config(dataset, out, cutoff_len=64))
+    assert build(_config(dataset, out)).skipped  # A is up to date: nothing redone, B's shards removed
+    parts = {d: sorted((d / ".qvl-build" / "parts").glob("*")) for d in (out, clean_a)}
+    assert [p.read_bytes() for p in parts[out]] == [p.read_bytes() for p in parts[clean_a]]  # records too
+    assert _outputs(out) == clean and build(_config(dataset, out, cutoff_len=64)).reused == 0
 
 
 # ---------------------------------------------------------------------------------------- silently wrong
