@@ -61,6 +61,7 @@ from qvl_data.task import (
     processor,
     processor_task,
     record_path,
+    rejected_file,
     rejected_path,
 )
 
@@ -188,8 +189,17 @@ def _progress(total: int, quiet: bool, label: str, get_time: Callable[[], float]
 # What a build may remove in --out: only what a qvl build wrote there. A folder is a qvl build folder when
 # it holds a qvl manifest or the work directory; a folder that holds a foreign manifest.json, or a
 # rejected.jsonl or shard files without being a qvl build folder, is refused. Inside a qvl build folder a
-# rebuild removes the manifest, rejected.jsonl, the work directory (but its lock) and the shard files
-# that the manifest or the completion records list; any other file stays.
+# build with another fingerprint keeps the previous complete build (its manifest, rejected.jsonl and the
+# shards the manifest lists) readable until its own manifest replaces it: its shard names carry its own
+# fingerprint (shards.shard_prefix), so they never collide with the previous build's. At its start it
+# removes only the work directory (but its lock) and the shards of the unfinished build the work
+# directory was for (those its completion records list or that carry its fingerprint); after its commit,
+# the shards the previous manifest listed. Only ``--force`` of the same build (same names) removes the
+# previous build at the start, the manifest first. Any other file stays. Back to the previous build's
+# inputs and options after a killed rebuild, its per-partition files are restored from its manifest and
+# rejected.jsonl (:func:`_restore_rejected_parts`): it is up to date at once.
+
+REPLACED = "replaced.json"  # in the work directory: the previous build's shards, while a commit removes them
 
 
 def _read_qvl_manifest(path: Path) -> dict | None:
@@ -226,15 +236,28 @@ def _check_out_dir(out_dir: Path) -> None:
         )
 
 
+def _shard_files(entries: Any) -> set[str]:
+    """The ``file`` of each shard entry in a manifest's or record's (unchecked) JSON list."""
+    if not isinstance(entries, list):
+        return set()
+    return {s["file"] for s in entries if isinstance(s, dict) and isinstance(s.get("file"), str)}
+
+
+def _manifest_shards(out_dir: Path) -> set[str]:
+    """The shard files (relative names) that the complete build's manifest lists."""
+    return _shard_files((_read_qvl_manifest(out_dir / shards.MANIFEST) or {}).get("shards"))
+
+
 def _listed_shards(out_dir: Path) -> set[str]:
-    """The shard files (relative names) that the manifest or a completion record lists."""
+    """The shard files (relative names) of the build the work directory is for: those its completion
+    records list, and those named with its fingerprint (a task killed before writing its record)."""
     names = set()
-    manifest = _read_qvl_manifest(out_dir / shards.MANIFEST) or {}
-    records = sorted((out_dir / WORK_DIR / PARTS_DIR).glob("*.json"))
-    for entries in [manifest.get("shards"), *(_record_shards(r) for r in records)]:
-        for shard in entries if isinstance(entries, list) else []:
-            if isinstance(shard, dict) and isinstance(shard.get("file"), str):
-                names.add(shard["file"])
+    for record in sorted((out_dir / WORK_DIR / PARTS_DIR).glob("*.json")):
+        names |= _shard_files(_record_shards(record))
+    fp = _work_fingerprint(out_dir)
+    if fp is not None:
+        for file in (out_dir / shards.SHARD_DIR).glob(f"{shards.shard_prefix(fp)}-*"):
+            names.add(f"{shards.SHARD_DIR}/{file.name}")
     return names
 
 
@@ -245,17 +268,36 @@ def _record_shards(path: Path) -> Any:
         return None
 
 
-def _wipe(out_dir: Path) -> None:
-    """Remove every output of an earlier qvl build (see above); the manifest first, so nothing reads a mix."""
-    listed = _listed_shards(out_dir)
-    for name in (shards.MANIFEST, shards.MANIFEST + ".tmp", shards.REJECTED, shards.REJECTED + ".tmp"):
-        (out_dir / name).unlink(missing_ok=True)
+def _work_fingerprint(out_dir: Path) -> str | None:
+    """The fingerprint of the build the work directory is for (``build.json``), None if absent or damaged."""
+    try:
+        fp = json.loads((out_dir / WORK_DIR / "build.json").read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return fp if isinstance(fp, str) and len(fp) == 64 else None
+
+
+def _remove_shards(out_dir: Path, names: set[str]) -> None:
+    """Remove these shard files (relative names) and their ``.tmp``, only qvl's names inside ``shards/``."""
     shard_dir = (out_dir / shards.SHARD_DIR).resolve()
-    for name in sorted(listed):
+    for name in sorted(names):
         file = (out_dir / name).resolve()
         if file.parent == shard_dir and shards.SHARD_NAME.fullmatch(file.name):  # never outside shards/
             file.unlink(missing_ok=True)
             file.with_name(file.name + ".tmp").unlink(missing_ok=True)
+
+
+def _wipe(out_dir: Path, keep_build: bool) -> None:
+    """Remove the work directory's unfinished build (its shards, then the work directory but its lock)
+    and, unless ``keep_build``, the complete build too (the manifest first, so nothing reads a mix)."""
+    listed, kept = _listed_shards(out_dir), _manifest_shards(out_dir) if keep_build else set()
+    if not keep_build:
+        listed |= _manifest_shards(out_dir)
+        (out_dir / shards.MANIFEST).unlink(missing_ok=True)
+        (out_dir / shards.REJECTED).unlink(missing_ok=True)
+    for name in (shards.MANIFEST + ".tmp", shards.REJECTED + ".tmp"):
+        (out_dir / name).unlink(missing_ok=True)
+    _remove_shards(out_dir, listed - kept)  # the complete build's records list its shards too: they stay
     work_dir = out_dir / WORK_DIR
     for item in work_dir.iterdir() if work_dir.is_dir() else ():
         if item.name != LOCK_FILE:  # held by this run
@@ -265,27 +307,67 @@ def _wipe(out_dir: Path) -> None:
                 item.unlink()
 
 
-def _prepare_out_dir(out_dir: Path, fp: str, force: bool, complete: bool) -> None:
-    """Keep what an earlier run of the same build left (to resume it); any other qvl output goes.
-    ``complete``: the folder holds a complete build with this fingerprint (kept whatever the work
-    directory says). The caller checked the folder (:func:`_check_out_dir`) and holds its lock."""
-    state = out_dir / WORK_DIR / "build.json"
+def _finish_replace(out_dir: Path) -> None:
+    """A commit killed after its manifest replaced the previous one: remove the previous build's shards
+    that :data:`REPLACED` lists and the new manifest does not."""
+    path = out_dir / WORK_DIR / REPLACED
     try:
-        same = json.loads(state.read_text())["fingerprint"] == fp
-    except (OSError, ValueError, KeyError, TypeError):  # absent or damaged
-        same = False
-    same = not force and (same or complete)
-    if not same:
-        _wipe(out_dir)
-    else:  # a killed run may have left half-written files; no task runs now
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(names, list):
+        _remove_shards(out_dir, {n for n in names if isinstance(n, str)} - _manifest_shards(out_dir))
+    path.unlink()
+
+
+def _restore_rejected_parts(out_dir: Path) -> None:
+    """The complete build's per-partition rejected rows, split back out of rejected.jsonl (their files
+    concatenated in partition order, one line per rejected row, as many as each manifest entry counts),
+    so that its manifest's entries stand in for the records a killed rebuild removed and nothing is redone.
+    If they do not add up, nothing is written: then every partition is redone."""
+    manifest = _read_qvl_manifest(out_dir / shards.MANIFEST) or {}
+    try:
+        data = (out_dir / shards.REJECTED).read_bytes()
+        counts = [(int(p["index"]), int(p["totals"]["rejected"])) for p in manifest["partitions"]]
+    except (OSError, KeyError, TypeError, ValueError):
+        return
+    lines = [line + b"\n" for line in data.split(b"\n")[:-1]]
+    if (data and not data.endswith(b"\n")) or sum(n for _, n in counts) != len(lines):
+        return
+    start = 0
+    for index, n in counts:
+        path = rejected_file(out_dir / WORK_DIR, index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"".join(lines[start : start + n]))
+        start += n
+
+
+def _prepare_out_dir(out_dir: Path, fp: str, force: bool, complete: bool) -> None:
+    """Keep what an earlier run of the same build left (to resume it), and the previous complete build
+    until this one commits; the rest of qvl's outputs go. ``complete``: the folder holds a complete build
+    with this fingerprint. The caller checked the folder (:func:`_check_out_dir`) and holds its lock."""
+    _finish_replace(out_dir)
+    work_fp = _work_fingerprint(out_dir)
+    if not force and work_fp == fp:  # resume this build; a killed run may have left half-written files
         shard_tmps = [
             p for p in (out_dir / shards.SHARD_DIR).glob("*.tmp") if shards.SHARD_NAME.fullmatch(p.name)
         ]
         for tmp in [*shard_tmps, *(out_dir / WORK_DIR).rglob("*.tmp")]:
             tmp.unlink()
+    elif not force and complete:
+        # This build is the complete one; the work directory's records are kept (the manifest's entries
+        # stand in for damaged ones) unless they are another build's unfinished ones (a killed rebuild).
+        if work_fp is not None:
+            _wipe(out_dir, keep_build=True)
+            _restore_rejected_parts(out_dir)
+    else:
+        manifest_fp = (_read_qvl_manifest(out_dir / shards.MANIFEST) or {}).get("fingerprint")
+        # --force of the same build writes the same names: the previous build cannot stay
+        same_names = isinstance(manifest_fp, str) and manifest_fp[:8] == fp[:8]
+        _wipe(out_dir, keep_build=not same_names)
     (out_dir / WORK_DIR / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     (out_dir / shards.SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    shards.write_json_atomic(state, {"fingerprint": fp})
+    shards.write_json_atomic(out_dir / WORK_DIR / "build.json", {"fingerprint": fp})
 
 
 def _existing_manifest(out_dir: Path) -> Manifest | None:
@@ -419,8 +501,8 @@ def _run(
         if existing is not None and _all_reusable(executor, ctx, plan, known_by_index):
             seconds = time.perf_counter() - started
             return BuildResult(Path(config.out), existing, True, seconds, partitions=len(plan))
-        if write:
-            (out_dir / shards.MANIFEST).unlink(missing_ok=True)  # shards are about to change
+        if existing is not None:  # a repair rewrites shards the manifest lists (another build's stay)
+            (out_dir / shards.MANIFEST).unlink(missing_ok=True)
         rows = sum(i.rows for i in indexes)
         results = _dispatch(executor, ctx, plan, known_by_index, rows, config.quiet, label)
         in_process_cpu = sum(r.cpu_seconds for r in results) if isinstance(executor, InProcess) else 0.0
@@ -526,14 +608,21 @@ def _manifest(
 
 
 def _commit(out_dir: Path, ctx: BuildContext, manifest: Manifest, plan: list[Partition]) -> None:
-    """rejected.jsonl (the partitions' files, in order, copied byte for byte), then the manifest, last."""
+    """rejected.jsonl (the partitions' files, in order, copied byte for byte), then the manifest, last;
+    then the previous build's shards that the new manifest does not list."""
     tmp = out_dir / (shards.REJECTED + ".tmp")
     with open(tmp, "wb") as out:
         for partition in plan:
             with open(rejected_path(ctx, partition.index), "rb") as part:
                 shutil.copyfileobj(part, out)
     os.replace(tmp, out_dir / shards.REJECTED)
+    # The previous build's shards go once the new manifest replaced its manifest (atomically); listed
+    # first in the work directory, so that a run killed in between still removes them.
+    replaced = _manifest_shards(out_dir) - {shard.file for shard in manifest.shards}
+    if replaced:
+        shards.write_json_atomic(Path(ctx.work_dir) / REPLACED, sorted(replaced))
     shards.write_json_atomic(out_dir / shards.MANIFEST, manifest.to_dict())  # last: marks the build complete
+    _finish_replace(out_dir)
 
 
 def build(config: BuildConfig) -> BuildResult:

@@ -141,7 +141,7 @@ def validate(config_path: str | None, report: str | None, **overrides) -> None:
 
     config = _encode_config(config_path, **overrides)
     if report:  # refused before the run, not after it
-        refuse_foreign(Path(report), is_rejection_list, "--report")
+        refuse_foreign(Path(report), is_rejection_list, "rejected-rows list", "--report")
     rejections = []
     result = run_pipeline(config, write=False, on_rejection=rejections.append, label="validating")
     if report:

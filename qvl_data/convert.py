@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from qvl_data.build import read_options, resolve_dataset_dir
 from qvl_data.config import BuildConfig
 from qvl_data.files import environment_error, refuse_foreign
+from qvl_data.lock import exclusive_lock
 from qvl_data.report import is_rejection_list
 from qvl_data.schema import UNIFIED_ARROW_SCHEMA, Rejection, records_to_table, rejection_line
 from qvl_data.sources import iter_records, resolve_datasets
@@ -42,6 +43,11 @@ def is_unified_parquet(path: Path) -> bool:
         return False
 
 
+def lock_path(out: Path) -> Path:
+    """The lock of a convert into ``out``: beside it (``.<name>.qvl-convert.lock``, removed when it ends)."""
+    return out.parent / f".{out.name}.qvl-convert.lock"
+
+
 def convert_to_parquet(config: BuildConfig, out: Path, batch_rows: int = 1024) -> ConvertResult:
     """Stream records into ``out`` and rejections into :func:`rejected_path_for`, both atomically.
 
@@ -49,16 +55,20 @@ def convert_to_parquet(config: BuildConfig, out: Path, batch_rows: int = 1024) -
     (e.g. invalid JSON in the second dataset) leaves no ``*.tmp`` and keeps the previous output. An existing
     ``out`` is replaced only when it is an earlier convert's Parquet, and an existing rejected list only
     when it is one (:func:`qvl_data.report.is_rejection_list`): anything else stops the run, untouched.
+    A second convert into the same ``out`` (whose ``.tmp`` files it would share) stops at :func:`lock_path`.
     """
     out = Path(out)
     rejected_path = rejected_path_for(out)
-    refuse_foreign(out, is_unified_parquet, "--out")
-    refuse_foreign(rejected_path, is_rejection_list, "--out's rejected list")
+    refuse_foreign(out, is_unified_parquet, "unified-schema Parquet file", "--out")
+    refuse_foreign(rejected_path, is_rejection_list, "rejected-rows list", "--out")
     dataset_dir = resolve_dataset_dir(config)
     specs = resolve_datasets(dataset_dir, config.dataset_names)
     options = read_options(config, dataset_dir)
     try:
-        return _convert(specs, options, out, rejected_path, batch_rows)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        advice = "wait for it to finish, or choose another --out"
+        with exclusive_lock(lock_path(out), out, "qvl-data convert", advice, remove=True):
+            return _convert(specs, options, out, rejected_path, batch_rows)
     except OSError as e:
         raise environment_error(e, out.parent, resumable=False) from None
 

@@ -301,17 +301,57 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         write(f)
 
 
-def refuse_foreign(path: Path, ours: Callable[[Path], bool], option: str) -> None:
-    """Stop, in one line, unless ``path`` is absent or ``ours(path)`` (an earlier output of this command)."""
-    if not os.path.lexists(path):
-        return
-    if not is_regular_file(path):
-        raise QvlError(f"{path}: {option} exists and is not a regular file; choose another {option}")
-    if not ours(path):
+def refuse_foreign(
+    path: str | Path,
+    ours: Callable[[Path], bool],
+    what: str,
+    option: str,
+    overwrite: bool | None = None,
+    inputs: Iterable[str | Path] = (),
+) -> None:
+    """The one rule for "replace only your own earlier output": stop, in one line, before writing ``path``
+    (``option``'s value, a ``what``) where that would destroy what qvl did not write. Refused always: a
+    file the command reads (one of ``inputs``, or a path inside an input folder) and an existing path
+    that is not a regular file; refused unless ``overwrite``: an existing file that ``ours`` does not
+    recognize as this command's earlier output. ``overwrite`` None: the command has no ``--overwrite``."""
+    path = Path(path)
+    source = _input_holding(path, inputs)
+    if source is not None:
+        where = "is" if os.path.realpath(source) == os.path.realpath(path) else "is inside"
         raise QvlError(
-            f"{path}: {option} exists and was not written by this qvl command; qvl never overwrites "
-            f"a file it did not write: choose another {option} or remove the file"
+            f"{path}: the {what} {where} {source}, which this command reads; choose another {option}"
         )
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.islink(path):
+            raise QvlError(
+                f"{path}: the {what} is a broken symbolic link, not a file qvl can replace; choose another "
+                f"{option}"
+            ) from None
+        return  # a new file (a file where its folder should be is reported when the folder is made)
+    except OSError as e:
+        raise QvlError(f"{path}: cannot check the {what} ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise QvlError(
+            f"{path}: the {what} is {file_kind(mode)}, not a file qvl can replace; choose another {option}"
+        )
+    if not overwrite and not ours(path):
+        how = "remove the file" if overwrite is None else "pass --overwrite to replace it"
+        raise QvlError(
+            f"{path}: exists and is not a {what} qvl wrote, and qvl never overwrites a file it did not write: "
+            f"choose another {option} or {how}"
+        )
+
+
+def _input_holding(target: Path, inputs: Iterable[str | Path]) -> Path | None:
+    """The input that ``target`` is, or lies inside (an input folder), if any."""
+    resolved = Path(os.path.realpath(target))
+    for item in inputs:
+        source = Path(os.path.realpath(item))
+        if resolved == source or (source.is_dir() and resolved.is_relative_to(source)):
+            return Path(item)
+    return None
 
 
 _OUT_ADVICE = {

@@ -47,7 +47,7 @@ def run_notebook(
     if not notebook.is_file():
         raise QvlError(f"{notebook}: notebook not found (it ships in the source checkout's notebooks/)")
     out = Path(out) if out else default_output(shards_dir)
-    refuse_foreign(out, is_qa_notebook, "--out")
+    refuse_foreign(out, is_qa_notebook, "QA notebook", "--out")
     nb = nbformat.read(notebook, as_version=4)
     nb.metadata["qvl"] = {"notebook": MARK}  # what makes a later run's --out replace it
     with tempfile.TemporaryDirectory(prefix="qvl-kernel-") as kernels:

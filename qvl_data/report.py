@@ -34,7 +34,7 @@ def write_rejection_list(path: Path, rejections: list[Rejection], option: str = 
     """``rejections`` as JSON Lines at ``path``, atomically; an existing file that is not an earlier
     rejection list is refused (``option`` names it in the message)."""
     path = Path(path)
-    refuse_foreign(path, is_rejection_list, option)
+    refuse_foreign(path, is_rejection_list, "rejected-rows list", option)
     write_atomic(path, lambda f: f.writelines(rejection_line(r).encode("utf-8") for r in rejections))
 
 

@@ -4,9 +4,9 @@ Layout of an output directory::
 
     manifest.json            written last: its presence means the build is complete
     rejected.jsonl           every input row that was not written, with its reason
-    shards/part-00000.arrow  Arrow IPC *stream* files (what ``datasets.Dataset.from_file`` opens)
+    shards/part-<fp8>-00000-000.arrow  Arrow IPC *stream* files (what ``datasets.Dataset.from_file`` opens)
 
-A shard is written as ``part-NNNNN.arrow.tmp`` and renamed when complete, so a reader never sees half a
+A shard is written as ``<name>.arrow.tmp`` and renamed when complete, so a reader never sees half a
 shard; readers only open the shards the manifest lists. This module imports pyarrow and numpy only, so
 the trainer can use it on a slim GPU image.
 """
@@ -53,9 +53,21 @@ __all__ = [
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
 SHARD_DIR = "shards"
-#: The names of the shard files a build writes (``ShardWriter`` with a partition's prefix), and their
-#: half-written ``.tmp``: the only files of ``shards/`` a build ever removes.
-SHARD_NAME = re.compile(r"part-\d{5}-\d{3}\.arrow(\.tmp)?")
+#: The names of the shard files a build writes (``ShardWriter`` with :func:`shard_prefix`), and their
+#: half-written ``.tmp``: the only files of ``shards/`` a build ever removes. The optional 8 hex digits are
+#: the build's fingerprint (absent in the names of builds before it was added): a rebuild with other inputs
+#: or options writes names of its own, so the previous build stays complete until the new manifest
+#: replaces it.
+SHARD_NAME = re.compile(r"part-(?:[0-9a-f]{8}-)?\d{5}-\d{3}\.arrow(\.tmp)?")
+
+
+def shard_prefix(fingerprint: str, partition: int | None = None) -> str:
+    """The name prefix of a partition's shard files (of all the build's, without ``partition``): the same
+    for the same build (byte-identical manifests across runs), another one for another fingerprint."""
+    build = f"part-{fingerprint[:8]}"
+    return build if partition is None else f"{build}-{partition:05d}"
+
+
 PIXEL_TYPE = {"uint8": pa.uint8(), "float32": pa.float32(), "webp": pa.uint8()}
 
 

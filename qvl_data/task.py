@@ -27,7 +27,14 @@ from qvl_data.errors import QvlError
 from qvl_data.format import QWEN2_VL_GEOMETRY, PartitionEntry, PatchGeometry, SourceTotals
 from qvl_data.partition import DatasetIndex, Partition, index_dataset
 from qvl_data.schema import Rejection, rejection_line
-from qvl_data.shards import SHARD_DIR, SHARD_NAME, ShardWriter, shard_problem, write_json_atomic
+from qvl_data.shards import (
+    SHARD_DIR,
+    SHARD_NAME,
+    ShardWriter,
+    shard_prefix,
+    shard_problem,
+    write_json_atomic,
+)
 from qvl_data.sources import DatasetSpec, ReadOptions, convert_partition
 
 # Workers may be forked from a process that used the tokenizer: keep its Rust thread pool out of them.
@@ -95,7 +102,12 @@ def record_path(ctx: BuildContext, index: int) -> Path:
 
 
 def rejected_path(ctx: BuildContext, index: int) -> Path:
-    return Path(ctx.work_dir) / PARTS_DIR / f"{index:05d}.rejected.jsonl"
+    return rejected_file(ctx.work_dir, index)
+
+
+def rejected_file(work_dir: str | Path, index: int) -> Path:
+    """Partition ``index``'s rejected rows in the work directory ``work_dir``."""
+    return Path(work_dir) / PARTS_DIR / f"{index:05d}.rejected.jsonl"
 
 
 def _convert(ctx: BuildContext, partition: Partition) -> tuple[list, str]:
@@ -192,10 +204,11 @@ def local_partition(fields: dict[str, Any], work_dir: str | Path) -> dict[str, A
 
 
 def _remove_outputs(ctx: BuildContext, index: int) -> None:
-    """Whatever an earlier run of this partition left: its record first, then its shards (the files
-    this task is about to write, under the names only it uses)."""
+    """Whatever an earlier run of this partition of this build left: its record first, then its shards
+    (the files this task is about to write, under the names only it uses; a previous build's shards have
+    another fingerprint in their names and stay until this build commits)."""
     record_path(ctx, index).unlink(missing_ok=True)
-    for file in (Path(ctx.out_dir) / SHARD_DIR).glob(f"part-{index:05d}-*.arrow*"):
+    for file in (Path(ctx.out_dir) / SHARD_DIR).glob(f"{shard_prefix(ctx.fingerprint, index)}-*.arrow*"):
         if SHARD_NAME.fullmatch(file.name):
             file.unlink()
 
@@ -224,7 +237,7 @@ def partition_task(
             Path(ctx.out_dir),
             ctx.encode.pixel_format,
             ctx.shard_bytes,
-            prefix=f"part-{partition.index:05d}",
+            prefix=shard_prefix(ctx.fingerprint, partition.index),
             geometry=ctx.geometry,
         )
     tokenizer = image_processor = None

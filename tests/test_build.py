@@ -162,9 +162,12 @@ def test_small_shard_size_splits_a_partition_into_several_files_with_the_same_ro
         build_with(1, tmp_path / "split"),
     )
     assert [p.index for p in split.manifest.partitions] == [0]
-    assert [s.file for s in whole.manifest.shards] == ["shards/part-00000-000.arrow"]
+    fp8 = split.manifest.fingerprint[:8]  # the build's own names (a rebuild's never collide with them)
+    assert [s.file for s in whole.manifest.shards] == [
+        f"shards/part-{whole.manifest.fingerprint[:8]}-00000-000.arrow"
+    ]
     names = [s.file for s in split.manifest.shards]
-    assert len(names) == 2 and names == [f"shards/part-00000-{k:03d}.arrow" for k in range(len(names))]
+    assert len(names) == 2 and names == [f"shards/part-{fp8}-00000-{k:03d}.arrow" for k in range(len(names))]
     assert split.manifest.shards[0].bytes >= 1 << 20  # a shard closes at the first batch past the size
     assert not list((tmp_path / "split").rglob("*.tmp"))
     table = pa.concat_tables(split_set.tables).combine_chunks()

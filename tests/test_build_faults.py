@@ -160,6 +160,67 @@ def test_a_damaged_record_without_a_manifest_redoes_that_partition(dataset: Path
     assert _outputs(out) == clean
 
 
+def _build_outputs(out: Path) -> dict[str, bytes]:
+    """manifest.json, rejected.jsonl and the shards the manifest lists: the complete build a reader sees."""
+    names = [shards.MANIFEST, shards.REJECTED, *(s.file for s in load_manifest(out).shards)]
+    return {name: (out / name).read_bytes() for name in names}
+
+
+def _fail_in_the_third_partition(monkeypatch) -> None:
+    real = task.encode_record
+
+    def failing(item, *args, **kwargs):
+        if item["index"] == 2 * PARTITION_ROWS:
+            raise RuntimeError("injected failure")
+        return real(item, *args, **kwargs)
+
+    monkeypatch.setattr(task, "encode_record", failing)
+
+
+def test_a_rebuild_that_fails_part_way_keeps_the_previous_build(tmp_path: Path, monkeypatch):
+    # rows 1 and 7 rejected (partitions 0 and 3): rejected.jsonl is the partitions' files in order
+    rows = [
+        {"messages": "x"} if i in (1, 7) else {"messages": chat(f"say {i}", f"{i} " * (i + 1))}
+        for i in range(ROWS)
+    ]
+    dataset = write_dataset(tmp_path / "data", "mine", rows)
+    out, clean_a, clean_b = tmp_path / "o", tmp_path / "clean-a", tmp_path / "clean-b"
+    assert build(_config(dataset, clean_a)).manifest.rejected.total == 2
+    build(_config(dataset, clean_b, cutoff_len=64))
+    clean = _outputs(clean_a)
+    build(_config(dataset, out))  # build A
+    with monkeypatch.context() as patch:
+        _fail_in_the_third_partition(patch)
+        with pytest.raises(RuntimeError, match="injected"):  # build B: two partitions written, then a failure
+            build(_config(dataset, out, cutoff_len=64))
+    assert _build_outputs(out) == clean  # A's manifest, rejected rows and shards, as they were
+    assert (
+        len(ShardSet(out)) == load_manifest(out).totals.rows and load_manifest(out).options.cutoff_len != 64
+    )
+    result = build(_config(dataset, out, cutoff_len=64))  # the same command resumes B, then replaces A
+    assert result.reused == 2
+    assert _outputs(out) == _outputs(clean_b)  # byte-identical to a clean B, and no file of A left
+
+    with monkeypatch.context() as patch:  # back to A's options: B's unfinished shards go, not A's
+        _fail_in_the_third_partition(patch)
+        with pytest.raises(RuntimeError, match="injected"):
+            build(_config(dataset, out))
+    assert _build_outputs(out) == _outputs(clean_b)
+    build(_config(dataset, out, cutoff_len=64, force=True))  # --force of B: B's own names
+    assert _outputs(out) == _outputs(clean_b)
+    build(_config(dataset, out))
+    assert _outputs(out) == clean
+
+    with monkeypatch.context() as patch:  # build B fails again; back to A's options
+        _fail_in_the_third_partition(patch)
+        with pytest.raises(RuntimeError, match="injected"):
+            build(_config(dataset, out, cutoff_len=64))
+    assert build(_config(dataset, out)).skipped  # A is up to date: nothing redone, B's shards removed
+    parts = {d: sorted((d / ".qvl-build" / "parts").glob("*")) for d in (out, clean_a)}
+    assert [p.read_bytes() for p in parts[out]] == [p.read_bytes() for p in parts[clean_a]]  # records too
+    assert _outputs(out) == clean and build(_config(dataset, out, cutoff_len=64)).reused == 0
+
+
 # ---------------------------------------------------------------------------------------- silently wrong
 
 
@@ -294,6 +355,29 @@ def test_the_lock_of_a_killed_build_is_taken_once_its_workers_exit(tmp_path: Pat
     with exclusive_lock(lock, tmp_path):
         assert time.monotonic() - started > 0.3  # it waited for the "worker" to exit
     proc.wait()
+
+
+def test_a_lock_file_removed_by_its_holder_is_never_held_by_two_runs(tmp_path: Path, monkeypatch):
+    lock = tmp_path / ".qvl-score.lock"
+    with exclusive_lock(lock, tmp_path, remove=True):
+        assert lock.is_file()
+    assert not lock.exists()  # removed on release
+
+    real_open, opened = os.open, []
+
+    def removed_right_after_opening(path, flags, mode=0o777):
+        fd = real_open(path, flags, mode)
+        if not opened:  # the holder ends (removing the file) between this run's open and its flock
+            opened.append(path)
+            os.unlink(path)
+        return fd
+
+    monkeypatch.setattr(os, "open", removed_right_after_opening)
+    with exclusive_lock(lock, tmp_path, "qvl-train score", remove=True):
+        assert opened and lock.is_file()
+        with pytest.raises(QvlError, match="another qvl-train score is writing here"):  # a third run
+            with exclusive_lock(lock, tmp_path, "qvl-train score", remove=True):
+                pass
 
 
 def test_a_row_nested_10000_levels_deep_is_one_rejected_row(tmp_path: Path):

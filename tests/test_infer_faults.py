@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import warnings
 from pathlib import Path
 
@@ -15,7 +16,9 @@ import pytest
 from helpers import chat, write_dataset, write_image
 from one_line_error import fails_in_one_line
 
+from qvl_data.lock import exclusive_lock
 from qvl_train.__main__ import main
+from qvl_train.infer import export, score
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -252,6 +255,21 @@ def test_score_replaces_only_its_own_files_and_never_its_inputs(dataset, tmp_pat
     assert "--output-dir" in fails_in_one_line(capsys, [*argv[:-1], str(tmp_path / "file")])
 
 
+def test_a_second_score_into_the_same_folder_says_who_holds_it(dataset, tmp_path, capsys):
+    out = tmp_path / "scores"
+    out.mkdir()
+    argv = ["score", "--data", str(dataset), "--dataset", "mine", *FAST, "--output-dir", str(out)]
+    with exclusive_lock(out / score.LOCK_FILE, out, "qvl-train score"):  # a first score, still running
+        err = fails_in_one_line(capsys, argv)
+    holder = f"pid {os.getpid()} on {socket.gethostname()} since "
+    assert f"{out}: another qvl-train score is writing here ({holder}" in err
+    assert "wait for it to finish, or choose another --output-dir" in err
+    assert sorted(p.name for p in out.iterdir()) == [score.LOCK_FILE]  # nothing written
+    (out / score.LOCK_FILE).unlink()
+    main(argv)  # once it ended; the lock file goes with the run that held it
+    assert sorted(p.name for p in out.iterdir()) == ["predictions-base.jsonl", "scores.json"]
+
+
 # ------------------------------------------------------------------------------------------ export
 
 
@@ -299,6 +317,19 @@ def test_a_failed_export_leaves_the_previous_export_intact(adapter, tmp_path, mo
     assert f"writing the export {out} failed (No space left on device); {out} is unchanged" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(os.listdir(tmp_path)) == ["merged"]  # no staging directory left beside it
+
+
+def test_a_second_export_into_the_same_folder_says_who_holds_it(adapter, tmp_path, capsys):
+    out = tmp_path / "merged"
+    lock = export.lock_path(out)
+    assert lock.parent == tmp_path  # beside the folder: an export replaces the folder whole
+    with exclusive_lock(lock, out, "qvl-train export"):  # a first export, still running
+        err = fails_in_one_line(capsys, ["export", "--adapter", str(adapter), "--output-dir", str(out)])
+    assert f"{out}: another qvl-train export is writing here (pid {os.getpid()} on " in err
+    assert sorted(os.listdir(tmp_path)) == [lock.name]  # no export, no staging directory
+    lock.unlink()
+    main(["export", "--adapter", str(adapter), "--output-dir", str(out)])
+    assert sorted(os.listdir(tmp_path)) == ["merged"]  # the lock file went with the export that held it
 
 
 def test_export_refuses_a_fifo_as_adapter_config(tmp_path, no_hang, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,51 @@ def test_stats_and_inspect_refuse_a_fifo_shard(demo_build: Path, tmp_path: Path)
         )
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert f"{out / manifest.shards[0].file}: listed in the manifest but is a FIFO" in result.stderr
+
+
+def test_the_one_replace_rule_refuses_inputs_links_folders_and_foreign_files(tmp_path: Path):
+    from qvl_data.errors import QvlError
+    from qvl_data.files import refuse_foreign
+
+    def ours(path: Path) -> bool:
+        return path.read_bytes() == b"ours"
+
+    (tmp_path / "ours.txt").write_bytes(b"ours")
+    (tmp_path / "mine.txt").write_bytes(FOREIGN)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    refuse_foreign(tmp_path / "new.txt", ours, "list", "--out")  # a new file
+    refuse_foreign(tmp_path / "ours.txt", ours, "list", "--out")  # its own earlier output
+    refuse_foreign(tmp_path / "mine.txt", ours, "list", "--out", overwrite=True)
+    refused = {
+        "mine.txt": (
+            {},
+            "exists and is not a list qvl wrote, and qvl never overwrites a file it did not write: "
+            "choose another --out or remove the file",
+        ),
+        "mine.txt ": ({"overwrite": False}, "choose another --out or pass --overwrite to replace it"),
+        "ours.txt": (
+            {"overwrite": True, "inputs": [tmp_path]},
+            f"is inside {tmp_path}, which this command reads",
+        ),
+        "dangling": ({"overwrite": True}, "the list is a broken symbolic link, not a file qvl can replace"),
+        "": ({"overwrite": True}, "the list is a folder, not a file qvl can replace"),
+    }
+    for name, (options, message) in refused.items():
+        with pytest.raises(QvlError, match=re.escape(message)):
+            refuse_foreign(tmp_path / name.strip(), ours, "list", "--out", **options)
+    assert (tmp_path / "mine.txt").read_bytes() == FOREIGN
+
+
+def test_a_second_convert_into_the_same_file_says_who_holds_it(data: Path, tmp_path: Path):
+    from qvl_data.convert import lock_path
+    from qvl_data.lock import exclusive_lock
+
+    out = tmp_path / "unified.parquet"
+    with exclusive_lock(lock_path(out), out, "qvl-data convert"):  # a first convert, still running
+        result = _convert(data, out)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert f"another qvl-data convert is writing here (pid {os.getpid()} on " in result.output
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+    lock_path(out).unlink()
+    assert _convert(data, out).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "unified.parquet", "unified.rejected.jsonl"]

@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ from qvl_data.processor import (  # a checkpoint dir's or hub id's file, as the 
     resolve_processor_file,
 )
 from qvl_train.config import TrainConfig, coerce_types, parse_tool_config
-from qvl_train.infer.files import require_regular_file
+from qvl_train.infer.files import output_lock, require_regular_file
 from qvl_train.model import load_for_inference, resolve_model_path
 
 #: Processor files copied into the export when the source has them: qvl's set plus the two that newer
@@ -281,8 +282,19 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def lock_path(out: Path) -> Path:
+    """The lock of an export into ``out``: beside it, since the export replaces ``out`` whole."""
+    return out.parent / f".{out.name}.qvl-export.lock"
+
+
 def export(cfg: ExportConfig) -> Path:
-    """Merge ``cfg.adapter`` into its base and publish the model directory at ``cfg.output_dir``."""
+    """Merge ``cfg.adapter`` into its base and publish the model directory at ``cfg.output_dir``; the
+    output's lock (:func:`lock_path`) is held from the check of ``cfg.output_dir`` to the publishing."""
+    with ExitStack() as hold:
+        return _export(cfg, hold)
+
+
+def _export(cfg: ExportConfig, hold: ExitStack) -> Path:
     import peft
     import transformers
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -298,6 +310,7 @@ def export(cfg: ExportConfig) -> Path:
     model_path = resolve_model_path(model)
     out = Path(cfg.output_dir).expanduser()
     check_output_dir(out, cfg.overwrite, [adapter, Path(model_path).expanduser()])
+    hold.enter_context(output_lock(lock_path(out), out, "qvl-train export"))
     dtype = export_dtype(cfg.dtype, model_path)
     origin, processor = processor_files(model_path)  # fail fast, before minutes of loading weights
 

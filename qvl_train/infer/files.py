@@ -3,22 +3,25 @@
 * Every file they read must be a regular file: opening a FIFO blocks until something writes to it, so
   a named pipe passed as a benchmark or dataset file would hang the command forever.
 * An output file replaces an existing one only when qvl wrote that one (each output kind says how it
-  recognizes its own files) or ``--overwrite`` says so, and never a file the command reads.
+  recognizes its own files) or ``--overwrite`` says so, and never a file the command reads: the data
+  commands' rule (:func:`qvl_data.files.refuse_foreign`), with ``--overwrite`` and the inputs.
 * An output is written to a temporary file next to it and renamed over it when complete, so a failed
   or interrupted run leaves the previous complete output as it was.
+* A command that writes several files into one output (``score``'s folder, ``export``'s model directory)
+  holds that output's lock (:func:`output_lock`), so that two runs never mix their files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from qvl_data.errors import QvlError
-from qvl_data.files import atomic_file, file_kind, regular_file
+from qvl_data.files import atomic_file, regular_file
+from qvl_data.lock import exclusive_lock
 
 
 def require_regular_file(path: str | Path, what: str) -> Path:
@@ -26,47 +29,6 @@ def require_regular_file(path: str | Path, what: str) -> Path:
     (:func:`qvl_data.files.regular_file`, the one check every command uses)."""
     regular_file(path, what)
     return Path(path)
-
-
-def _inside(target: Path, inputs: Iterable[str | Path]) -> Path | None:
-    """The input that ``target`` is, or lies inside (an input directory), if any."""
-    resolved = Path(os.path.realpath(target))
-    for item in inputs:
-        source = Path(os.path.realpath(item))
-        if resolved == source or (source.is_dir() and resolved.is_relative_to(source)):
-            return Path(item)
-    return None
-
-
-def check_output_file(
-    path: str | Path,
-    what: str,
-    is_ours: Callable[[Path], bool],
-    overwrite: bool = False,
-    inputs: Iterable[str | Path] = (),
-) -> None:
-    """Refuse, in one line, to write ``path`` where it would destroy what qvl did not write: a file the
-    command reads (or a path inside an input directory), always; a path that is not a regular file,
-    always; an existing file that ``is_ours`` does not recognize, unless ``overwrite``."""
-    path = Path(path)
-    source = _inside(path, inputs)
-    if source is not None:
-        same = os.path.realpath(source) == os.path.realpath(path)
-        where = "is" if same else "is inside"
-        raise QvlError(f"{path}: the {what} {where} {source}, which this command reads; choose another path")
-    try:
-        mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return  # a new file (a file where its folder should be is reported when the folder is made)
-    except OSError as e:
-        raise QvlError(f"{path}: cannot check the {what} ({e.strerror})") from None
-    if not stat.S_ISREG(mode):
-        raise QvlError(f"{path}: the {what} is {file_kind(mode)}, not a file qvl can replace")
-    if not overwrite and not is_ours(path):
-        raise QvlError(
-            f"{path}: exists and is not a {what} qvl wrote; choose another path or pass --overwrite to "
-            "replace it"
-        )
 
 
 def check_output_dir(path: str | Path, option: str) -> None:
@@ -105,3 +67,26 @@ def atomic_output(path: str | Path) -> Iterator[IO[str]]:
                 f"{path}: cannot write it ({e.strerror}); check the folder and its permissions"
             ) from None
         raise QvlError(f"{path}: not written ({e.strerror or e}); the previous file is unchanged") from None
+
+
+@contextlib.contextmanager
+def output_lock(lock: Path, output: Path, command: str, dist: Any = None) -> Iterator[None]:
+    """Hold ``lock`` (:func:`qvl_data.lock.exclusive_lock`, removed on release) for the block: a second
+    ``command`` writing ``output`` stops in one line naming the holder (pid, host, since), exit 2. Under
+    torchrun (``dist``) rank 0 takes it and its refusal is every rank's."""
+    error = None
+    with contextlib.ExitStack() as held:
+        if dist is None or dist.main:
+            advice = "wait for it to finish, or choose another --output-dir"
+            try:
+                lock.parent.mkdir(parents=True, exist_ok=True)
+                held.enter_context(exclusive_lock(lock, output, command, advice, remove=True))
+            except QvlError as e:
+                error = str(e)
+            except OSError as e:
+                error = f"{e.filename or lock}: cannot take the lock of {output} ({e.strerror or e})"
+        if dist is not None:
+            error = dist.broadcast_object(error)
+        if error:
+            raise QvlError(error)
+        yield

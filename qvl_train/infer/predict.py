@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qvl_data.errors import QvlError
+from qvl_data.files import refuse_foreign
 from qvl_data.schema import Rejection
 from qvl_train.config import coerce_types, parse_tool_config
 from qvl_train.distributed import setup_distributed, teardown_distributed
-from qvl_train.infer.files import check_output_file, prepare_output_dir
+from qvl_train.infer.files import prepare_output_dir
 from qvl_train.infer.generate import Generation, GenerationOptions, check_generation, load_model_for
 from qvl_train.infer.predictions import is_predictions_file, predict
 from qvl_train.infer.prompts import data_source
@@ -73,7 +74,9 @@ def run(argv: list[str]) -> None:
 
     console = Console(stderr=True, highlight=False)
     source = data_source(cfg)
-    check_output_file(cfg.output, "predictions file", is_predictions_file, cfg.overwrite, source.inputs)
+    refuse_foreign(
+        cfg.output, is_predictions_file, "predictions file", "--output", cfg.overwrite, source.inputs
+    )
     prepare_output_dir(Path(cfg.output).parent)
     check_compatible(model_config(cfg.model), source.processor, cfg.model)
     dist = setup_distributed(cfg)  # torchrun: each rank answers its share of the rows

@@ -102,7 +102,7 @@ def predict(
     prompt: id, source, index, prompt (text, images as ``<image>``), reference, prediction. Rejected rows
     (an unreadable image, say) go to ``on_rejection`` and get no line. ``references`` (by id) replaces the
     prompts' own reference, e.g. a benchmark's list of human answers. The caller checks that ``output``
-    may be replaced (:func:`qvl_train.infer.files.check_output_file`).
+    may be replaced (:func:`qvl_data.files.refuse_foreign`).
 
     Under torchrun (``dist`` of several ranks) rank r answers rows r, r + world, ... (each row once, no
     padding rows); every rank gets back all lines and rejections in input order, and rank 0 alone writes

@@ -18,14 +18,16 @@ from __future__ import annotations
 import gc
 import re
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qvl_data.errors import QvlError
+from qvl_data.files import refuse_foreign
 from qvl_train.config import coerce_types, parse_tool_config
 from qvl_train.distributed import Dist, setup_distributed, teardown_distributed
-from qvl_train.infer.files import check_output_dir, check_output_file, prepare_output_dir
+from qvl_train.infer.files import check_output_dir, output_lock, prepare_output_dir
 from qvl_train.infer.generate import Generation, GenerationOptions, check_generation, load_model_for
 from qvl_train.infer.metrics import CaptionScorer, instruct_scores, require_instruct_packages
 from qvl_train.infer.prediction_files import benchmark_predictions, instruct_predictions
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from qvl_train.infer.benchmarks import Benchmark
 
 TASKS = ("instruct", "okvqa", "coco")
+LOCK_FILE = ".qvl-score.lock"  # in --output-dir while a score writes there (removed when it ends)
 #: Tokens an answer may take, per task, when --max-new-tokens is 0 (short answers, one sentence, free text).
 DEFAULT_MAX_NEW_TOKENS = {"instruct": 1024, "okvqa": 32, "coco": 64}
 DESCRIPTION = (
@@ -224,9 +227,12 @@ class Runs:
     generation: Generation | None = None  # None: the predictions were read, not generated
 
 
-def score_models(cfg: ScoreConfig, captions: CaptionScorer | None, dist: Dist | None = None) -> Runs:
+def score_models(
+    cfg: ScoreConfig, captions: CaptionScorer | None, hold: ExitStack, dist: Dist | None = None
+) -> Runs:
     """Generate with the base model and each adapter, one after another, and score each (under torchrun:
-    the rows split over ``dist``'s ranks, every rank holding all lines, rank 0 writing and scoring)."""
+    the rows split over ``dist``'s ranks, every rank holding all lines, rank 0 writing and scoring). The
+    output folder's lock is taken into ``hold`` once the outputs are checked."""
     dist = dist or Dist()
     from qvl_train.model import check_compatible, model_config
 
@@ -241,11 +247,19 @@ def score_models(cfg: ScoreConfig, captions: CaptionScorer | None, dist: Dist | 
     out = Path(cfg.output_dir)
     names = model_names(cfg.adapters)
     for name in names:
-        check_output_file(
-            predictions_path(out, name), "predictions file", is_predictions_file, cfg.overwrite, source.inputs
+        refuse_foreign(
+            predictions_path(out, name),
+            is_predictions_file,
+            "predictions file",
+            "--output-dir",
+            cfg.overwrite,
+            source.inputs,
         )
-    check_output_file(out / SCORES_FILE, "scores file", is_scores_file, cfg.overwrite, source.inputs)
+    refuse_foreign(
+        out / SCORES_FILE, is_scores_file, "scores file", "--output-dir", cfg.overwrite, source.inputs
+    )
     prepare_output_dir(out)
+    hold.enter_context(output_lock(out / LOCK_FILE, out, "qvl-train score", dist))
     generation = Generation.from_config(cfg)
     entries = []
     for name, adapter in zip(names, ["", *cfg.adapters], strict=True):
@@ -292,15 +306,20 @@ def score_models(cfg: ScoreConfig, captions: CaptionScorer | None, dist: Dist | 
     return Runs(entries, source.total, benchmark, generation)
 
 
-def score_files(cfg: ScoreConfig, captions: CaptionScorer | None) -> Runs:
-    """Score each --predictions file (made elsewhere, or by qvl) without loading a model."""
+def score_files(
+    cfg: ScoreConfig, captions: CaptionScorer | None, hold: ExitStack, dist: Dist | None = None
+) -> Runs:
+    """Score each --predictions file (made elsewhere, or by qvl) without loading a model; the output
+    folder's lock is taken into ``hold`` once the output is checked."""
     files = cfg.prediction_files
     benchmark = None if cfg.task == "instruct" else benchmark_for(cfg, check_images=False)
     inputs = [*map(Path, files), *(benchmark.inputs if benchmark else [])]
-    check_output_file(
-        Path(cfg.output_dir) / SCORES_FILE, "scores file", is_scores_file, cfg.overwrite, inputs
-    )
+    scores_file = Path(cfg.output_dir) / SCORES_FILE
+    refuse_foreign(scores_file, is_scores_file, "scores file", "--output-dir", cfg.overwrite, inputs)
     prepare_output_dir(cfg.output_dir)
+    hold.enter_context(
+        output_lock(Path(cfg.output_dir) / LOCK_FILE, Path(cfg.output_dir), "qvl-train score", dist)
+    )
     entries = []
     for name, path in zip(column_names(files), files, strict=True):
         if benchmark is None:
@@ -318,6 +337,11 @@ def score_files(cfg: ScoreConfig, captions: CaptionScorer | None) -> Runs:
 
 
 def run(argv: list[str]) -> None:
+    with ExitStack() as hold:  # the output folder's lock, held until scores.json is written
+        _run(argv, hold)
+
+
+def _run(argv: list[str], hold: ExitStack) -> None:
     argv = join_repeated(join_repeated(argv), "--predictions")
     cfg = parse_tool_config(ScoreConfig, argv, "qvl-train score", DESCRIPTION)
     from rich.console import Console
@@ -330,7 +354,10 @@ def run(argv: list[str]) -> None:
         require_instruct_packages()
     dist = setup_distributed(cfg)  # torchrun: the rows split over the ranks
     try:
-        runs = score_files(cfg, captions) if cfg.prediction_files else score_models(cfg, captions, dist)
+        if cfg.prediction_files:
+            runs = score_files(cfg, captions, hold, dist)
+        else:
+            runs = score_models(cfg, captions, hold, dist)
     finally:
         teardown_distributed()
         if captions is not None:
