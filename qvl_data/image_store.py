@@ -352,6 +352,15 @@ def _write_shard(
             schema.names, (key, grid, sizes, pixels, digest, code, message), strict=True
         ):
             columns[column].append(value)
+    return write_image_shard(folder, bucket, columns, pixel_format, geometry), errors
+
+
+def write_image_shard(
+    folder: Path, bucket: int, columns: dict[str, list], pixel_format: str, geometry: PatchGeometry
+) -> Path:
+    """Publish one image shard of ``bucket`` (``columns``: :func:`image_shard_schema`'s, one value per
+    entry, sorted by key) under the sha256 of its bytes; its path."""
+    schema = image_shard_schema(pixel_format, geometry)
     arrays = []
     for f in schema:
         values = columns[f.name]
@@ -369,7 +378,12 @@ def _write_shard(
     if not (final.is_file() and final.stat().st_size == data.size):  # a racing build wrote the same bytes
         with atomic_file(final) as f:
             f.write(data)
-    return final, errors
+    return final
+
+
+def image_shard_entry(folder: Path, path: Path) -> ImageShardEntry:
+    """The manifest's entry of a published image shard."""
+    return _shard_entry(folder, path)
 
 
 def _patch_lists(values: list, list_type: pa.DataType) -> pa.Array:

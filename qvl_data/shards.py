@@ -281,6 +281,14 @@ def open_shard_table(path: Path) -> pa.Table:
     return _map_shard(path)[0]
 
 
+def open_image_shard_table(path: Path) -> pa.Table:
+    """Memory-map one image shard; ValueError when it is not an Arrow stream."""
+    try:
+        return _map_shard(path)[0]
+    except pa.ArrowException as e:
+        raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
 #: How to repair a shard that fails :func:`shard_problem`'s checks (the re-run finds the same problem).
 REPAIR = (
     "re-run the same `qvl-data build` (it redoes only that partition), "
