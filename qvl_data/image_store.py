@@ -479,10 +479,13 @@ def image_shard_problem(table: pa.Table, pixel_format: str, geometry: PatchGeome
 
 def register_build(store: Path, manifest_path: Path) -> None:
     """Name a build that uses ``store`` (outside its folder) in ``store/builds/``: gc keeps what it lists."""
-    manifest_path = Path(manifest_path).resolve()
-    name = hashlib.sha256(str(manifest_path).encode()).hexdigest()[:16] + ".json"
-    (Path(store) / BUILDS_DIR).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(store) / BUILDS_DIR / name, {"manifest": str(manifest_path)})
+    store, manifest_path = Path(store).resolve(), Path(manifest_path).resolve()
+    # a store inside its build folder names the manifest relative to itself: the folder may move
+    inside = manifest_path.parent == store.parent
+    named = f"../{manifest_path.name}" if inside else str(manifest_path)
+    name = hashlib.sha256(named.encode()).hexdigest()[:16] + ".json"
+    (store / BUILDS_DIR).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(store / BUILDS_DIR / name, {"manifest": named})
 
 
 def section(
@@ -517,7 +520,7 @@ def gc_images(store: Path, dry_run: bool = False) -> GcReport:
     used: set[Path] = set()
     for record in sorted((store / BUILDS_DIR).glob("*.json")) if (store / BUILDS_DIR).is_dir() else []:
         try:
-            manifest_path = Path(json.loads(record.read_text(encoding="utf-8"))["manifest"])
+            manifest_path = store / json.loads(record.read_text(encoding="utf-8"))["manifest"]
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
             info = manifest["image_store"]
             folder = (manifest_path.parent / info["path"] / info["config_id"]).resolve()
