@@ -253,7 +253,8 @@ def verify_command(shards_dir: str) -> None:
         click.echo(REPAIR)
         sys.exit(1)
     click.echo(
-        f"{shards_dir}: all {result.shards} shard(s) ({result.bytes / 2**20:,.1f} MiB) match the manifest"
+        f"{shards_dir}: all {result.shards} shard(s) and {result.image_shards} image shard(s) "
+        f"({result.bytes / 2**20:,.1f} MiB) match the manifest"
     )
 
 

@@ -24,7 +24,8 @@ REPAIR = (
 
 @dataclass
 class Verification:
-    shards: int = 0  # shards the manifest lists
+    shards: int = 0  # row shards the manifest lists
+    image_shards: int = 0  # image shards (of its image store) the manifest lists
     bytes: int = 0  # their recorded size, all together
     damaged: list[str] = field(default_factory=list)  # one line per damaged shard: its path and why
 
@@ -53,7 +54,7 @@ def verify_build(out_dir: str | Path) -> Verification:
     store = manifest.image_store
     for entry in store.shards if store is not None else []:
         path = store_path(store, out_dir) / entry.file
-        result.shards += 1
+        result.image_shards += 1
         result.bytes += entry.bytes
         problem = image_shard_size_problem(path, entry)
         if problem is None:
