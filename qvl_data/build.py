@@ -416,6 +416,7 @@ def _run(
         shard_bytes=config.shard_size_mb << 20,
         write=write,
         geometry=build_family(config).geometry,
+        image_store=str(store) if store is not None else "",
     )
     if config.executor == "local" and existing is None:
         # Work ahead: load the processor here once, before the pool forks, so that every local worker

@@ -164,21 +164,25 @@ class MeasuredImage:
 
 
 def measure_image(
-    source, image_processor, options: EncodeOptions
+    source, image_processor, options: EncodeOptions, known: tuple[str, tuple[int, int]] | None = None
 ) -> tuple[str | None, MeasuredImage | vision.ImageError]:
     """(the image's key, its sizes and grid) from its bytes and header, or (its key or None, the error
     a build's row gets for it: the same as :func:`encode_record`'s for a missing, unreadable, oversized or
-    degenerate image)."""
+    degenerate image). ``known``: the key and header size an earlier build measured for this unchanged
+    file (the image store's key cache), so nothing is read."""
     import hashlib
 
     from qvl_data.image_store import image_bytes
 
     key = None
     try:
-        data = image_bytes(source)
-        key = hashlib.sha256(data).hexdigest()
-        name = source if isinstance(source, str) else source.name
-        original = vision.image_header_size(data, name, options.max_decode_pixels)
+        if known is not None:
+            key, original = known
+        else:
+            data = image_bytes(source)
+            key = hashlib.sha256(data).hexdigest()
+            name = source if isinstance(source, str) else source.name
+            original = vision.image_header_size(data, name, options.max_decode_pixels)
         resized = vision.preresized_size(*original, options.image_max_pixels, options.image_min_pixels)
         grid = vision.image_grid_thw(image_processor, *resized)
         return key, MeasuredImage(key, grid, original, resized)

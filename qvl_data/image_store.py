@@ -38,6 +38,7 @@ from qvl_data.schema import EmbeddedImage, ImageSource
 
 STORE_DIR = "images"  # the default store, inside the build folder
 BUILDS_DIR = "builds"
+KEYS_DIR = "keys"  # per partition's image files (path, size, mtime): their keys and header sizes
 CONFIG_FILE = "config.json"
 STORE_VERSION = 1
 SHARD_FILE = re.compile(r"[0-9a-f]{64}\.arrow")
@@ -126,6 +127,64 @@ def prepare_store(store: Path, config: dict[str, Any]) -> Path:
 def store_path(section: ImageStoreSection, out_dir: Path) -> Path:
     """The config folder of a manifest's store (a relative path is relative to the build folder)."""
     return (Path(out_dir) / section.path / section.config_id).resolve()
+
+
+# ------------------------------------------------------------------------------------------- key cache
+#
+# A text-side rebuild must not read and hash every image file again (hashing is most of its cost). Like a
+# partition's completion record, which trusts an image file whose (path, size, mtime) did not change, a
+# partition's image files, so identified, name a small file of their keys and header sizes in the store,
+# written once (named by that identity: no lock, any writer writes the same bytes).
+
+KEY_CACHE_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+    ]
+)
+
+
+def files_identity(paths: list[str]) -> str:
+    """sha256 of the (path, size, mtime) of ``paths``, in order: what the key cache is named by."""
+    digest = hashlib.sha256()
+    for path in paths:
+        st = Path(path).stat()
+        digest.update(f"{path} {st.st_size} {st.st_mtime_ns}\n".encode("utf-8", "replace"))
+    return digest.hexdigest()
+
+
+def read_key_cache(store: Path, identity: str) -> dict[str, tuple[str, tuple[int, int]]]:
+    path = Path(store) / KEYS_DIR / identity[:2] / f"{identity}.arrow"
+    try:
+        table = _read_table(path)
+    except (OSError, pa.ArrowException):  # absent or damaged: measured again
+        return {}
+    if not table.schema.equals(KEY_CACHE_SCHEMA):
+        return {}
+    columns = [table.column(c).to_pylist() for c in KEY_CACHE_SCHEMA.names]
+    return {p: (k, (w, h)) for p, k, w, h in zip(*columns, strict=True)}
+
+
+def write_key_cache(store: Path, identity: str, entries: dict[str, tuple[str, tuple[int, int]]]) -> None:
+    path = Path(store) / KEYS_DIR / identity[:2] / f"{identity}.arrow"
+    if path.is_file() or not entries:
+        return
+    paths = sorted(entries)
+    table = pa.table(
+        [
+            pa.array(paths, pa.string()),
+            pa.array([entries[p][0] for p in paths], pa.string()),
+            pa.array([entries[p][1][0] for p in paths], pa.int32()),
+            pa.array([entries[p][1][1] for p in paths], pa.int32()),
+        ],
+        schema=KEY_CACHE_SCHEMA,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:
+        with pa.ipc.new_stream(f, KEY_CACHE_SCHEMA) as writer:
+            writer.write_table(table)
 
 
 # ------------------------------------------------------------------------------------------- requests
@@ -506,8 +565,9 @@ class GcReport:
 
 def gc_images(store: Path, dry_run: bool = False) -> GcReport:
     """Remove the image shards of ``store`` that no registered build lists (a build whose manifest no
-    longer exists, or no longer uses this store, is forgotten); only files named as qvl names its shards
-    (and their stale temporaries) are ever removed. Entries go with their whole shard."""
+    longer exists, or no longer uses this store, is forgotten), and key caches not written in the last
+    hour (a cache: a later build only hashes those files again); only files named as qvl names them (and
+    their stale temporaries) are ever removed. Entries go with their whole shard."""
     store = Path(store).resolve()
     if (
         not (store / BUILDS_DIR).is_dir()
@@ -546,6 +606,15 @@ def gc_images(store: Path, dry_run: bool = False) -> GcReport:
                     continue
                 if TMP_FILE.fullmatch(file.name) and time.time() - file.stat().st_mtime < 3600:
                     continue  # maybe a build writing now
+                report.removed.append(str(file))
+                report.bytes_freed += file.stat().st_size
+                if not dry_run:
+                    file.unlink()
+    keys = store / KEYS_DIR
+    for bucket in sorted(p for p in keys.iterdir() if BUCKET.fullmatch(p.name)) if keys.is_dir() else []:
+        for file in sorted(bucket.iterdir()):
+            ours = SHARD_FILE.fullmatch(file.name) or TMP_FILE.fullmatch(file.name)
+            if ours and file.is_file() and time.time() - file.stat().st_mtime >= 3600:
                 report.removed.append(str(file))
                 report.bytes_freed += file.stat().st_size
                 if not dry_run:

@@ -33,7 +33,15 @@ from qvl_data.encode import (
 )
 from qvl_data.errors import QvlError
 from qvl_data.format import QWEN2_VL_GEOMETRY, PartitionEntry, PatchGeometry, SourceTotals
-from qvl_data.image_store import ImageTaskResult, process_bucket, request_buckets, write_requests
+from qvl_data.image_store import (
+    ImageTaskResult,
+    files_identity,
+    process_bucket,
+    read_key_cache,
+    request_buckets,
+    write_key_cache,
+    write_requests,
+)
 from qvl_data.partition import DatasetIndex, Partition, index_dataset
 from qvl_data.schema import Rejection, rejection_line
 from qvl_data.shards import SHARD_DIR, SHARD_NAME, ShardWriter, shard_problem, write_json_atomic
@@ -60,6 +68,7 @@ class BuildContext:
     shard_bytes: int
     write: bool = True  # False: validate only; rejections come back in the result, nothing is written
     geometry: PatchGeometry = QWEN2_VL_GEOMETRY  # the family's: the shards' pixel column width
+    image_store: str = ""  # the image store's folder (its key cache; the image tasks get their own folder)
 
     def spec(self, source: str) -> DatasetSpec:
         return next(s for s in self.specs if s.name == source)
@@ -278,6 +287,10 @@ def partition_task(
     tokenizer = image_processor = None
     loads = _PROCESSOR.get("loads", 0)
     requests: dict = {}
+    files = [p for item in items if isinstance(item, dict) for p in item["images"] if isinstance(p, str)]
+    identity = files_identity(files) if ctx.write and ctx.image_store else ""
+    cache = read_key_cache(Path(ctx.image_store), identity) if identity else {}
+    measured_now: dict = {}
     for item in items:
         if isinstance(item, dict):
             if tokenizer is None:
@@ -285,7 +298,9 @@ def partition_task(
                 _check_geometry(ctx, image_processor)
             measured = None
             if ctx.write:  # validate decodes every image itself: no store to hand them to
-                measured = _measure(item["images"], image_processor, ctx.encode, requests, failed or {})
+                measured = _measure(
+                    item["images"], image_processor, ctx.encode, requests, failed or {}, cache, measured_now
+                )
             item = encode_record(
                 item, tokenizer, image_processor, ctx.encode, file=partition.file, measured=measured
             )
@@ -304,6 +319,8 @@ def partition_task(
         cpu = time.process_time() - started
         return TaskResult(entry, cpu_seconds=cpu, loaded_processor=loaded, rejections=rejections)
     _write_rejected(rejected_path(ctx, partition.index), rejections)
+    if identity and not cache:
+        write_key_cache(Path(ctx.image_store), identity, measured_now)
     buckets = write_requests(requests_path(ctx, partition.index), requests)
     images = {"buckets": buckets, "failed": sorted(failed or {})}
     _write_record(ctx, partition, entry, images)  # last: marks the partition done
@@ -319,15 +336,27 @@ def partition_task(
 
 
 def _measure(
-    sources: list, image_processor: Any, options: EncodeOptions, requests: dict, failed: dict
+    sources: list,
+    image_processor: Any,
+    options: EncodeOptions,
+    requests: dict,
+    failed: dict,
+    cache: dict,
+    measured_now: dict,
 ) -> list[MeasuredImage | vision.ImageError]:
     """One row's images measured from their headers; each readable one requested from the store (those of
     a row rejected for another image too: which image a row's rejection names must not depend on where
-    its images were decoded)."""
+    its images were decoded). ``cache``: the key cache's (key, size) per unchanged file; what is measured
+    goes to ``measured_now`` (also reused by the partition's later rows of the same file)."""
     measured: list[MeasuredImage | vision.ImageError] = []
     for source in sources:
-        key, image = measure_image(source, image_processor, options)
+        known = None
+        if isinstance(source, str):
+            known = cache.get(source) or measured_now.get(source)
+        key, image = measure_image(source, image_processor, options, known)
         if isinstance(image, MeasuredImage):
+            if isinstance(source, str):
+                measured_now[source] = (image.key, image.original_size)
             requests.setdefault(key, source)
             if key in failed:
                 image = vision.ImageError(*failed[key])

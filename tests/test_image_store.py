@@ -138,7 +138,7 @@ def test_interrupted_phases_resume_byte_identical(dataset_dir, tmp_path):
     build(_config(dataset_dir, out))
     # the state of a build killed during its image phase: rows done, one bucket published, no manifest
     (out / "manifest.json").unlink()
-    folder = out / "images" / next(p.name for p in (out / "images").iterdir() if p.name != "builds")
+    folder = next(p for p in (out / "images").iterdir() if (p / "config.json").is_file())
     bucket = sorted(p for p in folder.iterdir() if p.is_dir())[0]
     shard = next(bucket.glob("*.arrow"))
     shard.rename(bucket / f".{shard.name}.tmp-123")  # half-written, never published
@@ -169,11 +169,11 @@ def test_shared_store_keeps_one_copy_and_gc_removes_what_no_build_uses(dataset_d
     assert verify_build(tmp_path / "a").damaged == [] and verify_build(tmp_path / "b").damaged == []
     shutil.rmtree(tmp_path / "a")
     shutil.rmtree(tmp_path / "b")
-    notes = next(p for p in store.iterdir() if p.name != "builds") / "00" / "notes.txt"
+    notes = next(p for p in store.iterdir() if (p / "config.json").is_file()) / "00" / "notes.txt"
     notes.parent.mkdir(exist_ok=True)
     notes.write_text("mine")
     image_store.gc_images(store)  # no build left: every image shard goes, but never a file qvl did not name
-    assert notes.read_text() == "mine" and not list(store.rglob("*.arrow"))
+    assert notes.read_text() == "mine" and not list(notes.parent.parent.rglob("*.arrow"))
 
 
 def test_verify_finds_a_flipped_byte_in_an_image_shard(dataset_dir, tmp_path):
