@@ -470,10 +470,10 @@ class ImageLookup:
         self,
         folder: Path,
         shards: list[ImageShardEntry],
-        open_table: Callable[[Path], pa.Table] | None = None,
+        open_table: Callable[[int, Path], pa.Table] | None = None,
     ):
         self.folder = folder
-        self._open = open_table or _read_table
+        self._open = open_table or (lambda _, path: _read_table(path))
         self.entries = shards
         self.paths = [folder / s.file for s in shards]
         self.tables: list[pa.Table | None] = [None] * len(shards)
@@ -482,7 +482,7 @@ class ImageLookup:
 
     def table(self, shard: int) -> pa.Table:
         if self.tables[shard] is None:
-            self.tables[shard] = self._open(self.paths[shard])
+            self.tables[shard] = self._open(shard, self.paths[shard])
         return self.tables[shard]
 
     def _build(self) -> None:
@@ -569,12 +569,8 @@ def gc_images(store: Path, dry_run: bool = False) -> GcReport:
     hour (a cache: a later build only hashes those files again); only files named as qvl names them (and
     their stale temporaries) are ever removed. Entries go with their whole shard."""
     store = Path(store).resolve()
-    if (
-        not (store / BUILDS_DIR).is_dir()
-        and not any((p / CONFIG_FILE).is_file() for p in store.iterdir() if p.is_dir())
-        if store.is_dir()
-        else True
-    ):
+    configs = [p for p in store.iterdir() if (p / CONFIG_FILE).is_file()] if store.is_dir() else []
+    if not configs and not (store / BUILDS_DIR).is_dir():
         raise QvlError(f"{store}: not a qvl image store (no {BUILDS_DIR}/ and no <config>/{CONFIG_FILE})")
     report = GcReport()
     used: set[Path] = set()

@@ -444,6 +444,7 @@ class ShardSet:
         self._fds: dict[int, int] = {}  # shard -> fd for read(), opened on first use
         weakref.finalize(self, _close_all, self._fds)
         self.images: ImageLookup | None = None  # the image store's shards, after the row shards
+        self._image_slots: dict[int, int] = {}
         store = self.manifest.image_store
         if store is not None:
             folder = store_path(store, self.out_dir)
@@ -456,7 +457,7 @@ class ShardSet:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def _open_image_shard(self, path: Path) -> pa.Table:
+    def _open_image_shard(self, image_shard: int, path: Path) -> pa.Table:
         """An image shard mapped like a row shard (its buffers' offsets in the file known, for pread)."""
         table, mapping = _map_shard(path)
         problem = image_shard_problem(table, self.pixel_format, self.manifest.geometry)
@@ -465,7 +466,7 @@ class ShardSet:
         self.paths.append(path)
         self._maps.append(mapping)
         self._bases.append(pa.py_buffer(mapping).address)
-        self._image_shard_base = getattr(self, "_image_shard_base", len(self.tables))
+        self._image_slots[image_shard] = len(self.paths) - 1  # where read() finds its file and map
         return table
 
     def _image_views(self, i: int) -> tuple[list[np.ndarray], list[int], list[list[int]]]:
@@ -479,7 +480,7 @@ class ShardSet:
         for image_shard, row in self.images.find(keys):
             table = self.images.table(image_shard)
             views.append(_image_pixels(table, row))
-            where.append(self.paths.index(self.images.paths[image_shard]))
+            where.append(self._image_slots[image_shard])
             grids.append(table.column("image_grid_thw")[row].as_py())
         return views, where, grids
 
