@@ -445,6 +445,7 @@ class ShardSet:
         weakref.finalize(self, _close_all, self._fds)
         self.images: ImageLookup | None = None  # the image store's shards, after the row shards
         self._image_slots: dict[int, int] = {}
+        self._image_extents: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
         store = self.manifest.image_store
         if store is not None:
             folder = store_path(store, self.out_dir)
@@ -469,20 +470,65 @@ class ShardSet:
         self._image_slots[image_shard] = len(self.paths) - 1  # where read() finds its file and map
         return table
 
+    def _row_images(self, i: int) -> list[tuple[int, int]]:
+        """Row i's images as (image shard, entry) pairs, in order."""
+        shard, local = self._shard_of(i)
+        keys = self.tables[shard].column("image_keys")[local].as_py() if self.images else []
+        return self.images.find(keys) if keys else []
+
     def _image_views(self, i: int) -> tuple[list[np.ndarray], list[int], list[list[int]]]:
         """Row i's images in the store: each one's stored values (a flat zero-copy view into its mapped
         image shard), the index of that shard in ``self.paths``, and each one's grid."""
-        shard, local = self._shard_of(i)
-        keys = self.tables[shard].column("image_keys")[local].as_py() if self.images else []
-        if not keys:
-            return [], [], []
         views, where, grids = [], [], []
-        for image_shard, row in self.images.find(keys):
+        for image_shard, row in self._row_images(i):
             table = self.images.table(image_shard)
             views.append(_image_pixels(table, row))
             where.append(self._image_slots[image_shard])
             grids.append(table.column("image_grid_thw")[row].as_py())
         return views, where, grids
+
+    def _extents(self, image_shard: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """(slot in ``self.paths``, each entry's first and end byte in the file, each entry's grid) of an
+        image shard, computed once: what :meth:`_pread_images` reads a row's images with."""
+        found = self._image_extents.get(image_shard)
+        if found is None:
+            table = self.images.table(image_shard)
+            slot, base = self._image_slots[image_shard], self._bases[self._image_slots[image_shard]]
+            bounds = []
+            for chunk in table.column("pixels").chunks:
+                if pa.types.is_binary(chunk.type):
+                    offsets = _binary_offsets(chunk).astype(np.int64)
+                    bounds.append(chunk.buffers()[2].address - base + offsets)
+                else:
+                    flat = chunk.values.flatten()
+                    width = chunk.type.value_type.list_size * flat.type.bit_width // 8
+                    lists = np.frombuffer(chunk.buffers()[1], dtype=np.int32)[chunk.offset :][
+                        : len(chunk) + 1
+                    ]
+                    start = flat.buffers()[1].address + flat.offset * flat.type.bit_width // 8 - base
+                    bounds.append(start + lists.astype(np.int64) * width)
+            starts = np.concatenate([b[:-1] for b in bounds]) if bounds else np.zeros(0, np.int64)
+            ends = np.concatenate([b[1:] for b in bounds]) if bounds else np.zeros(0, np.int64)
+            grids = table.column("image_grid_thw").combine_chunks().flatten().to_numpy().reshape(-1, 3)
+            found = self._image_extents[image_shard] = (slot, np.stack([starts, ends], axis=1), grids)
+        return found
+
+    def _pread_images(self, i: int) -> tuple[np.ndarray, list[tuple[int, int]], list]:
+        """Row i's images' stored values read with ``pread`` into one new flat array, the byte range of
+        each image in it, and each one's grid."""
+        parts = []
+        for image_shard, row in self._row_images(i):
+            slot, extents, grids = self._extents(image_shard)
+            parts.append((slot, int(extents[row, 0]), int(extents[row, 1]), grids[row]))
+        dtype = np.float32 if self.pixel_format == "float32" else np.uint8
+        total = sum(end - start for _, start, end, _ in parts)
+        out = np.empty(total // np.dtype(dtype).itemsize, dtype=dtype)
+        raw, at, ranges = out.view(np.uint8), 0, []
+        for slot, start, end, _ in parts:
+            self._pread_at(slot, raw[at : at + end - start], start)
+            ranges.append((at, at + end - start))
+            at += end - start
+        return out, ranges, [grid for *_, grid in parts]
 
     def _shard_of(self, i: int) -> tuple[int, int]:
         if not 0 <= i < len(self):
@@ -529,8 +575,7 @@ class ShardSet:
         stored values back to back), flat, read from the files with ``pread`` (see the class docstring);
         equal to the mapped values."""
         if column == "pixels":
-            views, where, _ = self._image_views(i)
-            return self._stacked([self._pread_copy(s, v) for s, v in zip(where, views, strict=True)])
+            return self._pread_images(i)[0]
         shard, local = self._shard_of(i)
         return self._pread_copy(shard, self._mapped(shard, local, column))
 
@@ -545,13 +590,18 @@ class ShardSet:
     def _pread_copy(self, shard: int, view: np.ndarray) -> np.ndarray:
         out = np.empty_like(view)
         if out.nbytes:
-            fd = self._fds.get(shard)
-            if fd is None:
-                fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
-                if hasattr(os, "posix_fadvise"):
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            _pread_into(fd, out, view.ctypes.data - self._bases[shard], self.paths[shard])
+            self._pread_at(shard, out, view.ctypes.data - self._bases[shard])
         return out
+
+    def _pread_at(self, shard: int, out: np.ndarray, offset: int) -> None:
+        if not out.nbytes:
+            return
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        _pread_into(fd, out, offset, self.paths[shard])
 
     def _patches(self, images: list[np.ndarray], grids: list[list[int]]) -> np.ndarray:
         """Stored pixel values of one row's images (flat, each) -> ``(n_patches, PATCH_DIM)``; webp images
@@ -579,8 +629,10 @@ class ShardSet:
 
     def read_pixel_patches(self, i: int) -> np.ndarray:
         """:meth:`pixel_patches` as a new array read with ``pread`` (what the training loader uses)."""
-        views, where, grids = self._image_views(i)
-        return self._patches([self._pread_copy(s, v) for s, v in zip(where, views, strict=True)], grids)
+        values, ranges, grids = self._pread_images(i)
+        if self.pixel_format != "webp":
+            return values.reshape(-1, self.manifest.geometry.values_per_patch(self.pixel_format))
+        return self._patches([values[a:b] for a, b in ranges], grids)
 
     def pixel_values(self, i: int) -> np.ndarray:
         """float32 pixel_values (n_patches, 1176) equal to the HF image processor's output for this row."""
