@@ -424,8 +424,11 @@ class ShardSet:
     kernel from reading ahead around rows a shuffled epoch will not read next.
     """
 
-    def __init__(self, out_dir: Path, columns: list[str] | None = None):
+    def __init__(self, out_dir: Path, columns: list[str] | None = None, check_images: bool = False):
+        """``check_images``: every image :meth:`read` reads is checked against the sha256 its image shard
+        entry records (a flipped byte is one line naming the shard, instead of wrong pixels)."""
         self.out_dir = Path(out_dir)
+        self.check_images = check_images
         self.manifest = load_manifest(out_dir)
         self.pixel_format = self.manifest.pixel_format
         self.tables, self.paths, self._maps, self._bases = [], [], [], []
@@ -528,6 +531,12 @@ class ShardSet:
             self._pread_at(slot, raw[at : at + end - start], start)
             ranges.append((at, at + end - start))
             at += end - start
+        if self.check_images:
+            for (image_shard, row), (a, b) in zip(self._row_images(i), ranges, strict=True):
+                want = self.images.table(image_shard).column("pixels_sha256")[row].as_py()
+                if hashlib.sha256(raw[a:b]).hexdigest() != want:
+                    path = self.images.paths[image_shard]
+                    raise DamagedShard(f"{path}: image {row}'s pixels differ from their sha256; {REPAIR}")
         return out, ranges, [grid for *_, grid in parts]
 
     def _shard_of(self, i: int) -> tuple[int, int]:

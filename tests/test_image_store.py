@@ -16,7 +16,7 @@ from qvl_data.build import build
 from qvl_data.config import BuildConfig
 from qvl_data.encode import encode_record
 from qvl_data.schema import rejection_line
-from qvl_data.shards import ShardSet
+from qvl_data.shards import DamagedShard, ShardSet
 from qvl_data.sources import convert_partition
 from qvl_data.verify import verify_build
 
@@ -183,10 +183,16 @@ def test_verify_finds_a_flipped_byte_in_an_image_shard(dataset_dir, tmp_path):
     path = out / info.path / info.config_id / info.shards[0].file
     assert verify_build(out).damaged == []
     data = bytearray(path.read_bytes())
-    data[-100] ^= 0xFF
+    data[len(data) // 2] ^= 0xFF  # in the pixels, most of the file
     path.write_bytes(bytes(data))
     damaged = verify_build(out).damaged
     assert len(damaged) == 1 and "image shard" in damaged[0] and str(path) in damaged[0]
+    rows = ShardSet(out, check_images=True)  # the reader's own check, per image it reads
+    with pytest.raises(DamagedShard, match="differ from their sha256"):
+        for i in range(len(rows)):
+            rows.read_pixel_patches(i)
+    for i in range(len(ShardSet(out))):  # without it, nothing notices
+        ShardSet(out).read(i, "pixels")
 
 
 def test_manifest_names_the_store_relative_to_a_moved_build(dataset_dir, tmp_path):
