@@ -514,7 +514,7 @@ def _image_phase(
                 (result.entry.index, str(requests_path(ctx, result.entry.index)))
             )
     calls = [
-        (image_task, (str(folder), b, requests[b], ctx.model, ctx.encode, config.force))
+        (image_task, (str(folder), b, requests[b], ctx.model, ctx.encode, config.force, ctx.shard_bytes))
         for b in sorted(requests)
     ]
     image_results = sorted(executor.map_unordered(calls), key=lambda r: r.bucket)

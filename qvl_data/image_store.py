@@ -299,6 +299,7 @@ def process_bucket(
     image_min_pixels: int,
     max_decode_pixels: int,
     force: bool = False,
+    max_shard_bytes: int = 256 << 20,
 ) -> ImageTaskResult:
     """One bucket: the images the partitions' request files (``(partition, path)``) ask for that the store
     does not hold yet (all of them with ``force``) are decoded, processed and written as one image shard;
@@ -331,7 +332,7 @@ def process_bucket(
                         errors[key] = (code, message)
     missing = sorted(k for k in wanted if k not in holder)
     if missing:
-        path, new_errors = _write_shard(
+        written, new_errors = _write_shards(
             folder_path,
             bucket,
             missing,
@@ -339,8 +340,9 @@ def process_bucket(
             load_processor(),
             pixel_format,
             (image_max_pixels, image_min_pixels, max_decode_pixels),
+            max_shard_bytes,
         )
-        holder.update(dict.fromkeys(missing, path))
+        holder.update(written)
         errors.update(new_errors)
         result.processed = len(missing)
     counts: dict[Path, int] = {}
@@ -354,7 +356,7 @@ def process_bucket(
     return result
 
 
-def _write_shard(
+def _write_shards(
     folder: Path,
     bucket: int,
     keys: list[str],
@@ -362,7 +364,11 @@ def _write_shard(
     image_processor: Any,
     pixel_format: str,
     bounds: tuple[int, int, int],
-) -> tuple[Path, dict[str, tuple[str, str]]]:
+    max_shard_bytes: int,
+) -> tuple[dict[str, Path], dict[str, tuple[str, str]]]:
+    """Process ``keys`` (sorted) into image shards of about ``max_shard_bytes`` of pixels each, in key
+    order: a shard ends after the image that brings it to the limit, so a run resumed after some of them
+    were published cuts the rest where a clean run does. Holds one shard's pixels at a time."""
     from qvl_data import vision
 
     image_max_pixels, image_min_pixels, max_decode_pixels = bounds
@@ -373,7 +379,9 @@ def _write_shard(
     )
     schema = image_shard_schema(pixel_format, geometry)
     columns: dict[str, list] = {name: [] for name in schema.names}
-    errors = {}
+    errors: dict[str, tuple[str, str]] = {}
+    written: dict[str, Path] = {}
+    pending = 0
     for key in keys:
         file, data = wanted[key]
         name = file or "embedded image"
@@ -411,7 +419,12 @@ def _write_shard(
             schema.names, (key, grid, sizes, pixels, digest, code, message), strict=True
         ):
             columns[column].append(value)
-    return write_image_shard(folder, bucket, columns, pixel_format, geometry), errors
+        pending += 0 if pixels is None else len(pixels) if isinstance(pixels, bytes) else pixels.nbytes
+        if pending >= max_shard_bytes or key == keys[-1]:
+            path = write_image_shard(folder, bucket, columns, pixel_format, geometry)
+            written.update(dict.fromkeys(columns["key"], path))
+            columns, pending = {name: [] for name in schema.names}, 0
+    return written, errors
 
 
 def write_image_shard(

@@ -371,6 +371,7 @@ def image_task(
     model: str | None,
     options: EncodeOptions,
     force: bool = False,
+    max_shard_bytes: int = 256 << 20,
 ) -> ImageTaskResult:
     """One bucket of the image store (qvl_data/image_store.py :func:`process_bucket`), the processor
     loaded once per process when an image is to be processed."""
@@ -384,6 +385,7 @@ def image_task(
         options.image_min_pixels,
         options.max_decode_pixels,
         force,
+        max_shard_bytes,
     )
 
 
