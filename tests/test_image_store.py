@@ -202,3 +202,39 @@ def test_manifest_names_the_store_relative_to_a_moved_build(dataset_dir, tmp_pat
     assert rows.manifest.image_store.path == "images"
     assert rows.read_pixel_patches(0).shape[0] > 0
     assert image_store.gc_images(tmp_path / "moved" / "images").removed == []  # still registered
+
+
+@pytest.mark.slow
+def test_build_killed_in_its_image_phase_resumes_byte_identical(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "data"
+    rows = []
+    for k in range(48):  # distinct images: about one image task (bucket) each
+        name = write_image(data / "images" / f"p{k}.png", (700, 500), seed=100 + k)
+        rows.append({"messages": chat(f"<image>photo {k}?", "yes"), "images": [f"images/{name}"]})
+    write_dataset(data, "vqa", rows)
+    reference = tmp_path / "reference"
+    build(_config(data, reference))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "qvl_data.cli", "build", "--dataset-dir", str(data), "--dataset", "vqa"]
+    cmd += ["--out", str(out), "--num-proc", "1", "--partition-rows", "4", "--quiet"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if sum(1 for _ in (out / "images").glob("?" * 16 + "/??/*.arrow")) >= 2:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, f"build ended before it could be killed: {proc.stderr.read().decode()}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    published = sum(1 for _ in (out / "images").glob("?" * 16 + "/??/*.arrow"))
+    result = build(_config(data, out))
+    assert result.reused == result.partitions  # the row phase had finished
+    assert published <= result.images_reused < result.images
+    assert _outputs(out) == _outputs(reference)
