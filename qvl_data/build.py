@@ -465,8 +465,6 @@ def _run(
         manifest.image_store = section(store, out_dir, config_id(pixels), image_shards, images)
         _commit(out_dir, ctx, manifest, plan)
         register_build(store, out_dir / shards.MANIFEST)  # gc-images keeps what this build uses
-        if not config.quiet:
-            print(f"images: reused {reused} of {images} from the image store, processed {images - reused}")
     elif on_rejection is not None:
         for result in results:
             for rejection in result.rejections:

@@ -120,6 +120,11 @@ def build(config_path: str | None, **overrides) -> None:
         return
     if result.reused and not config.quiet:
         click.echo(f"resumed: reused {result.reused} of {result.partitions} partitions already built")
+    if result.images and not config.quiet:
+        click.echo(
+            f"images: reused {result.images_reused} of {result.images} from the image store, "
+            f"processed {result.images - result.images_reused}"
+        )
     if not config.quiet:
         print_build_summary(result)
 
