@@ -48,10 +48,12 @@ from qvl_data.image_store import (
     STORE_DIR,
     ImageTaskResult,
     config_id,
+    image_shard_size_problem,
     pixel_config,
     prepare_store,
     register_build,
     section,
+    store_path,
 )
 from qvl_data.lock import exclusive_lock
 from qvl_data.options import output_options
@@ -491,8 +493,13 @@ def image_store_dir(config: BuildConfig, out_dir: Path) -> Path:
 
 
 def _same_store(manifest: Manifest, out_dir: Path, store: Path) -> bool:
+    """Whether a complete build's pixels are still where this run puts them: the same store, and every
+    image shard it lists there at its size (one deleted or damaged is redone by the image phase)."""
     info = manifest.image_store
-    return info is not None and (out_dir / info.path).resolve() == store.resolve()
+    if info is None or (out_dir / info.path).resolve() != store.resolve():
+        return False
+    folder = store_path(info, out_dir)
+    return all(image_shard_size_problem(folder / s.file, s) is None for s in info.shards)
 
 
 def _image_phase(
