@@ -218,6 +218,8 @@ def compute_stats(out_dir: str | Path) -> dict:
             "pixel_bytes": pixel_bytes,
             # per distinct image: the store keeps each once, however many rows use it
             "distinct_images": distinct,
+            "image_shards": len(store.shards) if store else 0,
+            "image_shard_bytes": sum(s.bytes for s in store.shards) if store else 0,
             "pixel_bytes_per_image": round(pixel_bytes / distinct, 1) if distinct else 0.0,
             "pixel_format": pixel_format,
         },
