@@ -170,9 +170,7 @@ def measure_image(
     a build's row gets for it: the same as :func:`encode_record`'s for a missing, unreadable, oversized or
     degenerate image). ``known``: the key and header size an earlier build measured for this unchanged
     file (the image store's key cache), so nothing is read."""
-    import hashlib
-
-    from qvl_data.image_store import image_bytes
+    from qvl_data.image_store import bytes_key, image_bytes
 
     key = None
     try:
@@ -180,7 +178,7 @@ def measure_image(
             key, original = known
         else:
             data = image_bytes(source)
-            key = hashlib.sha256(data).hexdigest()
+            key = bytes_key(data)
             name = source if isinstance(source, str) else source.name
             original = vision.image_header_size(data, name, options.max_decode_pixels)
         resized = vision.preresized_size(*original, options.image_max_pixels, options.image_min_pixels)

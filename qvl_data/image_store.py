@@ -59,7 +59,12 @@ def image_bytes(source: ImageSource) -> bytes:
 
 def image_key(source: ImageSource) -> str:
     """The store's key of an image: the sha256 (hex) of its bytes, wherever they came from."""
-    return hashlib.sha256(image_bytes(source)).hexdigest()
+    return bytes_key(image_bytes(source))
+
+
+def bytes_key(data: bytes) -> str:
+    """:func:`image_key` of an image's bytes already read."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def source_name(source: ImageSource) -> str:
@@ -389,7 +394,7 @@ def _write_shards(
         try:
             if data is None:
                 data = vision.read_image_file(file)
-                if hashlib.sha256(data).hexdigest() != key:
+                if bytes_key(data) != key:
                     raise QvlError(f"{file}: changed while the build ran; re-run the same command")
             image = vision.decode_image(data, name, max_decode_pixels)
             processed = vision.process_image(
