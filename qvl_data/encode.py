@@ -14,6 +14,7 @@ import numpy as np
 from qvl_data import vision
 from qvl_data.family import chat_template
 from qvl_data.format import ProcessorSummary
+from qvl_data.image_store import bytes_key, image_bytes
 from qvl_data.processor import (
     IM_END_ID,
     IMAGE_PAD_ID,
@@ -170,8 +171,6 @@ def measure_image(
     a build's row gets for it: the same as :func:`encode_record`'s for a missing, unreadable, oversized or
     degenerate image). ``known``: the key and header size an earlier build measured for this unchanged
     file (the image store's key cache), so nothing is read."""
-    from qvl_data.image_store import bytes_key, image_bytes
-
     key = None
     try:
         if known is not None:
