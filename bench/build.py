@@ -70,7 +70,18 @@ def _output_digest(out: Path) -> str:
     h = hashlib.sha256()
     for path in [out / "manifest.json", out / "rejected.jsonl", *sorted((out / "shards").iterdir())]:
         h.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in _image_shards(out):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
+
+
+def _image_shards(out: Path) -> list[Path]:
+    """The image store's shards the build's manifest lists."""
+    from qvl_data.image_store import store_path
+    from qvl_data.shards import load_manifest
+
+    store = load_manifest(out).image_store
+    return [store_path(store, out) / s.file for s in store.shards] if store else []
 
 
 def _qvl_config(cfg: dict[str, Any], force: bool = True):
@@ -83,7 +94,8 @@ def _qvl_config(cfg: dict[str, Any], force: bool = True):
         num_proc=cfg["num_proc"],
         pixel_format=cfg["pixel_format"],
         executor=cfg.get("executor", "local"),
-        force=force,
+        force=cfg.get("force", force),
+        cutoff_len=cfg.get("cutoff_len", 2048),
         quiet=True,
     )
 
@@ -104,7 +116,11 @@ def _qvl_result(result: Any) -> dict[str, Any]:
         "tokens": m.totals.tokens,
         "images": m.totals.images,
         "rejected": m.totals.rejected,
-        "output_bytes": sum(s.bytes for s in m.shards),
+        # row shards and the image shards they use (each distinct image once)
+        "output_bytes": sum(s.bytes for s in m.shards)
+        + (sum(s.bytes for s in m.image_store.shards) if m.image_store else 0),
+        "images_reused": result.images_reused,
+        "distinct_images": result.images,
         "partitions": result.partitions,
         "reused": result.reused,
         "driver_cpu_s": result.driver_cpu_seconds,
@@ -171,27 +187,138 @@ CHILDREN = {"qvl": child_qvl, "qvl killed": child_qvl_killed, "datasets.map": ch
 
 
 def qvl_pixel_bytes(out_dir: Path, max_rows: int | None = None) -> tuple[int, int]:
-    """(bytes of the stored pixel values, images) over the first ``max_rows`` rows of a qvl build."""
-    import pyarrow.compute as pc
-
+    """(bytes of the stored pixel values, distinct images) of the images the first ``max_rows`` rows of a
+    qvl build use (the image store keeps each once)."""
     from qvl_data.shards import ShardSet
 
-    shards = ShardSet(out_dir, columns=["pixels", "image_grid_thw"])
-    remaining = len(shards) if max_rows is None else min(max_rows, len(shards))
-    total = images = 0
+    shards = ShardSet(out_dir, columns=["image_grid_thw"])
+    rows = len(shards) if max_rows is None else min(max_rows, len(shards))
+    keys: set[str] = set()
     for table in shards.tables:
-        if remaining <= 0:
+        if len(keys) and rows <= 0:
             break
-        part = table.slice(0, min(remaining, table.num_rows))
-        remaining -= part.num_rows
-        for chunk in part.column("pixels").chunks:
-            items = chunk.flatten()  # this chunk's patches (fixed-size lists) or WebP images (binary)
-            if isinstance(items, pa.FixedSizeListArray):
-                total += len(items) * items.type.list_size * items.type.value_type.bit_width // 8
-            else:
-                total += pc.sum(pc.binary_length(items)).as_py() or 0
-        images += sum(len(g) for g in part.column("image_grid_thw").to_pylist())
-    return total, images
+        part = table.slice(0, min(rows, table.num_rows))
+        rows -= part.num_rows
+        keys.update(k for row in part.column("image_keys").to_pylist() for k in row)
+    total = 0
+    images = shards.images
+    for shard, row in images.find(sorted(keys)) if images and keys else []:
+        item = images.table(shard).column("pixels")[row]
+        if isinstance(item, pa.BinaryScalar):
+            total += len(item.as_buffer())
+        else:
+            values = item.values.flatten()
+            total += len(values) * values.type.bit_width // 8
+    return total, len(keys)
+
+
+# ------------------------------------------------------------------------------------------- the store
+
+STORE_TARGETS = {
+    "vqa_over_distinct_time": 0.3,  # build time (minus a one-row build's), VQA-style over all-distinct
+    "vqa_over_distinct_bytes": 0.3,  # output bytes, VQA-style over all-distinct
+    "text_rebuild_over_full": 0.1,  # all-distinct rebuilt after changing only --cutoff-len, over its build
+}
+
+
+def _all_distinct(vqa: Path, out: Path) -> Path:
+    """The VQA-style set's rows with every image use its own file: the same JPEG plus a few trailing bytes
+    (which decoders ignore), so each use is a distinct image of the same decode cost."""
+    import json
+
+    if out.is_dir() and (out / "dataset_info.json").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "images").mkdir(parents=True)
+    rows = json.loads((vqa / "synthetic.json").read_text(encoding="utf-8"))
+    use = 0
+    for row in rows:
+        names = []
+        for image in row["images"]:
+            name = f"images/use-{use:06d}.jpg"
+            (out / name).write_bytes((vqa / image).read_bytes() + use.to_bytes(8, "little"))
+            names.append(name)
+            use += 1
+        row["images"] = names
+    (out / "synthetic.json").write_text(json.dumps(rows), encoding="utf-8")
+    shutil.copy(vqa / "dataset_info.json", out / "dataset_info.json")
+    return out
+
+
+def _one_row(src: Path, out: Path) -> Path:
+    import json
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    row = json.loads((src / "synthetic.json").read_text(encoding="utf-8"))[0]
+    for image in row["images"]:
+        (out / image).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / image, out / image)
+    (out / "synthetic.json").write_text(json.dumps([row]), encoding="utf-8")
+    shutil.copy(src / "dataset_info.json", out / "dataset_info.json")
+    return out
+
+
+def run_store(args: argparse.Namespace) -> dict[str, Any]:
+    """The image store's targets, side by side in one run: a VQA-style set (5 uses per image on average,
+    the synthetic set's JPEG pool and size mix) against the same rows with every image distinct, each
+    time minus the fixed cost of a run (a one-row build); then the all-distinct set rebuilt after
+    changing only --cutoff-len."""
+    from bench.make_synthetic import make_synthetic
+
+    rows = args.rows
+    uses = 1.7 * rows  # make_row's mean images per row
+    vqa = make_synthetic(
+        rows, args.seed, args.data_dir / f"vqa-{rows}-s{args.seed}", int(uses / 5), quiet=True
+    )
+    distinct = _all_distinct(vqa, args.data_dir / f"distinct-{rows}-s{args.seed}")
+    one = _one_row(vqa, args.data_dir / "tmp" / "one-row")
+    builds = args.data_dir / "tmp" / "store"
+    shutil.rmtree(builds, ignore_errors=True)
+    n = max(args.num_proc)
+
+    def timed(name: str, dataset_dir: Path, out: str, **options: Any) -> dict[str, Any]:
+        cfg = {
+            "kind": "qvl",
+            "dataset_dir": str(dataset_dir),
+            "dataset": "synthetic",
+            "out": str(builds / out),
+        }
+        cfg.update(num_proc=n, pixel_format="uint8", force=False, **options)
+        print(f"[build] store: {name} ...", flush=True)
+        result = common.run_child(Path(__file__), cfg, in_process=child_qvl if args.in_process else None)
+        print(
+            f"[build]   {result['pipeline_s']:.1f} s, reused {result['images_reused']} of "
+            f"{result['distinct_images']} images",
+            flush=True,
+        )
+        return result
+
+    fixed = timed("one row", one, "one")["pipeline_s"]
+    v = timed("VQA-style", vqa, "vqa")
+    d = timed("all distinct", distinct, "distinct")
+    t = timed("all distinct, --cutoff-len 1024", distinct, "distinct", cutoff_len=1024)
+    measured = {
+        "fixed_s": fixed,
+        "vqa_s": v["pipeline_s"] - fixed,
+        "distinct_s": d["pipeline_s"] - fixed,
+        "text_rebuild_s": t["pipeline_s"] - fixed,
+        "vqa_bytes": v["output_bytes"],
+        "distinct_bytes": d["output_bytes"],
+        "uses_per_image": v["images"] / max(v["distinct_images"], 1),
+        "text_rebuild_reused": t["images_reused"] / max(t["distinct_images"], 1),
+    }
+    measured["ratios"] = {
+        "vqa_over_distinct_time": ratio(measured["vqa_s"], measured["distinct_s"]),
+        "vqa_over_distinct_bytes": ratio(v["output_bytes"], d["output_bytes"]),
+        "text_rebuild_over_full": ratio(measured["text_rebuild_s"], measured["distinct_s"]),
+    }
+    print(f"[build] store, {rows} rows, {measured['uses_per_image']:.1f} uses per image (VQA-style):")
+    for key, target in STORE_TARGETS.items():
+        got = measured["ratios"][key]
+        print(f"  {key:28} {fmt_ratio(got)}  target <= {target}  {'ok' if got <= target else 'MISSED'}")
+    print(f"  text rebuild reused pixels   {measured['text_rebuild_reused']:.0%}  target 100%")
+    return measured
 
 
 # ------------------------------------------------------------------------------------------- parent
@@ -624,6 +751,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=200,
         help="rows of the synthetic set built as float32 (bytes per image)",
     )
+    parser.add_argument(
+        "--store", action="store_true", help="only the image store's targets (VQA-style vs all-distinct)"
+    )
     parser.add_argument("--scaling", action="store_true", help="also build --scaling-rows (memory vs rows)")
     parser.add_argument("--scaling-rows", type=int, default=20000)
     parser.add_argument("--no-baseline", action="store_true", help="skip the datasets.map baseline")
@@ -656,8 +786,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    args = parse_args(argv)
+    if args.store and not getattr(args, "child", None):
+        return run_store(args)
     return common.bench_main(
-        NAME, parse_args(argv), run_all, summarize, print_tables, child=lambda cfg: CHILDREN[cfg["kind"]](cfg)
+        NAME, args, run_all, summarize, print_tables, child=lambda cfg: CHILDREN[cfg["kind"]](cfg)
     )
 
 

@@ -44,6 +44,17 @@ from qvl_data.format import (
     Rejected,
     SourceTotals,
 )
+from qvl_data.image_store import (
+    STORE_DIR,
+    ImageTaskResult,
+    config_id,
+    image_shard_size_problem,
+    pixel_config,
+    prepare_store,
+    register_build,
+    section,
+    store_path,
+)
 from qvl_data.lock import exclusive_lock
 from qvl_data.options import output_options
 from qvl_data.partition import DatasetIndex, Partition, data_files, make_plan
@@ -54,6 +65,7 @@ from qvl_data.task import (
     PARTS_DIR,
     BuildContext,
     TaskResult,
+    image_task,
     index_task,
     local_partition,
     partition_task,
@@ -63,6 +75,7 @@ from qvl_data.task import (
     record_path,
     rejected_file,
     rejected_path,
+    requests_path,
 )
 
 WORK_DIR = ".qvl-build"  # in the output directory: staged inputs, indexes, completion records
@@ -85,6 +98,8 @@ class BuildResult:
     driver_cpu_seconds: float = 0.0  # CPU of this process, not counting tasks run in it
     task_cpu_seconds: float = 0.0  # CPU of all the tasks, wherever they ran
     repaired: list[str] = field(default_factory=list)  # the damaged shards whose partitions were redone
+    images: int = 0  # distinct images the rows asked for
+    images_reused: int = 0  # of those, already in the image store
 
 
 def encode_options(config: BuildConfig) -> EncodeOptions:
@@ -469,7 +484,8 @@ def _run(
     versions = library_versions()
     fp = fingerprint(specs, dataset_dir, config, versions)
     existing = _existing_manifest(out_dir) if write and not config.force else None
-    if existing is not None and existing.fingerprint != fp:
+    store = image_store_dir(config, out_dir) if write else None
+    if existing is not None and (existing.fingerprint != fp or not _same_store(existing, out_dir, store)):
         existing = None
     if write:
         _prepare_out_dir(out_dir, fp, config.force, complete=existing is not None)
@@ -484,6 +500,7 @@ def _run(
         shard_bytes=config.shard_size_mb << 20,
         write=write,
         geometry=build_family(config).geometry,
+        image_store=str(store) if store is not None else "",
     )
     if config.executor == "local" and existing is None:
         # Work ahead: load the processor here once, before the pool forks, so that every local worker
@@ -503,15 +520,35 @@ def _run(
             return BuildResult(Path(config.out), existing, True, seconds, partitions=len(plan))
         if existing is not None:  # a repair rewrites shards the manifest lists (another build's stay)
             (out_dir / shards.MANIFEST).unlink(missing_ok=True)
+        processor_summary = ProcessorSummary(**summary) if summary else existing.processor  # type: ignore[union-attr]
         rows = sum(i.rows for i in indexes)
         results = _dispatch(executor, ctx, plan, known_by_index, rows, config.quiet, label)
+        image_results: list[ImageTaskResult] = []
+        if write:
+            pixels = pixel_config(
+                processor_summary,
+                ctx.encode.pixel_format,
+                ctx.encode.image_max_pixels,
+                ctx.encode.image_min_pixels,
+                ctx.encode.max_decode_pixels,
+                build_family(config).name,
+                versions,
+            )
+            folder = prepare_store(store, pixels)
+            image_results = _image_phase(executor, ctx, plan, results, folder, config)
         in_process_cpu = sum(r.cpu_seconds for r in results) if isinstance(executor, InProcess) else 0.0
+        if isinstance(executor, InProcess):
+            in_process_cpu += sum(r.cpu_seconds for r in image_results)
 
     entries = [r.entry for r in results]
-    processor_summary = ProcessorSummary(**summary) if summary else existing.processor  # type: ignore[union-attr]
     manifest = _manifest(config, fp, dataset_dir, versions, processor_summary, indexes, entries)
+    images = sum(r.needed for r in image_results)
+    reused = images - sum(r.processed for r in image_results)
     if write:
+        image_shards = [shard for r in image_results for shard in r.shards]
+        manifest.image_store = section(store, out_dir, config_id(pixels), image_shards, images)
         _commit(out_dir, ctx, manifest, plan)
+        register_build(store, out_dir / shards.MANIFEST)  # gc-images keeps what this build uses
     elif on_rejection is not None:
         for result in results:
             for rejection in result.rejections:
@@ -527,7 +564,60 @@ def _run(
         driver_cpu_seconds=time.process_time() - cpu_started - in_process_cpu,
         task_cpu_seconds=sum(r.cpu_seconds for r in results),
         repaired=[r.damaged for r in results if r.damaged],
+        images=images,
+        images_reused=reused,
     )
+
+
+def image_store_dir(config: BuildConfig, out_dir: Path) -> Path:
+    """``--image-store``, or the store inside the build folder."""
+    return Path(config.image_store).resolve() if config.image_store else out_dir / STORE_DIR
+
+
+def _same_store(manifest: Manifest, out_dir: Path, store: Path) -> bool:
+    """Whether a complete build's pixels are still where this run puts them: the same store, and every
+    image shard it lists there at its size (one deleted or damaged is redone by the image phase)."""
+    info = manifest.image_store
+    if info is None or (out_dir / info.path).resolve() != store.resolve():
+        return False
+    folder = store_path(info, out_dir)
+    return all(image_shard_size_problem(folder / s.file, s) is None for s in info.shards)
+
+
+def _image_phase(
+    executor: Any,
+    ctx: BuildContext,
+    plan: list[Partition],
+    results: list[TaskResult],
+    folder: Path,
+    config: BuildConfig,
+) -> list[ImageTaskResult]:
+    """Phase 3: one image task per bucket the partitions' requests touch (in bucket order); then phase 4:
+    the partitions whose rows use an image that could not be decoded are redone, told which (rare)."""
+    requests: dict[int, list[tuple[int, str]]] = {}
+    for result in results:
+        for bucket in result.buckets:
+            requests.setdefault(bucket, []).append(
+                (result.entry.index, str(requests_path(ctx, result.entry.index)))
+            )
+    calls = [
+        (image_task, (str(folder), b, requests[b], ctx.model, ctx.encode, config.force, ctx.shard_bytes))
+        for b in sorted(requests)
+    ]
+    image_results = sorted(executor.map_unordered(calls), key=lambda r: r.bucket)
+    failed_in: dict[int, dict[str, tuple[str, str]]] = {}
+    for image_result in image_results:
+        for key, partitions in image_result.failed_in.items():
+            for index in partitions:
+                failed_in.setdefault(index, {})[key] = image_result.failed[key]
+    redo = [
+        (partition_task, (ctx, p, False, None, failed_in.get(p.index, {})))
+        for p in plan
+        if sorted(failed_in.get(p.index, {})) != results[p.index].failed_known
+    ]
+    for result in executor.map_unordered(redo):
+        results[result.entry.index] = result
+    return image_results
 
 
 def _all_reusable(

@@ -120,6 +120,11 @@ def build(config_path: str | None, **overrides) -> None:
         return
     if result.reused and not config.quiet:
         click.echo(f"resumed: reused {result.reused} of {result.partitions} partitions already built")
+    if result.images and not config.quiet:
+        click.echo(
+            f"images: reused {result.images_reused} of {result.images} from the image store, "
+            f"processed {result.images - result.images_reused}"
+        )
     if not config.quiet:
         print_build_summary(result)
 
@@ -253,7 +258,30 @@ def verify_command(shards_dir: str) -> None:
         click.echo(REPAIR)
         sys.exit(1)
     click.echo(
-        f"{shards_dir}: all {result.shards} shard(s) ({result.bytes / 2**20:,.1f} MiB) match the manifest"
+        f"{shards_dir}: all {result.shards} shard(s) and {result.image_shards} image shard(s) "
+        f"({result.bytes / 2**20:,.1f} MiB) match the manifest"
+    )
+
+
+@main.command("gc-images")
+@click.argument("store_dir")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+def gc_images_command(store_dir: str, dry_run: bool) -> None:
+    """Remove the image shards of the image store STORE_DIR that no build using it lists.
+
+    The builds are those registered in STORE_DIR/builds/ (every build registers its store); one whose
+    manifest is gone or uses another store now is forgotten. Entries are removed a whole image shard at a
+    time, and only files qvl names as its own.
+    """
+    from qvl_data.image_store import gc_images
+
+    report = gc_images(Path(store_dir), dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for path in report.removed:
+        click.echo(f"{verb} {path}")
+    click.echo(
+        f"{store_dir}: {verb} {len(report.removed)} image shard(s), {report.bytes_freed / 2**20:,.1f} MiB; "
+        f"kept {report.kept} used by {report.builds} build(s)"
     )
 
 

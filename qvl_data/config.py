@@ -126,6 +126,9 @@ class BuildConfig:
     """Folder image paths are relative to; default: the dataset dir."""
     allow_outside_images: bool = option(False, output=OUTPUT_OPTION, stage="read")
     """Accept image paths that resolve outside the dataset (or media) directory."""
+    image_store: str | None = option(None, stage="write")
+    """Folder of the image store (each distinct image's pixels, once); default: images/ in --out. One
+    store may serve several builds (`qvl-data gc-images DIR` removes what none of them uses)."""
     force: bool = option(False, stage="write")
     """Rebuild even when the output's fingerprint matches."""
     quiet: bool = option(False, stage="encode")

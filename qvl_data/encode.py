@@ -14,6 +14,7 @@ import numpy as np
 from qvl_data import vision
 from qvl_data.family import chat_template
 from qvl_data.format import ProcessorSummary
+from qvl_data.image_store import bytes_key, image_bytes
 from qvl_data.processor import (
     IM_END_ID,
     IMAGE_PAD_ID,
@@ -79,6 +80,8 @@ class EncodedRow:
     # all images' patches stacked: (n_patches, 3*p*p) uint8 or (n, 3*2*p*p) float32 for the family's patch
     # side p (14: 588 / 1176; Qwen3-VL's 16: 768 / 1536); for "webp", one WebP per image
     pixels: np.ndarray | list[bytes] | None = None
+    # per image: the image store's key (a build's rows; their pixels are in the store, ``pixels`` is None)
+    image_keys: list[str] = field(default_factory=list)
 
     @property
     def pixel_bytes(self) -> int:
@@ -152,6 +155,39 @@ def _process_images(paths: list[str], image_processor, options: EncodeOptions) -
     return processed
 
 
+@dataclass(frozen=True)
+class MeasuredImage:
+    """What tokenizing a row needs of one image, read from its header: no pixel is decoded."""
+
+    key: str  # qvl_data/image_store.py image_key
+    grid_thw: tuple[int, int, int]
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+
+
+def measure_image(
+    source, image_processor, options: EncodeOptions, known: tuple[str, tuple[int, int]] | None = None
+) -> tuple[str | None, MeasuredImage | vision.ImageError]:
+    """(the image's key, its sizes and grid) from its bytes and header, or (its key or None, the error
+    a build's row gets for it: the same as :func:`encode_record`'s for a missing, unreadable, oversized or
+    degenerate image). ``known``: the key and header size an earlier build measured for this unchanged
+    file (the image store's key cache), so nothing is read."""
+    key = None
+    try:
+        if known is not None:
+            key, original = known
+        else:
+            data = image_bytes(source)
+            key = bytes_key(data)
+            name = source if isinstance(source, str) else source.name
+            original = vision.image_header_size(data, name, options.max_decode_pixels)
+        resized = vision.preresized_size(*original, options.image_max_pixels, options.image_min_pixels)
+        grid = vision.image_grid_thw(image_processor, *resized)
+        return key, MeasuredImage(key, grid, original, resized)
+    except vision.ImageError as e:
+        return key, e
+
+
 def _rejecter(record: Record, file: str):
     def reject(reason: str, message: str) -> Rejection:
         where = row_location(file, record["index"]) if file else f"{record['source']} row {record['index']}"
@@ -167,14 +203,31 @@ def _image_failure(reject, failure: _ImageFailure) -> Rejection:
 
 
 def encode_record(
-    record: Record, tokenizer, image_processor, options: EncodeOptions, file: str = ""
+    record: Record,
+    tokenizer,
+    image_processor,
+    options: EncodeOptions,
+    file: str = "",
+    measured: list[MeasuredImage | vision.ImageError] | None = None,
 ) -> EncodedRow | Rejection:
     """Load and process the images, expand placeholders, template, mask and truncate.
 
     ``file`` is the dataset file the record came from: rejections name it like every other rejection
-    (``row_location``); without it they fall back to the source name.
+    (``row_location``); without it they fall back to the source name. ``measured`` (a build's: one
+    :func:`measure_image` per image, an error where it failed) replaces the pixels: the row gets the
+    images' keys, sizes and grids, and its pixels stay in the image store.
     """
     reject = _rejecter(record, file)
+    if measured is not None:
+        for k, image in enumerate(measured):
+            if isinstance(image, vision.ImageError):
+                return _image_failure(reject, _ImageFailure(k, record["images"][k], image))
+        grids = [tuple(int(x) for x in m.grid_thw) for m in measured]
+        sizes = [(*m.original_size, *m.resized_size) for m in measured]
+        counts = [vision.image_token_count(g, image_processor.merge_size) for g in grids]
+        return _encode_text(
+            record, reject, tokenizer, options, grids, sizes, counts, None, [m.key for m in measured]
+        )
     try:
         processed = _process_images(record["images"], image_processor, options)
     except _ImageFailure as failure:
@@ -189,7 +242,17 @@ def encode_record(
         else:
             pixels.append(image.pixels)
         token_counts.append(vision.image_token_count(image.grid_thw, image_processor.merge_size))
+    if pixels:
+        stacked = pixels if options.pixel_format == "webp" else np.concatenate(pixels)
+    else:
+        stacked = None
+    return _encode_text(record, reject, tokenizer, options, grids, sizes, token_counts, stacked, [])
 
+
+def _encode_text(
+    record: Record, reject, tokenizer, options: EncodeOptions, grids, sizes, token_counts, pixels, keys
+) -> EncodedRow | Rejection:
+    """The text side of :func:`encode_record`, once the images' grids are known."""
     messages = expand_image_placeholders(record["messages"], token_counts)
     input_ids, labels, truncated = encode_conversation(
         tokenizer,
@@ -218,7 +281,8 @@ def encode_record(
         image_paths=list(record["images"]),
         image_grid_thw=grids,
         image_sizes=sizes,
-        pixels=(pixels if options.pixel_format == "webp" else np.concatenate(pixels)) if pixels else None,
+        pixels=pixels,
+        image_keys=keys,
     )
 
 

@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 FORMAT_NAME = "qvl-shards"
-FORMAT_VERSION = 2  # 2: shards written per partition, partitions and library versions in the manifest
+# 2: shards written per partition, partitions and library versions in the manifest
+# 3: pixels in an image store (qvl_data/image_store.py), rows name their images by key
+FORMAT_VERSION = 3
 
 #: How the ``pixels`` column stores a row's images:
 #:   uint8    list<fixed_size_list<uint8, 588>>     patches before rescale/normalize (one temporal copy)
@@ -155,6 +157,32 @@ class PartitionEntry:
 
 
 @dataclass
+class ImageShardEntry:
+    file: str  # relative to the store's config folder: <bucket>/<sha256>.arrow
+    entries: int
+    bytes: int
+    sha256: str
+    pixel_bytes: int = 0  # stored bytes of its pixels column's values (what --pixel-format changes)
+
+
+@dataclass
+class ImageStoreSection:
+    """Where a build's pixels are: the store (relative to the build folder when inside it), its pixel
+    configuration's folder, and the image shards holding every image the rows use."""
+
+    path: str
+    config_id: str
+    images: int  # distinct images the build's rows and rejections asked for
+    shards: list[ImageShardEntry] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImageStoreSection:
+        section = _from_dict(cls, data)
+        section.shards = [_from_dict(ImageShardEntry, s) for s in data["shards"]]
+        return section
+
+
+@dataclass
 class Rejected:
     total: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
@@ -175,6 +203,7 @@ class Manifest:
     rejected: Rejected
     shards: list[ShardEntry]
     partitions: list[PartitionEntry]
+    image_store: ImageStoreSection | None = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -210,4 +239,6 @@ class Manifest:
         m.rejected = _from_dict(Rejected, data["rejected"])
         m.shards = [_from_dict(ShardEntry, s) for s in data["shards"]]
         m.partitions = [PartitionEntry.from_dict(p) for p in data["partitions"]]
+        if data.get("image_store") is not None:
+            m.image_store = ImageStoreSection.from_dict(data["image_store"])
         return m

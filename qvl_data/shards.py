@@ -38,6 +38,12 @@ from qvl_data.format import (
     PatchGeometry,
     ShardEntry,
 )
+from qvl_data.image_store import (
+    ImageLookup,
+    image_shard_problem,
+    image_shard_size_problem,
+    store_path,
+)
 
 # write_json_atomic (qvl_data.files) is re-exported: the build writes its manifest and records with it.
 __all__ = [
@@ -68,15 +74,6 @@ def shard_prefix(fingerprint: str, partition: int | None = None) -> str:
     return build if partition is None else f"{build}-{partition:05d}"
 
 
-PIXEL_TYPE = {"uint8": pa.uint8(), "float32": pa.float32(), "webp": pa.uint8()}
-
-
-def _pixel_column_type(pixel_format: str, geometry: PatchGeometry = QWEN2_VL_GEOMETRY) -> pa.DataType:
-    if pixel_format == "webp":
-        return pa.list_(pa.binary())
-    return pa.list_(pa.list_(PIXEL_TYPE[pixel_format], geometry.values_per_patch(pixel_format)))
-
-
 def shard_schema(pixel_format: str, geometry: PatchGeometry = QWEN2_VL_GEOMETRY) -> pa.Schema:
     """Columns of every shard. Plain Arrow types only, so datasets and polars read them without qvl. The
     pixels' patch width is the family's (``geometry``: 588 / 1176 values for 14-px patches, 768 / 1536 for
@@ -95,9 +92,8 @@ def shard_schema(pixel_format: str, geometry: PatchGeometry = QWEN2_VL_GEOMETRY)
             pa.field("image_grid_thw", pa.list_(pa.list_(pa.int32(), 3))),
             # original (w, h) then (w, h) after the pre-resize, per image
             pa.field("image_sizes", pa.list_(pa.list_(pa.int32(), 4))),
-            pa.field(
-                "pixels", _pixel_column_type(pixel_format, geometry)
-            ),  # all images in order; see ShardSet
+            # per image, its key in the image store (qvl_data/image_store.py), which holds its pixels
+            pa.field("image_keys", pa.list_(pa.string())),
         ],
         metadata={
             "qvl_format": FORMAT_NAME,
@@ -123,14 +119,6 @@ def rows_to_batch(
     rows: list, pixel_format: str, geometry: PatchGeometry = QWEN2_VL_GEOMETRY
 ) -> pa.RecordBatch:
     """EncodedRows -> one record batch with ``shard_schema(pixel_format, geometry)``."""
-    if pixel_format == "webp":
-        pixels = pa.array([r.pixels or [] for r in rows], _pixel_column_type(pixel_format))
-    else:
-        dim = geometry.values_per_patch(pixel_format)
-        empty_pixels = np.zeros((0, dim), dtype=PIXEL_TYPE[pixel_format].to_pandas_dtype())
-        pixels = _list_array(
-            [r.pixels if r.pixels is not None else empty_pixels for r in rows], PIXEL_TYPE[pixel_format], dim
-        )
     columns = [
         pa.array([r.id for r in rows], pa.string()),
         pa.array([r.source for r in rows], pa.string()),
@@ -143,7 +131,7 @@ def rows_to_batch(
         pa.array([r.image_paths for r in rows], pa.list_(pa.string())),
         _list_array([np.asarray(r.image_grid_thw, dtype=np.int32).reshape(-1) for r in rows], pa.int32(), 3),
         _list_array([np.asarray(r.image_sizes, dtype=np.int32).reshape(-1) for r in rows], pa.int32(), 4),
-        pixels,
+        pa.array([r.image_keys for r in rows], pa.list_(pa.string())),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=shard_schema(pixel_format, geometry))
 
@@ -303,6 +291,14 @@ def open_shard_table(path: Path) -> pa.Table:
     return _map_shard(path)[0]
 
 
+def open_image_shard_table(path: Path) -> pa.Table:
+    """Memory-map one image shard; ValueError when it is not an Arrow stream."""
+    try:
+        return _map_shard(path)[0]
+    except pa.ArrowException as e:
+        raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
 #: How to repair a shard that fails :func:`shard_problem`'s checks (the re-run finds the same problem).
 REPAIR = (
     "re-run the same `qvl-data build` (it redoes only that partition), "
@@ -401,6 +397,24 @@ def _binary_offsets(values: pa.BinaryArray) -> np.ndarray:
     return np.frombuffer(values.buffers()[1], dtype=np.int32)[values.offset :][: len(values) + 1]
 
 
+def _image_pixels(table: pa.Table, row: int) -> np.ndarray:
+    """One image shard entry's stored values, flat, as a zero-copy view into its buffers."""
+    column = table.column("pixels")
+    chunk, local = _chunk_of(column, row)
+    if pa.types.is_binary(chunk.type):  # webp: the file's bytes
+        offsets = _binary_offsets(chunk)
+        return np.frombuffer(chunk.buffers()[2], dtype=np.uint8)[offsets[local] : offsets[local + 1]]
+    return chunk[local].values.flatten().to_numpy(zero_copy_only=True)
+
+
+def _chunk_of(column: pa.ChunkedArray, row: int) -> tuple[pa.Array, int]:
+    for chunk in column.chunks:
+        if row < len(chunk):
+            return chunk, row
+        row -= len(chunk)
+    raise IndexError(row)
+
+
 def _close_all(fds: dict[int, int]) -> None:
     for fd in fds.values():
         os.close(fd)
@@ -420,15 +434,21 @@ class ShardSet:
     kernel from reading ahead around rows a shuffled epoch will not read next.
     """
 
-    def __init__(self, out_dir: Path, columns: list[str] | None = None):
+    def __init__(self, out_dir: Path, columns: list[str] | None = None, check_images: bool = False):
+        """``check_images``: every image :meth:`read` reads is checked against the sha256 its image shard
+        entry records (a flipped byte is one line naming the shard, instead of wrong pixels)."""
         self.out_dir = Path(out_dir)
+        self.check_images = check_images
         self.manifest = load_manifest(out_dir)
         self.pixel_format = self.manifest.pixel_format
         self.tables, self.paths, self._maps, self._bases = [], [], [], []
         for shard in self.manifest.shards:
             path = self.out_dir / shard.file
             table, mapping = open_checked_shard(path, shard, self.pixel_format, self.manifest.geometry)
-            self.tables.append(table.select(columns) if columns else table)
+            if columns:  # the pixels are the image store's; a row's image keys find them
+                wanted = [c for c in columns if c != "pixels"]
+                table = table.select(wanted + ["image_keys"] * ("image_keys" not in wanted))
+            self.tables.append(table)
             self.paths.append(path)
             self._maps.append(mapping)
             self._bases.append(pa.py_buffer(mapping).address)
@@ -436,9 +456,98 @@ class ShardSet:
         self.offsets = np.cumsum([0] + [t.num_rows for t in self.tables])
         self._fds: dict[int, int] = {}  # shard -> fd for read(), opened on first use
         weakref.finalize(self, _close_all, self._fds)
+        self.images: ImageLookup | None = None  # the image store's shards, after the row shards
+        self._image_slots: dict[int, int] = {}
+        self._image_extents: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
+        store = self.manifest.image_store
+        if store is not None:
+            folder = store_path(store, self.out_dir)
+            for entry in store.shards:  # cheap: sizes now, each one's Arrow structure when first opened
+                problem = image_shard_size_problem(folder / entry.file, entry)
+                if problem:
+                    raise DamagedShard(f"{problem}; {REPAIR}")
+            self.images = ImageLookup(folder, store.shards, self._open_image_shard)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    def _open_image_shard(self, image_shard: int, path: Path) -> pa.Table:
+        """An image shard mapped like a row shard (its buffers' offsets in the file known, for pread)."""
+        table, mapping = _map_shard(path)
+        problem = image_shard_problem(table, self.pixel_format, self.manifest.geometry)
+        if problem:
+            raise DamagedShard(f"{path}: damaged or unreadable image shard ({problem}); {REPAIR}")
+        self.paths.append(path)
+        self._maps.append(mapping)
+        self._bases.append(pa.py_buffer(mapping).address)
+        self._image_slots[image_shard] = len(self.paths) - 1  # where read() finds its file and map
+        return table
+
+    def _row_images(self, i: int) -> list[tuple[int, int]]:
+        """Row i's images as (image shard, entry) pairs, in order."""
+        shard, local = self._shard_of(i)
+        keys = self.tables[shard].column("image_keys")[local].as_py() if self.images else []
+        return self.images.find(keys) if keys else []
+
+    def _image_views(self, i: int) -> tuple[list[np.ndarray], list[int], list[list[int]]]:
+        """Row i's images in the store: each one's stored values (a flat zero-copy view into its mapped
+        image shard), the index of that shard in ``self.paths``, and each one's grid."""
+        views, where, grids = [], [], []
+        for image_shard, row in self._row_images(i):
+            table = self.images.table(image_shard)
+            views.append(_image_pixels(table, row))
+            where.append(self._image_slots[image_shard])
+            grids.append(table.column("image_grid_thw")[row].as_py())
+        return views, where, grids
+
+    def _extents(self, image_shard: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """(slot in ``self.paths``, each entry's first and end byte in the file, each entry's grid) of an
+        image shard, computed once: what :meth:`_pread_images` reads a row's images with."""
+        found = self._image_extents.get(image_shard)
+        if found is None:
+            table = self.images.table(image_shard)
+            slot, base = self._image_slots[image_shard], self._bases[self._image_slots[image_shard]]
+            bounds = []
+            for chunk in table.column("pixels").chunks:
+                if pa.types.is_binary(chunk.type):
+                    offsets = _binary_offsets(chunk).astype(np.int64)
+                    bounds.append(chunk.buffers()[2].address - base + offsets)
+                else:
+                    flat = chunk.values.flatten()
+                    width = chunk.type.value_type.list_size * flat.type.bit_width // 8
+                    lists = np.frombuffer(chunk.buffers()[1], dtype=np.int32)[chunk.offset :][
+                        : len(chunk) + 1
+                    ]
+                    start = flat.buffers()[1].address + flat.offset * flat.type.bit_width // 8 - base
+                    bounds.append(start + lists.astype(np.int64) * width)
+            starts = np.concatenate([b[:-1] for b in bounds]) if bounds else np.zeros(0, np.int64)
+            ends = np.concatenate([b[1:] for b in bounds]) if bounds else np.zeros(0, np.int64)
+            grids = table.column("image_grid_thw").combine_chunks().flatten().to_numpy().reshape(-1, 3)
+            found = self._image_extents[image_shard] = (slot, np.stack([starts, ends], axis=1), grids)
+        return found
+
+    def _pread_images(self, i: int) -> tuple[np.ndarray, list[tuple[int, int]], list]:
+        """Row i's images' stored values read with ``pread`` into one new flat array, the byte range of
+        each image in it, and each one's grid."""
+        parts = []
+        for image_shard, row in self._row_images(i):
+            slot, extents, grids = self._extents(image_shard)
+            parts.append((slot, int(extents[row, 0]), int(extents[row, 1]), grids[row]))
+        dtype = np.float32 if self.pixel_format == "float32" else np.uint8
+        total = sum(end - start for _, start, end, _ in parts)
+        out = np.empty(total // np.dtype(dtype).itemsize, dtype=dtype)
+        raw, at, ranges = out.view(np.uint8), 0, []
+        for slot, start, end, _ in parts:
+            self._pread_at(slot, raw[at : at + end - start], start)
+            ranges.append((at, at + end - start))
+            at += end - start
+        if self.check_images:
+            for (image_shard, row), (a, b) in zip(self._row_images(i), ranges, strict=True):
+                want = self.images.table(image_shard).column("pixels_sha256")[row].as_py()
+                if hashlib.sha256(raw[a:b]).hexdigest() != want:
+                    path = self.images.paths[image_shard]
+                    raise DamagedShard(f"{path}: image {row}'s pixels differ from their sha256; {REPAIR}")
+        return out, ranges, [grid for *_, grid in parts]
 
     def _shard_of(self, i: int) -> tuple[int, int]:
         if not 0 <= i < len(self):
@@ -452,7 +561,7 @@ class ShardSet:
 
     def row(self, i: int, columns: tuple[str, ...] | None = None) -> dict:
         table, local = self.locate(i)
-        names = columns or tuple(n for n in table.column_names if n != "pixels")
+        names = columns or tuple(table.column_names)
         return {name: table.column(name)[local].as_py() for name in names}
 
     def release(self, i: int) -> None:
@@ -481,56 +590,68 @@ class ShardSet:
         return values.to_numpy(zero_copy_only=True)
 
     def read(self, i: int, column: str) -> np.ndarray:
-        """A copy of row i's values of a list column (``input_ids``, ``labels``, ``pixels``), flat, read from
-        the file with ``pread`` (see the class docstring); equal to the mapped values."""
+        """A copy of row i's values of a list column (``input_ids``, ``labels``, ``pixels``: its images'
+        stored values back to back), flat, read from the files with ``pread`` (see the class docstring);
+        equal to the mapped values."""
+        if column == "pixels":
+            return self._pread_images(i)[0]
         shard, local = self._shard_of(i)
         return self._pread_copy(shard, self._mapped(shard, local, column))
+
+    def _stacked(self, values: list[np.ndarray]) -> np.ndarray:
+        if len(values) == 1:
+            return values[0]
+        if values:
+            return np.concatenate(values)
+        dtype = np.float32 if self.pixel_format == "float32" else np.uint8
+        return np.zeros(0, dtype=dtype)
 
     def _pread_copy(self, shard: int, view: np.ndarray) -> np.ndarray:
         out = np.empty_like(view)
         if out.nbytes:
-            fd = self._fds.get(shard)
-            if fd is None:
-                fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
-                if hasattr(os, "posix_fadvise"):
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            _pread_into(fd, out, view.ctypes.data - self._bases[shard], self.paths[shard])
+            self._pread_at(shard, out, view.ctypes.data - self._bases[shard])
         return out
 
-    def _patches(self, shard: int, local: int, stored: np.ndarray) -> np.ndarray:
-        """Stored pixel values of one row (flat) -> ``(n_patches, PATCH_DIM)``; webp images are decoded."""
+    def _pread_at(self, shard: int, out: np.ndarray, offset: int) -> None:
+        if not out.nbytes:
+            return
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        _pread_into(fd, out, offset, self.paths[shard])
+
+    def _patches(self, images: list[np.ndarray], grids: list[list[int]]) -> np.ndarray:
+        """Stored pixel values of one row's images (flat, each) -> ``(n_patches, PATCH_DIM)``; webp images
+        are decoded."""
         geometry = self.manifest.geometry
+        width = geometry.values_per_patch(self.pixel_format)
         if self.pixel_format != "webp":
-            return stored.reshape(-1, geometry.values_per_patch(self.pixel_format))
+            return self._stacked(images).reshape(-1, width)
         from qvl_data.vision import decode_patches_webp  # PIL only for webp shards
 
-        table = self.tables[shard]
-        grids = table.column("image_grid_thw")[local].as_py() or []
-        lengths = np.diff(_binary_offsets(table.column("pixels")[local].values))
-        if len(lengths) != len(grids):
-            raise QvlError(
-                f"row {local} of {self.paths[shard]}: {len(lengths)} images for {len(grids)} grids"
-            )
-        ends = np.cumsum(lengths)
-        images = [
-            decode_patches_webp(
-                memoryview(stored[end - n : end]), grid, geometry.merge_size, geometry.patch_size
-            )
-            for grid, n, end in zip(grids, lengths, ends, strict=True)
+        decoded = [
+            decode_patches_webp(memoryview(image), grid, geometry.merge_size, geometry.patch_size)
+            for image, grid in zip(images, grids, strict=True)
         ]
-        empty = np.zeros((0, geometry.values_per_patch("webp")), dtype=np.uint8)
-        return np.concatenate(images) if images else empty
+        if len(decoded) == 1:
+            return decoded[0]
+        return np.concatenate(decoded) if decoded else np.zeros((0, width), dtype=np.uint8)
 
     def pixel_patches(self, i: int) -> np.ndarray:
-        """The stored pixels of row i as a ``(n_patches, 588 | 1176)`` array: a view into the mapped shard
-        for uint8 and float32, decoded (a new array of uint8 patches) for webp."""
-        shard, local = self._shard_of(i)
-        return self._patches(shard, local, self._mapped(shard, local, "pixels"))
+        """The stored pixels of row i as a ``(n_patches, 588 | 1176)`` array: for uint8 and float32 a view
+        into the mapped image shard when the row has one image (a copy of the views joined otherwise),
+        decoded (a new array of uint8 patches) for webp."""
+        views, _, grids = self._image_views(i)
+        return self._patches(views, grids)
 
     def read_pixel_patches(self, i: int) -> np.ndarray:
         """:meth:`pixel_patches` as a new array read with ``pread`` (what the training loader uses)."""
-        shard, local = self._shard_of(i)
-        return self._patches(shard, local, self.read(i, "pixels"))
+        values, ranges, grids = self._pread_images(i)
+        if self.pixel_format != "webp":
+            return values.reshape(-1, self.manifest.geometry.values_per_patch(self.pixel_format))
+        return self._patches([values[a:b] for a, b in ranges], grids)
 
     def pixel_values(self, i: int) -> np.ndarray:
         """float32 pixel_values (n_patches, 1176) equal to the HF image processor's output for this row."""

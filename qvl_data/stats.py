@@ -172,7 +172,10 @@ def compute_stats(out_dir: str | Path) -> dict:
         .agg(pl.len().alias("images"))
         .sort(["images", "t", "h", "w"], descending=[True, False, False, False])
     )
-    pixel_bytes = sum(s.pixel_bytes for s in manifest.shards)  # as the writer counted them (webp too)
+    # as the writer counted them (webp too): the image store's shards hold the pixels, once per image
+    store = manifest.image_store
+    pixel_bytes = sum(s.pixel_bytes for s in (store.shards if store else manifest.shards))
+    distinct = store.images if store else images.height
     files = [out_dir / s.file for s in manifest.shards]
     size = sum(f.stat().st_size for f in files)
 
@@ -213,7 +216,11 @@ def compute_stats(out_dir: str | Path) -> dict:
             "bytes": size,
             "bytes_per_row": round(size / rows.height, 1) if rows.height else 0.0,
             "pixel_bytes": pixel_bytes,
-            "pixel_bytes_per_image": round(pixel_bytes / images.height, 1) if images.height else 0.0,
+            # per distinct image: the store keeps each once, however many rows use it
+            "distinct_images": distinct,
+            "image_shards": len(store.shards) if store else 0,
+            "image_shard_bytes": sum(s.bytes for s in store.shards) if store else 0,
+            "pixel_bytes_per_image": round(pixel_bytes / distinct, 1) if distinct else 0.0,
             "pixel_format": pixel_format,
         },
         "warnings": warnings,

@@ -22,9 +22,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qvl_data.encode import EncodedRow, EncodeOptions, encode_record, processor_summary
+from qvl_data import vision
+from qvl_data.encode import (
+    EncodedRow,
+    EncodeOptions,
+    MeasuredImage,
+    encode_record,
+    measure_image,
+    processor_summary,
+)
 from qvl_data.errors import QvlError
 from qvl_data.format import QWEN2_VL_GEOMETRY, PartitionEntry, PatchGeometry, SourceTotals
+from qvl_data.image_store import (
+    ImageTaskResult,
+    files_identity,
+    process_bucket,
+    read_key_cache,
+    request_buckets,
+    write_key_cache,
+    write_requests,
+)
 from qvl_data.partition import DatasetIndex, Partition, index_dataset
 from qvl_data.schema import Rejection, rejection_line
 from qvl_data.shards import (
@@ -58,6 +75,7 @@ class BuildContext:
     shard_bytes: int
     write: bool = True  # False: validate only; rejections come back in the result, nothing is written
     geometry: PatchGeometry = QWEN2_VL_GEOMETRY  # the family's: the shards' pixel column width
+    image_store: str = ""  # the image store's folder (its key cache; the image tasks get their own folder)
 
     def spec(self, source: str) -> DatasetSpec:
         return next(s for s in self.specs if s.name == source)
@@ -71,6 +89,8 @@ class TaskResult:
     loaded_processor: bool = False  # this task loaded the processor into its process first
     rejections: list[Rejection] = field(default_factory=list)  # validate mode only
     damaged: str = ""  # why this partition was redone: a shard its record lists is damaged (or "")
+    buckets: list[int] = field(default_factory=list)  # the image-store buckets its image requests touch
+    failed_known: list[str] = field(default_factory=list)  # the undecodable image keys it was built with
 
 
 _PROCESSOR: dict[str, Any] = {}
@@ -110,6 +130,11 @@ def rejected_file(work_dir: str | Path, index: int) -> Path:
     return Path(work_dir) / PARTS_DIR / f"{index:05d}.rejected.jsonl"
 
 
+def requests_path(ctx: BuildContext, index: int) -> Path:
+    """The partition's image requests (key and source of every image its rows use), for the image tasks."""
+    return Path(ctx.work_dir) / PARTS_DIR / f"{index:05d}.images.arrow"
+
+
 def _convert(ctx: BuildContext, partition: Partition) -> tuple[list, str]:
     """The partition's rows as records or rejections (structural checks, image paths resolved), and a
     digest of that outcome together with each image's (path, size, mtime): equal digests mean the
@@ -136,7 +161,14 @@ def _reusable(
     with this fingerprint) still matches its files: then that entry is the record, written back, and the
     complete build stays complete."""
     entry = _read_record(ctx, partition)
-    if entry is None and known is not None and _same_rows(known, partition):
+    if entry is not None and not requests_path(ctx, partition.index).is_file():
+        entry = None
+    if (
+        entry is None
+        and known is not None
+        and _same_rows(known, partition)
+        and requests_path(ctx, partition.index).is_file()
+    ):
         entry = known
         if ctx.write:
             _write_record(ctx, partition, entry)
@@ -173,13 +205,26 @@ def _same_rows(entry: PartitionEntry, partition: Partition) -> bool:
     )
 
 
-def _write_record(ctx: BuildContext, partition: Partition, entry: PartitionEntry) -> None:
+def _write_record(
+    ctx: BuildContext, partition: Partition, entry: PartitionEntry, images: dict | None = None
+) -> None:
     record = {
         "fingerprint": ctx.fingerprint,
         "partition": _partition_json(ctx, partition),
         "entry": asdict(entry),
+        # the image-store buckets its requests touch, and the undecodable images its rows were told of
+        "images": images if images is not None else _record_images(ctx, partition),
     }
     write_json_atomic(record_path(ctx, partition.index), record)
+
+
+def _record_images(ctx: BuildContext, partition: Partition) -> dict:
+    try:
+        images = json.loads(record_path(ctx, partition.index).read_text(encoding="utf-8"))["images"]
+        return {"buckets": list(images["buckets"]), "failed": list(images["failed"])}
+    except (OSError, ValueError, KeyError, TypeError):  # a record rebuilt from the manifest's entry
+        path = requests_path(ctx, partition.index)
+        return {"buckets": request_buckets(path) if path.is_file() else [], "failed": []}
 
 
 def _partition_json(ctx: BuildContext, partition: Partition) -> dict[str, Any]:
@@ -208,24 +253,36 @@ def _remove_outputs(ctx: BuildContext, index: int) -> None:
     (the files this task is about to write, under the names only it uses; a previous build's shards have
     another fingerprint in their names and stay until this build commits)."""
     record_path(ctx, index).unlink(missing_ok=True)
+    requests_path(ctx, index).unlink(missing_ok=True)
     for file in (Path(ctx.out_dir) / SHARD_DIR).glob(f"{shard_prefix(ctx.fingerprint, index)}-*.arrow*"):
         if SHARD_NAME.fullmatch(file.name):
             file.unlink()
 
 
 def partition_task(
-    ctx: BuildContext, partition: Partition, check_only: bool = False, known: PartitionEntry | None = None
+    ctx: BuildContext,
+    partition: Partition,
+    check_only: bool = False,
+    known: PartitionEntry | None = None,
+    failed: dict[str, tuple[str, str]] | None = None,
 ) -> TaskResult:
     """Encode and write one partition, or reuse its valid completion record (or ``known``, see
     :func:`_reusable`). With ``check_only`` no shard is written: the result only says whether the
-    partition is still valid (``reused``)."""
+    partition is still valid (``reused``).
+
+    A build's rows get their images' keys, sizes and grids from the image headers (no pixel is decoded
+    here); the images go to the partition's request file for the image tasks. ``failed``: the images of
+    this partition that the image tasks could not decode (key -> code, message); the rows using them are
+    rejected as a build that decoded them here would have (None: none known yet, any record is reused)."""
     started = time.process_time()
     items, image_digest = _convert(ctx, partition)
     damaged = ""
     if ctx.write or check_only:
         entry, damaged = _reusable(ctx, partition, image_digest, known)
-        if entry is not None:
-            return TaskResult(entry, reused=True, cpu_seconds=time.process_time() - started)
+        images = _record_images(ctx, partition) if entry is not None else {}
+        if entry is not None and (failed is None or sorted(failed) == images["failed"]):
+            cpu = time.process_time() - started
+            return TaskResult(entry, True, cpu, buckets=images["buckets"], failed_known=images["failed"])
         if check_only:
             return TaskResult(_entry(partition, image_digest, SourceTotals(), {}, []), damaged=damaged)
         _remove_outputs(ctx, partition.index)
@@ -242,12 +299,24 @@ def partition_task(
         )
     tokenizer = image_processor = None
     loads = _PROCESSOR.get("loads", 0)
+    requests: dict = {}
+    files = [p for item in items if isinstance(item, dict) for p in item["images"] if isinstance(p, str)]
+    identity = files_identity(files) if ctx.write and ctx.image_store else ""
+    cache = read_key_cache(Path(ctx.image_store), identity) if identity else {}
+    measured_now: dict = {}
     for item in items:
         if isinstance(item, dict):
             if tokenizer is None:
                 tokenizer, image_processor = processor(ctx.model)
                 _check_geometry(ctx, image_processor)
-            item = encode_record(item, tokenizer, image_processor, ctx.encode, file=partition.file)
+            measured = None
+            if ctx.write:  # validate decodes every image itself: no store to hand them to
+                measured = _measure(
+                    item["images"], image_processor, ctx.encode, requests, failed or {}, cache, measured_now
+                )
+            item = encode_record(
+                item, tokenizer, image_processor, ctx.encode, file=partition.file, measured=measured
+            )
         if isinstance(item, Rejection):
             rejections.append(item)
             reasons[item.reason] = reasons.get(item.reason, 0) + 1
@@ -263,9 +332,74 @@ def partition_task(
         cpu = time.process_time() - started
         return TaskResult(entry, cpu_seconds=cpu, loaded_processor=loaded, rejections=rejections)
     _write_rejected(rejected_path(ctx, partition.index), rejections)
-    _write_record(ctx, partition, entry)  # last: marks the partition done
+    if identity and not cache:
+        write_key_cache(Path(ctx.image_store), identity, measured_now)
+    buckets = write_requests(requests_path(ctx, partition.index), requests)
+    images = {"buckets": buckets, "failed": sorted(failed or {})}
+    _write_record(ctx, partition, entry, images)  # last: marks the partition done
     cpu = time.process_time() - started
-    return TaskResult(entry, cpu_seconds=cpu, loaded_processor=loaded, damaged=damaged)
+    return TaskResult(
+        entry,
+        cpu_seconds=cpu,
+        loaded_processor=loaded,
+        damaged=damaged,
+        buckets=buckets,
+        failed_known=images["failed"],
+    )
+
+
+def _measure(
+    sources: list,
+    image_processor: Any,
+    options: EncodeOptions,
+    requests: dict,
+    failed: dict,
+    cache: dict,
+    measured_now: dict,
+) -> list[MeasuredImage | vision.ImageError]:
+    """One row's images measured from their headers; each readable one requested from the store (those of
+    a row rejected for another image too: which image a row's rejection names must not depend on where
+    its images were decoded). ``cache``: the key cache's (key, size) per unchanged file; what is measured
+    goes to ``measured_now`` (also reused by the partition's later rows of the same file)."""
+    measured: list[MeasuredImage | vision.ImageError] = []
+    for source in sources:
+        known = None
+        if isinstance(source, str):
+            known = cache.get(source) or measured_now.get(source)
+        key, image = measure_image(source, image_processor, options, known)
+        if isinstance(image, MeasuredImage):
+            if isinstance(source, str):
+                measured_now[source] = (image.key, image.original_size)
+            requests.setdefault(key, source)
+            if key in failed:
+                image = vision.ImageError(*failed[key])
+        measured.append(image)
+    return measured
+
+
+def image_task(
+    folder: str,
+    bucket: int,
+    requests: list[tuple[int, str]],
+    model: str | None,
+    options: EncodeOptions,
+    force: bool = False,
+    max_shard_bytes: int = 256 << 20,
+) -> ImageTaskResult:
+    """One bucket of the image store (qvl_data/image_store.py :func:`process_bucket`), the processor
+    loaded once per process when an image is to be processed."""
+    return process_bucket(
+        folder,
+        bucket,
+        requests,
+        lambda: processor(model)[1],
+        options.pixel_format,
+        options.image_max_pixels,
+        options.image_min_pixels,
+        options.max_decode_pixels,
+        force,
+        max_shard_bytes,
+    )
 
 
 def _check_geometry(ctx: BuildContext, image_processor: Any) -> None:

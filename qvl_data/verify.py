@@ -1,4 +1,5 @@
-"""``qvl-data verify``: every shard of a build against its manifest, byte for byte (sha256).
+"""``qvl-data verify``: every shard of a build against its manifest, byte for byte (sha256): its row shards
+and the image shards (of its image store) that its rows use.
 
 The re-run and every reader check each shard's size and Arrow structure (``shards.shard_problem``), which
 is cheap; a flipped byte in the data only shows in the sha256 the build recorded for each shard, which
@@ -11,7 +12,8 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qvl_data.shards import load_manifest, shard_problem
+from qvl_data.image_store import image_shard_problem, image_shard_size_problem, store_path
+from qvl_data.shards import load_manifest, open_image_shard_table, shard_problem
 
 #: What to do about the damaged shards that :func:`verify_build` lists.
 REPAIR = (
@@ -22,7 +24,8 @@ REPAIR = (
 
 @dataclass
 class Verification:
-    shards: int = 0  # shards the manifest lists
+    shards: int = 0  # row shards the manifest lists
+    image_shards: int = 0  # image shards (of its image store) the manifest lists
     bytes: int = 0  # their recorded size, all together
     damaged: list[str] = field(default_factory=list)  # one line per damaged shard: its path and why
 
@@ -46,6 +49,25 @@ def verify_build(out_dir: str | Path) -> Verification:
         problem = shard_problem(path, shard, manifest.pixel_format, manifest.geometry)
         if problem is None and shard.sha256 and _sha256(path) != shard.sha256:
             problem = f"{path}: damaged shard (its sha256 differs from the manifest's)"
+        if problem is not None:
+            result.damaged.append(problem)
+    store = manifest.image_store
+    for entry in store.shards if store is not None else []:
+        path = store_path(store, out_dir) / entry.file
+        result.image_shards += 1
+        result.bytes += entry.bytes
+        problem = image_shard_size_problem(path, entry)
+        if problem is None:
+            try:
+                structure = image_shard_problem(
+                    open_image_shard_table(path), manifest.pixel_format, manifest.geometry
+                )
+            except (OSError, ValueError) as e:
+                structure = f"unreadable Arrow stream: {e}"
+            if structure is not None:
+                problem = f"{path}: damaged image shard ({structure})"
+            elif _sha256(path) != entry.sha256:
+                problem = f"{path}: damaged image shard (its sha256 differs from the manifest's)"
         if problem is not None:
             result.damaged.append(problem)
     return result

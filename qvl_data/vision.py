@@ -25,6 +25,7 @@ Placeholder/token expansion deliberately lives elsewhere; the only token arithme
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
 import re
@@ -51,11 +52,17 @@ __all__ = [
     "encode_patches_webp",
     "image_to_patches",
     "image_token_count",
+    "image_grid_thw",
     "open_image",
     "patches_to_image",
     "pixel_values_from_uint8",
     "pixel_values_from_uint8_torch",
     "preresize_image",
+    "preresize_steps",
+    "preresized_size",
+    "read_image_file",
+    "image_header_size",
+    "decode_image",
     "process_image",
     "processor_resize_target",
 ]
@@ -140,36 +147,66 @@ def open_image(path: str | os.PathLike[str], max_pixels: int | None = MAX_IMAGE_
         raise ImageError("image_unreadable", f"cannot open it: {e.strerror or e}") from e
 
     try:
-        try:
-            with warnings.catch_warnings():
-                # PIL warns between 1x and 2x its limit; we enforce our own limit right below instead.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(fh)
-        except Image.DecompressionBombError as e:
-            raise ImageError("image_too_large", _without_path(e, path_str)) from e
-        except Exception as e:  # PIL raises many exception types for corrupt headers
-            raise ImageError(
-                "image_unreadable", f"not an image Pillow can read ({_without_path(e, path_str)})"
-            ) from e
-
-        width, height = img.size
-        if width <= 0 or height <= 0:
-            raise ImageError("image_unreadable", f"empty image size {width}x{height}")
-        if max_pixels is not None and width * height > max_pixels:
-            raise ImageError(
-                "image_too_large",
-                f"{width}x{height} = {width * height} pixels, limit is {max_pixels}",
-            )
-
-        try:
-            img.load()
-        except Image.DecompressionBombError as e:  # e.g. a later frame/tile larger than the header said
-            raise ImageError("image_too_large", _without_path(e, path_str)) from e
-        except Exception as e:  # truncated/corrupt data raises OSError, ValueError, ...
-            raise ImageError("image_unreadable", f"cannot decode it ({_without_path(e, path_str)})") from e
-        return img
+        return _decode(_open_header(fh, path_str, max_pixels), path_str)
     finally:
         fh.close()
+
+
+def read_image_file(path: str | os.PathLike[str]) -> bytes:
+    """An image file's bytes, with :func:`open_image`'s errors for a file that cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        raise ImageError("image_missing", "image file not found") from e
+    except OSError as e:
+        raise ImageError("image_unreadable", f"cannot open it: {e.strerror or e}") from e
+
+
+def image_header_size(data: bytes, name: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """``(width, height)`` of the image in ``data`` from its header alone, after :func:`open_image`'s
+    header checks (unreadable header, empty size, decompression bomb): what tokenizing needs."""
+    return _open_header(io.BytesIO(data), name, max_pixels).size
+
+
+def decode_image(data: bytes, name: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+    """:func:`open_image` for an image's bytes already read (``name`` only for messages)."""
+    return _decode(_open_header(io.BytesIO(data), name, max_pixels), name)
+
+
+def _open_header(fh: Any, path_str: str, max_pixels: int | None) -> Image.Image:
+    """The lazily opened image (header parsed, nothing decoded) once its header checks pass."""
+    try:
+        with warnings.catch_warnings():
+            # PIL warns between 1x and 2x its limit; we enforce our own limit right below instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(fh)
+    except Image.DecompressionBombError as e:
+        raise ImageError("image_too_large", _without_path(e, path_str)) from e
+    except Exception as e:  # PIL raises many exception types for corrupt headers
+        raise ImageError(
+            "image_unreadable", f"not an image Pillow can read ({_without_path(e, path_str)})"
+        ) from e
+
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageError("image_unreadable", f"empty image size {width}x{height}")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(
+            "image_too_large",
+            f"{width}x{height} = {width * height} pixels, limit is {max_pixels}",
+        )
+    return img
+
+
+def _decode(img: Image.Image, path_str: str) -> Image.Image:
+    try:
+        img.load()
+    except Image.DecompressionBombError as e:  # e.g. a later frame/tile larger than the header said
+        raise ImageError("image_too_large", _without_path(e, path_str)) from e
+    except Exception as e:  # truncated/corrupt data raises OSError, ValueError, ...
+        raise ImageError("image_unreadable", f"cannot decode it ({_without_path(e, path_str)})") from e
+    return img
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -197,24 +234,9 @@ def preresize_image(
         ImageError: ``image_unreadable`` for a degenerate image (a zero side before or after the
             down-scale, e.g. 1_000_000x1), where the reference would crash with ``ZeroDivisionError``.
     """
-    if image.width * image.height > image_max_pixels:
-        factor = math.sqrt(image_max_pixels / (image.width * image.height))
-        new_size = (int(image.width * factor), int(image.height * factor))
-        if min(new_size) == 0:
-            # Extreme aspect ratio: PIL refuses a zero side (the reference crashes here too).
-            raise ImageError(
-                "image_unreadable",
-                f"degenerate image {image.width}x{image.height}: pre-resize would give {new_size}",
-            )
-        image = image.resize(new_size)
-
-    if image.width * image.height == 0:
-        raise ImageError("image_unreadable", f"degenerate image size {image.width}x{image.height}")
-
-    if image.width * image.height < image_min_pixels:
-        factor = math.sqrt(image_min_pixels / (image.width * image.height))
-        image = image.resize((int(image.width * factor), int(image.height * factor)))
-
+    before, after = preresize_steps(image.width, image.height, image_max_pixels, image_min_pixels)
+    for size in before:
+        image = image.resize(size)
     if image.mode != "RGB":
         image = image.convert("RGB")
     if "transparency" in image.info:
@@ -222,18 +244,62 @@ def preresize_image(
         # then composites those pixels onto white; the reference's processor saw the plain RGB pixels.
         image = image.copy()  # rare; never edit the caller's image
         del image.info["transparency"]
+    for size in after:
+        image = image.resize(size)
+    return image
+
+
+def preresize_steps(
+    width: int,
+    height: int,
+    image_max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS,
+    image_min_pixels: int = DEFAULT_IMAGE_MIN_PIXELS,
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The sizes :func:`preresize_image` resizes a ``width x height`` image to, in order: those before
+    its RGB conversion and those after. Sizes only, so that tokenizing a row needs an image's header,
+    not its pixels; the last size (or the original) is the pre-resized size."""
+    before: list[tuple[int, int]] = []
+    after: list[tuple[int, int]] = []
+    if width * height > image_max_pixels:
+        factor = math.sqrt(image_max_pixels / (width * height))
+        new_size = (int(width * factor), int(height * factor))
+        if min(new_size) == 0:
+            # Extreme aspect ratio: PIL refuses a zero side (the reference crashes here too).
+            raise ImageError(
+                "image_unreadable",
+                f"degenerate image {width}x{height}: pre-resize would give {new_size}",
+            )
+        before.append(new_size)
+        width, height = new_size
+
+    if width * height == 0:
+        raise ImageError("image_unreadable", f"degenerate image size {width}x{height}")
+
+    if width * height < image_min_pixels:
+        factor = math.sqrt(image_min_pixels / (width * height))
+        width, height = int(width * factor), int(height * factor)
+        before.append((width, height))
 
     # Qwen2VLPlugin: the vision tower needs at least one 28x28 merged patch per side.
-    if min(image.width, image.height) < _QWEN_MIN_SIDE:
-        image = image.resize((max(image.width, _QWEN_MIN_SIDE), max(image.height, _QWEN_MIN_SIDE)))
+    if min(width, height) < _QWEN_MIN_SIDE:
+        width, height = max(width, _QWEN_MIN_SIDE), max(height, _QWEN_MIN_SIDE)
+        after.append((width, height))
 
-    if image.width / image.height > _MAX_ASPECT:
-        image = image.resize((image.height * _CLAMPED_ASPECT, image.height))
+    if width / height > _MAX_ASPECT:
+        width = height * _CLAMPED_ASPECT
+        after.append((width, height))
 
-    if image.height / image.width > _MAX_ASPECT:
-        image = image.resize((image.width, image.width * _CLAMPED_ASPECT))
+    if height / width > _MAX_ASPECT:
+        height = width * _CLAMPED_ASPECT
+        after.append((width, height))
 
-    return image
+    return before, after
+
+
+def preresized_size(width: int, height: int, image_max_pixels: int, image_min_pixels: int) -> tuple[int, int]:
+    """``(w, h)`` of a ``width x height`` image after :func:`preresize_image`."""
+    before, after = preresize_steps(width, height, image_max_pixels, image_min_pixels)
+    return ([(width, height), *before, *after])[-1]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -299,6 +365,17 @@ def processor_resize_target(image_processor: Any, width: int, height: int) -> tu
     return w, h
 
 
+def _grid_of_target(target: tuple[int, int], patch_size: int) -> tuple[int, int, int]:
+    return (1, target[1] // patch_size, target[0] // patch_size)
+
+
+def image_grid_thw(image_processor: Any, width: int, height: int) -> tuple[int, int, int]:
+    """The ``image_grid_thw`` :func:`process_image` gives a pre-resized ``width x height`` image, without
+    its pixels."""
+    target = processor_resize_target(image_processor, width, height)
+    return _grid_of_target(target, _patch_geometry(image_processor)[0])
+
+
 def process_image(
     image: Image.Image,
     image_processor: Any,
@@ -337,7 +414,7 @@ def process_image(
     # PIL returns a plain copy when the size already matches, as the processor's call does.
     processed = resized.resize(target, resample=image_processor.resample)
     pixels = image_to_patches(np.asarray(processed), merge_size=merge_size, patch_size=patch_size)
-    grid_thw = (1, target[1] // patch_size, target[0] // patch_size)
+    grid_thw = _grid_of_target(target, patch_size)
     if pixel_format == "float32":
         pixels = pixel_values_from_uint8(
             pixels,

@@ -232,7 +232,7 @@ def test_missing_or_incompatible_directory_is_one_line(
     result = run(command, str(old))
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1
-    assert "shard format version 99 but this qvl reads version 2" in result.stderr
+    assert "shard format version 99 but this qvl reads version 3" in result.stderr
 
     (tmp_path / "empty").mkdir()
     result = run(command, str(tmp_path / "empty"))

@@ -64,8 +64,9 @@ def _config(dataset_dir: Path, out: Path, **kw) -> BuildConfig:
 
 
 def _outputs(out: Path) -> dict[str, bytes]:
-    """Every byte a reader sees: manifest, rejected rows and shards."""
+    """Every byte a reader sees: manifest, rejected rows, shards and the image store's shards."""
     files = [out / "manifest.json", out / "rejected.jsonl", *sorted((out / "shards").iterdir())]
+    files += sorted(p for p in (out / "images").rglob("*") if p.is_file() and "builds" not in p.parts)
     return {str(p.relative_to(out)): p.read_bytes() for p in files}
 
 

@@ -55,7 +55,7 @@ def test_reconstructed_pixels_equal_the_processor_output(
         assert np.array_equal(rows.read_pixel_patches(i), rows.pixel_patches(i))  # pread == mapped
     bytes_per_patch = rows.pixel_patches(0).nbytes // rows.pixel_patches(0).shape[0]
     assert bytes_per_patch == {"uint8": 588, "float32": 4704, "webp": 588}[pixel_format]
-    stored = sum(s.pixel_bytes for s in rows.manifest.shards)
+    stored = sum(s.pixel_bytes for s in rows.manifest.image_store.shards)
     patches = sum(len(rows.pixel_patches(i)) for i in range(len(rows)))
     if pixel_format == "webp":  # compressed: less than the raw uint8 patches
         assert 0 < stored < patches * 588
@@ -81,8 +81,12 @@ def test_shards_open_with_datasets_and_polars(demo_build: Path):
         total += len(ds)
     assert total == 1096
     row0 = datasets.Dataset.from_file(str(demo_build / manifest.shards[0].file))[0]
-    assert row0["image_grid_thw"] == [[1, 12, 22], [1, 12, 22]] and len(row0["pixels"]) == 528
-    assert len(row0["pixels"][0]) == 588
+    assert row0["image_grid_thw"] == [[1, 12, 22], [1, 12, 22]] and len(row0["image_keys"]) == 2
+    # a row's pixels: its images' entries in the image store, found by key (the README's recipe)
+    store = demo_build / manifest.image_store.path / manifest.image_store.config_id
+    images = pl.concat([pl.read_ipc_stream(store / s.file) for s in manifest.image_store.shards])
+    patches = [images.filter(pl.col("key") == key)["pixels"][0] for key in row0["image_keys"]]
+    assert [len(p) for p in patches] == [264, 264] and len(patches[0][0]) == 588
 
 
 def test_reader_rejects_missing_and_foreign_directories(tmp_path: Path, demo_build: Path):
@@ -93,7 +97,7 @@ def test_reader_rejects_missing_and_foreign_directories(tmp_path: Path, demo_bui
     manifest = json.loads((demo_build / "manifest.json").read_text())
     manifest["format_version"] = 99
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(QvlError, match="shard format version 99 but this qvl reads version 2"):
+    with pytest.raises(QvlError, match="shard format version 99 but this qvl reads version 3"):
         ShardSet(tmp_path)
 
 

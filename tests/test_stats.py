@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -13,10 +14,17 @@ import pytest
 from click.testing import CliRunner
 from helpers import processor_summary
 
-from qvl_data import shards
+from qvl_data import image_store, shards
 from qvl_data.cli import main
 from qvl_data.encode import EncodedRow
-from qvl_data.format import BuildOptions, Manifest, Rejected, SourceTotals
+from qvl_data.format import (
+    QWEN2_VL_GEOMETRY,
+    BuildOptions,
+    ImageStoreSection,
+    Manifest,
+    Rejected,
+    SourceTotals,
+)
 from qvl_data.stats import compute_stats, stats_frames
 
 
@@ -88,8 +96,10 @@ def test_json_lengths_images_storage(demo_stats: dict) -> None:
     storage = demo_stats["storage"]
     # one shard per partition: mllm_demo 1, identity 3 and alpaca_en_demo 32 partitions of 32 rows (auto)
     assert storage["shards"] == 36 and storage["pixel_format"] == "uint8"
-    assert storage["pixel_bytes"] == (6 * 12 * 22 + 2 * 14 * 22) * 588  # patches x 588 bytes
-    assert storage["pixel_bytes_per_image"] == storage["pixel_bytes"] / 8
+    # the store keeps each of the 3 distinct images once (8 uses): patches x 588 bytes
+    assert storage["distinct_images"] == 3
+    assert storage["pixel_bytes"] == (2 * 12 * 22 + 14 * 22) * 588
+    assert storage["pixel_bytes_per_image"] == round(storage["pixel_bytes"] / 3, 1)
     assert storage["bytes_per_row"] == round(storage["bytes"] / 1096, 1)
     assert demo_stats["warnings"] == []
 
@@ -125,7 +135,24 @@ def _synthetic_build(out: Path, rows: int, side: int) -> int:
     """A valid shard dir whose rows each hold one side x side-patch image; returns the pixel bytes."""
     writer = shards.ShardWriter(out, "uint8", max_shard_bytes=32 << 20)
     pixels = np.full((side * side, 588), 7, dtype=np.uint8)
-    for i in range(rows):
+    store = out / image_store.STORE_DIR / "synthetic"
+    keys = sorted(hashlib.sha256(f"big:{i}".encode()).hexdigest() for i in range(rows))
+    image_shards = []
+    for key in keys:  # one image shard per image, each in its key's bucket
+        columns = {
+            "key": [key],
+            "image_grid_thw": [[1, side, side]],
+            "image_sizes": [[side * 14] * 4],
+            "pixels": [pixels],
+            "pixels_sha256": [""],
+            "error_code": [None],
+            "error_message": [None],
+        }
+        path = image_store.write_image_shard(
+            store, image_store.bucket_of(key), columns, "uint8", QWEN2_VL_GEOMETRY
+        )
+        image_shards.append(image_store.image_shard_entry(store, path))
+    for i, key in enumerate(keys):
         ids = [1, 151652] + [151655] * (side * side // 4) + [151653, 2, 3]
         labels = [-100] * (len(ids) - 2) + [2, 3]
         writer.write(
@@ -139,7 +166,7 @@ def _synthetic_build(out: Path, rows: int, side: int) -> int:
                 image_paths=["big.png"],
                 image_grid_thw=[(1, side, side)],
                 image_sizes=[(side * 14, side * 14, side * 14, side * 14)],
-                pixels=pixels,
+                image_keys=[key],
             )
         )
     infos = writer.close()
@@ -165,6 +192,7 @@ def _synthetic_build(out: Path, rows: int, side: int) -> int:
         rejected=Rejected(),
         shards=infos,
         partitions=[],
+        image_store=ImageStoreSection(image_store.STORE_DIR, "synthetic", rows, image_shards),
     )
     shards.write_json_atomic(out / shards.MANIFEST, manifest.to_dict())
     return rows * side * side * 588
@@ -189,8 +217,9 @@ _MEASURE = textwrap.dedent(
     stats = compute_stats(sys.argv[1])
     after_stats = peak()
     # Control: reading the pixel buffers the way a consumer would must show up in the same measure.
-    for table in ShardSet(sys.argv[1]).tables:
-        for chunk in table.column("pixels").chunks:
+    images = ShardSet(sys.argv[1]).images
+    for shard in range(len(images.paths)):
+        for chunk in images.table(shard).column("pixels").chunks:
             pc.sum(chunk.values.values)
     after_read = peak()
     print(json.dumps({"stats": after_stats - before, "read": after_read - after_stats, "totals": stats["totals"]}))
