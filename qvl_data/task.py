@@ -153,22 +153,24 @@ def _convert(ctx: BuildContext, partition: Partition) -> tuple[list, str]:
 
 
 def _reusable(
-    ctx: BuildContext, partition: Partition, image_digest: str, known: PartitionEntry | None
+    ctx: BuildContext,
+    partition: Partition,
+    image_digest: str,
+    known: PartitionEntry | None,
+    check_only: bool = False,
 ) -> tuple[PartitionEntry | None, str]:
     """(the partition's completion record, "") if it still describes what this task would write, else
     (None, why a shard it lists is damaged, or ""). A missing or damaged record (a crash, a full disk, a
     stray edit) means "redo this partition", unless ``known`` (the entry of a complete build's manifest
     with this fingerprint) still matches its files: then that entry is the record, written back, and the
-    complete build stays complete."""
+    complete build stays complete. A record without its image request file is reused only by the check
+    of a complete build (``check_only``: no image task runs then, so no request is read); the image
+    tasks of a build that redoes any partition need every partition's requests."""
+    has_requests = check_only or requests_path(ctx, partition.index).is_file()
     entry = _read_record(ctx, partition)
-    if entry is not None and not requests_path(ctx, partition.index).is_file():
+    if entry is not None and not has_requests:
         entry = None
-    if (
-        entry is None
-        and known is not None
-        and _same_rows(known, partition)
-        and requests_path(ctx, partition.index).is_file()
-    ):
+    if entry is None and known is not None and _same_rows(known, partition) and has_requests:
         entry = known
         if ctx.write:
             _write_record(ctx, partition, entry)
@@ -278,7 +280,7 @@ def partition_task(
     items, image_digest = _convert(ctx, partition)
     damaged = ""
     if ctx.write or check_only:
-        entry, damaged = _reusable(ctx, partition, image_digest, known)
+        entry, damaged = _reusable(ctx, partition, image_digest, known, check_only)
         images = _record_images(ctx, partition) if entry is not None else {}
         if entry is not None and (failed is None or sorted(failed) == images["failed"]):
             cpu = time.process_time() - started
