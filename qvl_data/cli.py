@@ -227,10 +227,16 @@ def notebook_command(shards_dir: str, out: str | None, timeout: int) -> None:
 @click.argument("shards_dir", required=False, default=BuildConfig.out)
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON, for scripts.")
 @click.option("--color/--no-color", default=None, help="Colour on or off (default: only on a terminal).")
-def stats_command(shards_dir: str, as_json: bool, color: bool | None) -> None:
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Then check every row and image shard against its recorded sha256 (what `qvl-data verify` does).",
+)
+def stats_command(shards_dir: str, as_json: bool, color: bool | None, verify: bool) -> None:
     """Rows, tokens, trained ratio, lengths, images, rejections and storage of SHARDS_DIR.
 
-    Reads the manifest and the small columns of the memory-mapped shards only (never the pixels).
+    Reads the manifest and the small columns of the memory-mapped shards only (never the pixels); with
+    --verify it then reads every byte of every shard. Exit code 1 when --verify finds a damaged shard.
     """
     from qvl_data.inspect import make_console
     from qvl_data.stats import compute_stats, render_stats
@@ -240,6 +246,8 @@ def stats_command(shards_dir: str, as_json: bool, color: bool | None) -> None:
         click.echo(json.dumps(stats, indent=2, ensure_ascii=False))
     else:
         render_stats(stats, make_console(color))
+    if verify:
+        _report_verification(shards_dir, err=as_json)  # keep --json's stdout one JSON document
 
 
 @main.command("verify")
@@ -249,17 +257,24 @@ def verify_command(shards_dir: str) -> None:
 
     Exit code 0 when all match, 1 when some are damaged (each listed, then how to repair them).
     """
+    _report_verification(shards_dir)
+
+
+def _report_verification(shards_dir: str, err: bool = False) -> None:
+    """Every shard of the build against its sha256: one line per damaged one and how to repair (exit 1),
+    or one line saying all match."""
     from qvl_data.verify import REPAIR, verify_build
 
     result = verify_build(shards_dir)
     for line in result.damaged:
-        click.echo(line)
+        click.echo(line, err=err)
     if result.damaged:
-        click.echo(REPAIR)
+        click.echo(REPAIR, err=err)
         sys.exit(1)
     click.echo(
         f"{shards_dir}: all {result.shards} shard(s) and {result.image_shards} image shard(s) "
-        f"({result.bytes / 2**20:,.1f} MiB) match the manifest"
+        f"({result.bytes / 2**20:,.1f} MiB) match the manifest",
+        err=err,
     )
 
 

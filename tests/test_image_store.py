@@ -4,15 +4,18 @@ and its garbage collection, integrity."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from helpers import chat, write_dataset, write_image
 
 from qvl_data import image_store
 from qvl_data.build import build
+from qvl_data.cli import main
 from qvl_data.config import BuildConfig
 from qvl_data.encode import encode_record
 from qvl_data.schema import rejection_line
@@ -182,11 +185,17 @@ def test_verify_finds_a_flipped_byte_in_an_image_shard(dataset_dir, tmp_path):
     info = manifest.image_store
     path = out / info.path / info.config_id / info.shards[0].file
     assert verify_build(out).damaged == []
+    stats = CliRunner().invoke(main, ["stats", str(out), "--verify", "--json"])
+    assert (
+        stats.exit_code == 0 and "totals" in json.loads(stats.stdout) and "match the manifest" in stats.stderr
+    )
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # in the pixels, most of the file
     path.write_bytes(bytes(data))
     damaged = verify_build(out).damaged
     assert len(damaged) == 1 and "image shard" in damaged[0] and str(path) in damaged[0]
+    stats = CliRunner().invoke(main, ["stats", str(out), "--verify", "--no-color"])
+    assert stats.exit_code == 1 and str(path) in stats.output and "repair:" in stats.output
     rows = ShardSet(out, check_images=True)  # the reader's own check, per image it reads
     with pytest.raises(DamagedShard, match="differ from their sha256"):
         for i in range(len(rows)):
