@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from qvl_data import vision
 from qvl_data.family import chat_template
 from qvl_data.format import ProcessorSummary
-from qvl_data.image_store import bytes_key, image_bytes
+from qvl_data.image_store import bytes_key, image_bytes, source_name
 from qvl_data.processor import (
     IM_END_ID,
     IMAGE_PAD_ID,
@@ -24,7 +25,7 @@ from qvl_data.processor import (
     VISION_START_ID,
     VISION_START_TOKEN,
 )
-from qvl_data.schema import IMAGE_PLACEHOLDER, Record, Rejection, row_location
+from qvl_data.schema import IMAGE_PLACEHOLDER, EmbeddedImage, ImageSource, Record, Rejection, row_location
 from qvl_data.shards import PIXEL_FORMATS
 from qvl_data.template import (
     DEFAULT_TEMPLATE,
@@ -128,19 +129,28 @@ def _plain(message: str) -> str:
 
 
 class _ImageFailure(Exception):
-    """Image ``k`` of a record (at ``path``) could not be used."""
+    """Image ``k`` of a record (a file path, or embedded bytes) could not be used."""
 
-    def __init__(self, k: int, path: str, error: vision.ImageError):
+    def __init__(self, k: int, source: ImageSource, error: vision.ImageError):
         super().__init__(error.message)
-        self.k, self.path, self.error = k, path, error
+        self.k, self.path, self.error = k, source_name(source), error
 
 
-def _process_images(paths: list[str], image_processor, options: EncodeOptions) -> list[vision.ProcessedImage]:
+def _open_source(source: ImageSource, max_pixels: int) -> Any:
+    """A record's image decoded, with the same checks for a file and for embedded bytes."""
+    if isinstance(source, EmbeddedImage):
+        return vision.decode_image(source.data, source.name, max_pixels)
+    return vision.open_image(source, max_pixels=max_pixels)
+
+
+def _process_images(
+    sources: list[ImageSource], image_processor, options: EncodeOptions
+) -> list[vision.ProcessedImage]:
     """Open, pre-resize and process a record's images: the one image path of training and generation."""
     processed = []
-    for k, path in enumerate(paths):
+    for k, path in enumerate(sources):
         try:
-            image = vision.open_image(path, max_pixels=options.max_decode_pixels)
+            image = _open_source(path, options.max_decode_pixels)
             processed.append(
                 vision.process_image(
                     image,
@@ -179,8 +189,7 @@ def measure_image(
         else:
             data = image_bytes(source)
             key = bytes_key(data)
-            name = source if isinstance(source, str) else source.name
-            original = vision.image_header_size(data, name, options.max_decode_pixels)
+            original = vision.image_header_size(data, source_name(source), options.max_decode_pixels)
         resized = vision.preresized_size(*original, options.image_max_pixels, options.image_min_pixels)
         grid = vision.image_grid_thw(image_processor, *resized)
         return key, MeasuredImage(key, grid, original, resized)
@@ -278,7 +287,7 @@ def _encode_text(
         input_ids=input_ids,
         labels=labels,
         truncated=truncated,
-        image_paths=list(record["images"]),
+        image_paths=[source_name(image) for image in record["images"]],
         image_grid_thw=grids,
         image_sizes=sizes,
         pixels=pixels,
@@ -347,7 +356,7 @@ def encode_prompt_record(
         index=record["index"],
         input_ids=input_ids,
         reference=reference,
-        image_paths=list(record["images"]),
+        image_paths=[source_name(image) for image in record["images"]],
         image_grid_thw=[tuple(int(x) for x in p.grid_thw) for p in processed],
         pixels=np.concatenate([p.pixels for p in processed]) if processed else None,
     )

@@ -74,6 +74,8 @@ UNIFIED_ARROW_SCHEMA = pa.schema(
             nullable=False,
         ),
         pa.field("images", pa.list_(pa.string()), nullable=False),
+        # per image: its bytes when they came embedded in the row (then ``images`` holds its name), else null
+        pa.field("image_bytes", pa.list_(pa.binary()), nullable=False),
     ]
 )
 
@@ -140,4 +142,12 @@ def row_location(file: str, index: int) -> str:
 
 def records_to_table(records: list[Record]) -> pa.Table:
     """Unified records -> an Arrow table with ``UNIFIED_ARROW_SCHEMA``."""
-    return pa.Table.from_pylist(records, schema=UNIFIED_ARROW_SCHEMA)
+    rows = [
+        {
+            **record,
+            "images": [i.name if isinstance(i, EmbeddedImage) else i for i in record["images"]],
+            "image_bytes": [i.data if isinstance(i, EmbeddedImage) else None for i in record["images"]],
+        }
+        for record in records
+    ]
+    return pa.Table.from_pylist(rows, schema=UNIFIED_ARROW_SCHEMA)

@@ -33,6 +33,8 @@ from qvl_data.processor import CONTROL_TOKENS
 from qvl_data.schema import (
     IMAGE_PLACEHOLDER,
     UNSUPPORTED_PLACEHOLDERS,
+    EmbeddedImage,
+    ImageSource,
     Message,
     Record,
     Rejection,
@@ -351,15 +353,43 @@ def _sharegpt_messages(row: dict, cols: dict[str, str | None], tags: dict[str, s
     return system, messages, fields
 
 
-def _image_list(row: dict, column: str | None) -> list[str]:
+def _image_list(row: dict, column: str | None) -> list:
+    """The row's images as given: each a path, raw bytes, or a ``{"bytes", "path"}`` struct (the Hugging
+    Face ``Image`` feature; bytes win over the path, as in LLaMA-Factory)."""
     if not column or row.get(column) is None:
         return []
     value = row[column]
-    if isinstance(value, str):  # LLaMA-Factory accepts a single path too
+    if isinstance(value, (str, bytes, dict)):  # LLaMA-Factory accepts a single image too
         value = [value]
-    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
-        raise _Reject("invalid_type", f"field {column} must be a list of image paths")
+    if not isinstance(value, list) or not all(_image_value(v) for v in value):
+        raise _Reject(
+            "invalid_type",
+            f"field {column} must be a list of images: paths, bytes, or {{bytes, path}} structs",
+        )
     return value
+
+
+def _image_value(value: Any) -> bool:
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+        return (isinstance(data, bytes) and bool(data)) or (
+            data is None and isinstance(path, str) and bool(path)
+        )
+    return isinstance(value, (str, bytes)) and bool(value)
+
+
+def _image_source(
+    value: str | bytes | dict, column: str, i: int, options: ReadOptions, file: str, index: int
+) -> ImageSource:
+    """A row's image as a record holds it: a resolved file path, or its embedded bytes under a stable name
+    (the struct's path as written, else ``<file name>#<row>/<column>[<i>]``)."""
+    data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, bytes) else None
+    if data is None:
+        return _resolve_image(value["path"] if isinstance(value, dict) else value, column, i, options)
+    path = value.get("path") if isinstance(value, dict) else None
+    return EmbeddedImage(
+        path if isinstance(path, str) and path else f"{Path(file).name}#{index}/{column}[{i}]", data
+    )
 
 
 def _resolve_image(path: str, column: str, i: int, options: ReadOptions) -> str:
@@ -436,7 +466,7 @@ def convert_row(spec: DatasetSpec, index: int, row: Any, options: ReadOptions) -
                 "image_count_mismatch",
                 f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(paths)} image(s)",
             )
-        images = [_resolve_image(p, image_col, i, options) for i, p in enumerate(paths)]
+        images = [_image_source(p, image_col, i, options, file, index) for i, p in enumerate(paths)]
     except _Reject as r:
         return Rejection(source=spec.name, index=index, reason=r.reason, message=f"{where}: {r}", file=file)
     row_id = record_id(spec.name, index, row)

@@ -43,7 +43,7 @@ from qvl_data.image_store import (
     write_requests,
 )
 from qvl_data.partition import DatasetIndex, Partition, index_dataset
-from qvl_data.schema import Rejection, rejection_line
+from qvl_data.schema import EmbeddedImage, Rejection, rejection_line
 from qvl_data.shards import (
     SHARD_DIR,
     SHARD_NAME,
@@ -145,8 +145,13 @@ def _convert(ctx: BuildContext, partition: Partition) -> tuple[list, str]:
             digest.update(f"{item.index} rejected {item.reason} {item.message}\n".encode("utf-8", "replace"))
         else:
             for path in item["images"]:
-                st = os.stat(path)
-                line = f"{item['index']} {path} {st.st_size} {st.st_mtime_ns}\n"
+                if isinstance(
+                    path, EmbeddedImage
+                ):  # its bytes are the data file's, which the fingerprint hashes
+                    line = f"{item['index']} embedded {path.name} {len(path.data)}\n"
+                else:
+                    st = os.stat(path)
+                    line = f"{item['index']} {path} {st.st_size} {st.st_mtime_ns}\n"
                 digest.update(line.encode("utf-8", "replace"))
         items.append(item)
     return items, digest.hexdigest()

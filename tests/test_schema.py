@@ -17,6 +17,8 @@ JSON_TO_ARROW = {"string": pa.string(), "integer": pa.int64()}
 
 
 def _arrow_type(prop: dict) -> pa.DataType:
+    if prop.get("contentEncoding") == "base64":  # bytes: binary in Arrow
+        return pa.binary()
     kind = prop["type"]
     kind = next(k for k in kind if k != "null") if isinstance(kind, list) else kind
     if kind == "array":

@@ -166,7 +166,13 @@ def records_source(records: list[Record | Rejection], cfg: Any, inputs: Iterable
     processor = embedded_or(cfg.processor)
     tokenizer, image_processor = load_tokenizer(processor), load_image_processor(processor)
     options = encode_options(cfg, processor)
-    images = {Path(path) for r in records if not isinstance(r, Rejection) for path in r["images"]}
+    images = {  # the image files (embedded images are inside ``inputs``)
+        Path(path)
+        for r in records
+        if not isinstance(r, Rejection)
+        for path in r["images"]
+        if isinstance(path, str)
+    }
     return PromptSource(
         tokenizer,
         processor_summary(processor, tokenizer, image_processor),
