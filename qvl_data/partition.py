@@ -91,11 +91,11 @@ def data_files(path: Path) -> list[Path]:
         if (path / "state.json").is_file() and any(path.glob("*.arrow")):  # datasets.save_to_disk
             suffixes = (".arrow",)
         elif not any(p.suffix in suffixes for p in path.iterdir()):
-            suffixes = COLUMNAR_SUFFIXES
+            suffixes = (*COLUMNAR_SUFFIXES, TEXT_SUFFIX)
         files = sorted(p for p in path.iterdir() if p.suffix in suffixes and not p.is_dir())
         if not files:
             raise QvlError(
-                f"{path}: folder holds no .json or .jsonl data files (nor .parquet, .arrow or .csv)"
+                f"{path}: folder holds no .json or .jsonl data files (nor .parquet, .arrow, .csv or .txt)"
             )
     else:
         files = [path]
@@ -139,11 +139,43 @@ def read_lines(path: str | Path, start: int, end: int) -> Iterator[bytes]:
             yield line
 
 
+TEXT_SUFFIX = ".txt"
+
+
+def text_rows(path: str | Path, start: int, end: int) -> Iterator[Any]:
+    """The rows of bytes ``start:end`` of a ``.txt`` file as ``datasets``' ``text`` builder gives them
+    (LLaMA-Factory's ``txt``): one ``{"text": line}`` per ``\n``-ended line, blank lines included, the
+    line end (``\n`` or ``\r\n``) dropped."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    lines = data.split(b"\n")
+    if lines[-1] == b"":  # the text after the last line end, empty when the file ends with one
+        lines.pop()
+    for line in lines:
+        try:
+            yield {"text": line.removesuffix(b"\r").decode("utf-8")}
+        except UnicodeDecodeError as e:
+            yield json.JSONDecodeError(f"not UTF-8 text ({e.reason} at byte {e.start})", "", 0)
+
+
+def _text_line_starts(path: Path) -> list[int]:
+    """The byte offset of every line of a ``.txt`` file, from one streamed pass."""
+    starts, pos = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            starts.append(pos)
+            pos += len(line)
+    return starts
+
+
 def partition_rows(partition: Partition) -> Iterator[tuple[int, Any]]:
     """(row index in the dataset, parsed row or JSONDecodeError) for every row of ``partition``."""
     count = 0
     if is_columnar(partition.row_file):  # start/end are row numbers in the file, not bytes
         lines: Iterator[Any] = read_rows(Path(partition.row_file), partition.start, partition.end)
+    elif Path(partition.row_file).suffix == TEXT_SUFFIX:
+        lines = text_rows(partition.row_file, partition.start, partition.end)
     else:
         lines = (parse_row(line) for line in read_lines(partition.row_file, partition.start, partition.end))
     for count, row in enumerate(lines, 1):
@@ -289,6 +321,14 @@ def index_dataset(source: str, path: str, partition_rows: int, stage_dir: str) -
                 claim(first + k, {"id": ids[k]} if ids is not None else {})
             per_file.append((file, file, np.arange(n_rows, dtype=np.int64), n_rows))
             first += n_rows
+            continue
+        if file.suffix == TEXT_SUFFIX:
+            starts = _text_line_starts(file)
+            columns.add("text")
+            for k in range(len(starts)):
+                claim(first + k, {})
+            per_file.append((file, file, np.asarray(starts, dtype=np.int64), file.stat().st_size))
+            first += len(starts)
             continue
         if not _first_content(file):
             raise QvlError(f"{file}: the file is empty (a dataset with no rows is written `[]`)")
