@@ -95,7 +95,7 @@ def test_empty_list_is_a_dataset_without_rows(tmp_path: Path):
 
 
 def test_folder_without_data_files_is_one_line(tmp_path: Path):
-    root = _dataset(tmp_path / "data", {"parts/readme.txt": b"x"}, file_name="parts")
+    root = _dataset(tmp_path / "data", {"parts/readme.md": b"x"}, file_name="parts")
     result = _cli_build(root, tmp_path / "out")
     assert result.exit_code == 2 and "folder holds no .json or .jsonl data files" in result.output
 
