@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from helpers import chat, write_image
 
 from qvl_data.build import build
@@ -24,16 +25,20 @@ def _outputs(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in files}
 
 
-def _parquet_dataset(root: Path) -> Path:
+def _parquet_dataset(root: Path, embedded: bool = False) -> Path:
+    """48 chat rows in row groups of 10; every third has an image, a file path or (``embedded``) the
+    same file's bytes in a ``{bytes, path}`` struct (the Hugging Face ``Image`` layout)."""
     root.mkdir()
     for k in range(3):
         write_image(root / f"img{k}.png", (60 + 20 * k, 40), seed=k)
+
+    def image(k: int) -> str | dict:
+        return {"bytes": (root / f"img{k}.png").read_bytes(), "path": None} if embedded else f"img{k}.png"
+
     rows = []
     for i in range(48):
         if i % 3 == 0:
-            rows.append(
-                {"messages": chat(f"<image>what is {i}?", f"picture {i}"), "images": [f"img{i % 3}.png"]}
-            )
+            rows.append({"messages": chat(f"<image>what is {i}?", f"picture {i}"), "images": [image(i % 3)]})
         else:
             rows.append({"messages": chat(f"say {i}", f"{i}" * (1 + i % 5)), "images": []})
     rows[7]["messages"][1]["content"] = ""  # one rejection
@@ -61,8 +66,9 @@ def _config(root: Path, out: Path, num_proc: int) -> BuildConfig:
     )
 
 
-def test_parquet_build_is_byte_identical_on_1_and_2_workers_and_resumes_after_a_kill(tmp_path: Path):
-    root = _parquet_dataset(tmp_path / "data")
+@pytest.mark.parametrize("images", ["files", "embedded"])
+def test_parquet_build_is_byte_identical_on_1_and_2_workers_and_resumes_after_a_kill(tmp_path: Path, images):
+    root = _parquet_dataset(tmp_path / "data", embedded=images == "embedded")
     one = build(_config(root, tmp_path / "one", 1))
     assert one.manifest.input_rows == 48 and one.partitions == 12
     assert one.manifest.rejected.by_reason == {"empty_content": 1}
