@@ -35,6 +35,7 @@ from qvl_data.errors import QvlError
 from qvl_data.format import QWEN2_VL_GEOMETRY, PartitionEntry, PatchGeometry, SourceTotals
 from qvl_data.image_store import (
     ImageTaskResult,
+    bytes_key,
     files_identity,
     process_bucket,
     read_key_cache,
@@ -145,10 +146,8 @@ def _convert(ctx: BuildContext, partition: Partition) -> tuple[list, str]:
             digest.update(f"{item.index} rejected {item.reason} {item.message}\n".encode("utf-8", "replace"))
         else:
             for path in item["images"]:
-                if isinstance(
-                    path, EmbeddedImage
-                ):  # its bytes are the data file's, which the fingerprint hashes
-                    line = f"{item['index']} embedded {path.name} {len(path.data)}\n"
+                if isinstance(path, EmbeddedImage):  # by content: the same digest as its store key
+                    line = f"{item['index']} embedded {path.name} {bytes_key(path.data)}\n"
                 else:
                     st = os.stat(path)
                     line = f"{item['index']} {path} {st.st_size} {st.st_mtime_ns}\n"
