@@ -125,6 +125,10 @@ class TrainConfig:
     pay off only for webp shards on a host with idle cores; measure with bench/loader.py."""
     max_rows: int = 0
     """Train on the first N rows of the shards only (0: all); for smoke tests and demos."""
+    verify_images: bool = False
+    """Check every image the loader reads against the sha256 its image shard records (a damaged image
+    stops the run naming its shard); costs one sha256 of each image's stored bytes per read. For the whole
+    build at once, before training: ``qvl-data verify``."""
 
     val_size: float = option(
         0.0,

@@ -42,8 +42,15 @@ class ShardDataset(Dataset):
     pages that locating them touched are released, so the loader's RSS does not grow over a pass.
     """
 
-    def __init__(self, data_dir: str | Path, max_rows: int = 0, rows: list[int] | None = None):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        max_rows: int = 0,
+        rows: list[int] | None = None,
+        verify_images: bool = False,
+    ):
         self.data_dir = Path(data_dir)
+        self.verify_images = verify_images  # each image read is checked against its recorded sha256
         self.manifest = load_manifest(self.data_dir)  # QvlError when missing, foreign or malformed
         self.pixel_format = self.manifest.pixel_format
         self.processor = self.manifest.processor
@@ -77,7 +84,7 @@ class ShardDataset(Dataset):
 
     def shards(self) -> ShardSet:
         if self._shards is None:
-            self._shards = ShardSet(self.data_dir, columns=list(_COLUMNS))
+            self._shards = ShardSet(self.data_dir, columns=list(_COLUMNS), check_images=self.verify_images)
         return self._shards
 
     def __getitem__(self, i: int) -> dict[str, Any]:

@@ -70,7 +70,7 @@ def setup_eval(cfg: TrainConfig, console: Any = None) -> tuple[list[int] | None,
     out by their id (:func:`qvl_train.data.split_rows`: the same split on every rank, world size and resume);
     --eval-data is a whole separate build (checked against the model's config)."""
     if cfg.eval_data:
-        eval_set = ShardDataset(cfg.eval_data)
+        eval_set = ShardDataset(cfg.eval_data, verify_images=cfg.verify_images)
         check_compatible(model_config(cfg.model), eval_set.processor, cfg.model, eval_set.manifest.family)
         differences = build_differences(load_manifest(Path(cfg.data)), eval_set.manifest)
         if differences and console is not None:
@@ -82,7 +82,7 @@ def setup_eval(cfg: TrainConfig, console: Any = None) -> tuple[list[int] | None,
         return None, eval_set
     if cfg.val_size:
         train_rows, val_rows = split_rows(cfg.data, cfg.val_size, cfg.seed, cfg.max_rows)
-        return train_rows, ShardDataset(cfg.data, rows=val_rows)
+        return train_rows, ShardDataset(cfg.data, rows=val_rows, verify_images=cfg.verify_images)
     if cfg.eval_steps:
         raise QvlError(
             "eval_steps needs an evaluation set: --val-size (rows held out of --data) or --eval-data"
@@ -106,7 +106,9 @@ def setup_data(
     """The training shards (checked against the model's config; only ``rows`` of them when given, the
     training side of :func:`setup_eval`) and the step plan for ``world_size`` ranks. With --packing, the
     packs of those rows (:class:`qvl_train.packing.PackedDataset`), and the plan counts packed sequences."""
-    dataset: ShardDataset | PackedDataset = ShardDataset(cfg.data, cfg.max_rows, rows=rows)
+    dataset: ShardDataset | PackedDataset = ShardDataset(
+        cfg.data, cfg.max_rows, rows=rows, verify_images=cfg.verify_images
+    )
     check_compatible(model_config(cfg.model), dataset.processor, cfg.model, dataset.manifest.family)
     packing_len = packed_rows = 0
     if cfg.packing:

@@ -202,6 +202,13 @@ def test_verify_finds_a_flipped_byte_in_an_image_shard(dataset_dir, tmp_path):
             rows.read_pixel_patches(i)
     for i in range(len(ShardSet(out))):  # without it, nothing notices
         ShardSet(out).read(i, "pixels")
+    from qvl_train.data import ShardDataset  # the trainer's loader: --verify-images
+
+    loader = ShardDataset(out, verify_images=True)
+    with pytest.raises(DamagedShard, match="differ from their sha256"):
+        for i in range(len(loader)):
+            loader[i]
+    assert all(ShardDataset(out)[i]["row"] == i for i in range(len(loader)))
     path.unlink()  # the repair verify names: the re-run makes that image shard again
     result = build(_config(dataset_dir, out))
     assert not result.skipped and result.reused == result.partitions
