@@ -125,7 +125,7 @@ class TrainConfig:
     pay off only for webp shards on a host with idle cores; measure with bench/loader.py."""
     max_rows: int = 0
     """Train on the first N rows of the shards only (0: all); for smoke tests and demos."""
-    verify_images: bool = False
+    verify_images: bool = option(False, help="Check each loaded image against its sha256.")
     """Check every image the loader reads against the sha256 its image shard records (a damaged image
     stops the run naming its shard); costs one sha256 of each image's stored bytes per read. For the whole
     build at once, before training: ``qvl-data verify``."""
@@ -307,7 +307,7 @@ def parse_bool(text: str | bool) -> bool:
 
 
 TRAIN_DESCRIPTION = (
-    "LoRA fine-tuning of Qwen2.5-VL on qvl shards. Every option can also be set in the YAML --config; the "
+    "LoRA fine-tuning of Qwen-VL on qvl shards. Every option can also be set in the YAML --config; the "
     "command line wins. Run under torchrun for several GPUs. Other commands: qvl-train predict | score | "
     "export (each with --help)."
 )
