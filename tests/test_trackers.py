@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -168,12 +169,28 @@ def test_wandb_offline_run_file_reads_back(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     _log(["wandb"], tmp_path, RECORDS)
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    records = list(_wandb_records(run_file))
-    history = [
-        {_key(item): json.loads(item.value_json) for item in r.history.item if not _key(item).startswith("_")}
-        for r in records
-        if r.WhichOneof("record_type") == "history"
-    ]
+    # wandb's writer is a process of its own: on a loaded machine the file can still be growing when
+    # finish() has returned, so read it until its history is there (or 20 s have passed)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            records = list(_wandb_records(run_file))
+        except Exception:  # a chunk still being written
+            if time.monotonic() > deadline:
+                raise
+            records = []
+        history = [
+            {
+                _key(item): json.loads(item.value_json)
+                for item in r.history.item
+                if not _key(item).startswith("_")
+            }
+            for r in records
+            if r.WhichOneof("record_type") == "history"
+        ]
+        if len(history) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert history == [metrics_of(RECORDS[0]), {**metrics_of(RECORDS[1]), **metrics_of(RECORDS[2])}]
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run.display_name == "run-a" and run.project == "qvl"
