@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from helpers import chat, write_image
 
 from qvl_data.build import build
@@ -66,9 +65,10 @@ def _config(root: Path, out: Path, num_proc: int) -> BuildConfig:
     )
 
 
-@pytest.mark.parametrize("images", ["files", "embedded"])
-def test_parquet_build_is_byte_identical_on_1_and_2_workers_and_resumes_after_a_kill(tmp_path: Path, images):
-    root = _parquet_dataset(tmp_path / "data", embedded=images == "embedded")
+def test_parquet_build_is_byte_identical_on_1_and_2_workers_and_resumes_after_a_kill(tmp_path: Path):
+    # images embedded in the Parquet rows: the harder case (file images are built byte-identically on any
+    # executor in tests/test_scale_out.py)
+    root = _parquet_dataset(tmp_path / "data", embedded=True)
     one = build(_config(root, tmp_path / "one", 1))
     assert one.manifest.input_rows == 48 and one.partitions == 12
     assert one.manifest.rejected.by_reason == {"empty_content": 1}
