@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,16 @@ from qvl_data.format import ProcessorSummary
 
 def write_dataset(dataset_dir: Path, name: str, rows: list, formatting: str = "sharegpt", **entry) -> Path:
     """Write ``rows`` as ``<name>.json`` and register it in ``dataset_info.json`` (merged with existing)."""
+    register_dataset(dataset_dir, name, f"{name}.json", formatting, **entry)
+    (dataset_dir / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    return dataset_dir
+
+
+def register_dataset(
+    dataset_dir: Path, name: str, file_name: str, formatting: str = "sharegpt", **entry
+) -> Path:
+    """Add ``name`` (its data in ``file_name``) to ``dataset_dir/dataset_info.json``, merged with what is
+    there; sharegpt entries get the ``messages``/``images`` columns and ``role``/``content`` tags."""
     dataset_dir.mkdir(parents=True, exist_ok=True)
     info_path = dataset_dir / "dataset_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
@@ -22,10 +34,20 @@ def write_dataset(dataset_dir: Path, name: str, rows: list, formatting: str = "s
             "tags",
             {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
         )
-    info[name] = {"file_name": f"{name}.json", "formatting": formatting, **entry}
+    info[name] = {"file_name": file_name, "formatting": formatting, **entry}
     info_path.write_text(json.dumps(info, indent=1))
-    (dataset_dir / f"{name}.json").write_text(json.dumps(rows, indent=1))
     return dataset_dir
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` (RGB), with junk instead of pixel data: a
+    decompression bomb that must be refused before decoding."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"junk") + chunk(b"IEND", b"")
 
 
 def write_image(path: Path, size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> str:

@@ -5,10 +5,7 @@ through the same checks, and kept by ``convert``."""
 from __future__ import annotations
 
 import gzip
-import io
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from PIL import Image
+from helpers import png_header_only, register_dataset, write_image
 
 from qvl_data.cli import main
 from qvl_data.shards import ShardSet
@@ -76,29 +73,12 @@ def test_embedded_images_build_like_llamafactory_and_like_the_same_files(tmp_pat
     assert names["fmt_embedded_bytes_parquet"][1] == "embedded_bytes.parquet#1/images[1]"
 
 
-def _png_claiming(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height, followed by junk instead of image data."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"junk") + chunk(b"IEND", b"")
-
-
-def _png(size: tuple[int, int]) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(
-        buffer, "PNG"
-    )
-    return buffer.getvalue()
-
-
 def test_embedded_bombs_and_corrupt_bytes_are_rejected_naming_the_row_and_field(tmp_path):
-    good = _png((64, 48))
+    write_image(tmp_path / "good.png", (64, 48))
+    good = (tmp_path / "good.png").read_bytes()
     images = [
         [{"bytes": good, "path": None}],
-        [{"bytes": _png_claiming(12000, 12000), "path": "bomb.png"}],  # refused before decoding
+        [{"bytes": png_header_only(12000, 12000), "path": "bomb.png"}],  # refused before decoding
         [{"bytes": b"not an image at all", "path": None}],  # unreadable header
         [{"bytes": good[: len(good) // 2], "path": None}],  # a header, then the data cut short
         [{"bytes": None, "path": None}],  # neither bytes nor path
@@ -108,18 +88,7 @@ def test_embedded_bombs_and_corrupt_bytes_are_rejected_naming_the_row_and_field(
     data = tmp_path / "data"
     data.mkdir()
     pq.write_table(table, data / "rows.parquet")
-    entry = {
-        "file_name": "rows.parquet",
-        "formatting": "sharegpt",
-        "columns": {"messages": "messages", "images": "images"},
-        "tags": {
-            "role_tag": "role",
-            "content_tag": "content",
-            "user_tag": "user",
-            "assistant_tag": "assistant",
-        },
-    }
-    (data / "dataset_info.json").write_text(json.dumps({"rows": entry}))
+    register_dataset(data, "rows", "rows.parquet")
     rows = _build(tmp_path / "out", ["rows"], dataset_dir=data)
     assert len(rows) == 1 and rows.row(0)["images"] == ["rows.parquet#0/images[0]"]
     rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]

@@ -3,7 +3,6 @@ resumes to the same bytes."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from helpers import chat, write_image
+from helpers import chat, register_dataset, write_image
 
 from qvl_data.build import build
 from qvl_data.config import BuildConfig
@@ -42,20 +41,7 @@ def _parquet_dataset(root: Path, embedded: bool = False) -> Path:
             rows.append({"messages": chat(f"say {i}", f"{i}" * (1 + i % 5)), "images": []})
     rows[7]["messages"][1]["content"] = ""  # one rejection
     pq.write_table(pa.Table.from_pylist(rows), root / "chats.parquet", row_group_size=10)
-    info = {
-        "chats": {
-            "file_name": "chats.parquet",
-            "formatting": "sharegpt",
-            "columns": {"messages": "messages", "images": "images"},
-            "tags": {
-                "role_tag": "role",
-                "content_tag": "content",
-                "user_tag": "user",
-                "assistant_tag": "assistant",
-            },
-        }
-    }
-    (root / "dataset_info.json").write_text(json.dumps(info))
+    register_dataset(root, "chats", "chats.parquet")
     return root
 
 

@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import chat, write_dataset, write_image
+from helpers import chat, png_header_only, write_dataset, write_image
 
 from qvl_data import shards
 from qvl_data.build import build
@@ -18,19 +16,6 @@ from qvl_data.cli import main
 from qvl_data.config import BuildConfig
 from qvl_data.schema import REASONS
 from qvl_data.shards import ShardSet
-
-
-def _png_header_only(path: Path, width: int, height: int) -> None:
-    """A PNG whose header claims width x height, with junk data: must be refused before decoding."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"junk") + chunk(b"IEND", b"")
-    )
-
 
 LONG_ANSWER = " ".join(["word"] * 320)
 
@@ -99,7 +84,9 @@ def bad_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_image(data / "large.png", (600, 600))  # pre-resized to 512x512 -> 324 image tokens > cutoff 300
     write_image(root / "outside.png", (56, 56))
     (data / "garbage.jpg").write_bytes(b"this is not a jpeg" * 10)
-    _png_header_only(data / "bomb.png", 12000, 12000)  # under PIL's own hard limit: ours must catch it
+    (data / "bomb.png").write_bytes(
+        png_header_only(12000, 12000)
+    )  # under PIL's own hard limit: ours must catch it
     columns = {"messages": "messages", "images": "images", "tools": "tools"}
     write_dataset(data, "bad_sharegpt", [row for row, _ in SHAREGPT_CASES], columns=columns)
     write_dataset(
